@@ -1,0 +1,261 @@
+//! Types and constants shared by the ipcluster tc programs (`ipcluster-ebpf`)
+//! and the user side (`ipcluster`).
+//!
+//! Every map key and value is a plain `#[repr(C)]` struct with explicit padding
+//! fields, so that both sides agree on the layout byte for byte and `bpftool
+//! map dump` prints readable, BTF-typed entries. Ports are stored in host byte
+//! order; addresses as the 16 bytes of an IPv6 address (IPv4 in the first four
+//! bytes, the rest zero), in network byte order.
+#![no_std]
+
+/// Bumped whenever a map's key, value, size or meaning changes. A master that
+/// finds pinned maps of another layout refuses to reuse them.
+pub const LAYOUT_VERSION: u32 = 1;
+
+/// How many (address, public port) services one cluster can steer.
+pub const MAX_SERVICES: u32 = 16;
+/// The largest number of bands (workers) a cluster can have.
+pub const MAX_BANDS: u32 = 256;
+/// The steering table is double-buffered: two slots, one active.
+pub const SLOTS: u32 = 2;
+/// Entries in the steering array: `SLOTS × MAX_SERVICES × MAX_BANDS`.
+pub const STEERING_ENTRIES: u32 = SLOTS * MAX_SERVICES * MAX_BANDS;
+/// Worker ports the egress side may have to rewrite: every port of both slots.
+pub const MAX_WORKER_PORTS: u32 = STEERING_ENTRIES;
+/// Default size of the LRU flow table (entries).
+pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
+
+/// `ServiceKey::family` for IPv4 (the kernel's `AF_INET`).
+pub const FAMILY_V4: u16 = 2;
+/// `ServiceKey::family` for IPv6 (the kernel's `AF_INET6`).
+pub const FAMILY_V6: u16 = 10;
+
+/// Names of the maps, which are also their file names in the pin folder
+/// `/sys/fs/bpf/ipcluster/<cluster>/`.
+pub mod map_names {
+    pub const META: &str = "meta";
+    pub const SERVICES: &str = "services";
+    pub const STEERING: &str = "steering";
+    pub const ACTIVE: &str = "active";
+    pub const FLOWS: &str = "flows";
+    pub const WORKER_PORTS: &str = "worker_ports";
+    pub const COUNTERS: &str = "counters";
+    /// Every pinned map, in the order they are checked when a master re-opens.
+    pub const ALL: [&str; 7] = [
+        META,
+        SERVICES,
+        STEERING,
+        ACTIVE,
+        FLOWS,
+        WORKER_PORTS,
+        COUNTERS,
+    ];
+}
+
+/// Names of the two tc programs in the object file.
+pub mod program_names {
+    pub const INGRESS: &str = "ipcluster_ingress";
+    pub const EGRESS: &str = "ipcluster_egress";
+}
+
+/// Index of the only entry of the `meta` array.
+pub const META_INDEX: u32 = 0;
+
+/// The `meta` map's value: what layout the pinned maps have.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Meta {
+    pub layout_version: u32,
+    /// Size the flow table was created with (pinned maps keep their size).
+    pub flow_entries: u32,
+}
+
+/// Key of the `services` hash: a listening address and public port.
+/// The wildcard entry of a family has an all-zero `addr`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceKey {
+    pub addr: [u8; 16],
+    pub port: u16,
+    pub family: u16,
+}
+
+/// How the band of a client address is computed in one slot:
+/// `band = (low 32 bits of the address >> band_shift) & band_mask`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BandShape {
+    pub band_mask: u32,
+    pub band_shift: u32,
+}
+
+/// Value of the `services` hash. The band shape is kept per slot so that a
+/// generation with another number of workers switches with the same single
+/// write to `active` as everything else.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ServiceValue {
+    pub index: u32,
+    pub _pad: u32,
+    pub shapes: [BandShape; SLOTS as usize],
+}
+
+/// Index into the `steering` array (value: the worker port as `u32`, 0 when empty).
+#[inline(always)]
+pub const fn steering_index(slot: u32, service: u32, band: u32) -> u32 {
+    (slot * MAX_SERVICES + service) * MAX_BANDS + band
+}
+
+/// Key of the `flows` LRU hash: one entry per steered connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub client_addr: [u8; 16],
+    pub client_port: u16,
+    pub service: u16,
+}
+
+/// Value of the `flows` LRU hash: where the connection went.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlowValue {
+    pub worker_port: u16,
+    pub public_port: u16,
+}
+
+/// Value of the `worker_ports` hash (key: the worker port as `u32`): which
+/// service a worker port belongs to, for the egress rewrite.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WorkerPortValue {
+    pub service: u16,
+    pub public_port: u16,
+}
+
+/// Indices of the per-CPU `counters` array.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// Ingress packets whose destination port was rewritten.
+    Steered = 0,
+    /// Connections recorded in the flow table (first packet seen).
+    NewFlows = 1,
+    /// Ingress packets that found their connection in the flow table.
+    FlowHits = 2,
+    /// Packets to a service whose band has no worker port in the active slot.
+    TableMisses = 3,
+    /// Egress packets whose source port was rewritten back to the public port.
+    EgressRewrites = 4,
+    /// Packets that matched nothing and passed untouched.
+    Passed = 5,
+    /// Non-SYN packets of a service with no flow entry (evicted or pre-existing),
+    /// steered by the fallback rule.
+    FlowFallbacks = 6,
+}
+
+/// Number of entries of the `counters` array.
+pub const COUNTER_COUNT: u32 = 7;
+
+impl Counter {
+    pub const ALL: [Counter; COUNTER_COUNT as usize] = [
+        Counter::Steered,
+        Counter::NewFlows,
+        Counter::FlowHits,
+        Counter::TableMisses,
+        Counter::EgressRewrites,
+        Counter::Passed,
+        Counter::FlowFallbacks,
+    ];
+
+    /// The name used in logs and in `status --json`.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Steered => "steered",
+            Counter::NewFlows => "new_flows",
+            Counter::FlowHits => "flow_hits",
+            Counter::TableMisses => "table_misses",
+            Counter::EgressRewrites => "egress_rewrites",
+            Counter::Passed => "passed",
+            Counter::FlowFallbacks => "flow_fallbacks",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+
+    macro_rules! pod {
+        ($($t:ty),* $(,)?) => {$(
+            // SAFETY: #[repr(C)], only integer fields and arrays of them, and
+            // every padding byte is an explicit field (checked by the layout tests).
+            unsafe impl aya::Pod for $t {}
+            unsafe impl bytemuck::Zeroable for $t {}
+            unsafe impl bytemuck::Pod for $t {}
+        )*};
+    }
+    pod!(
+        Meta,
+        ServiceKey,
+        BandShape,
+        ServiceValue,
+        FlowKey,
+        FlowValue,
+        WorkerPortValue
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use core::mem::{align_of, offset_of, size_of};
+
+    #[test]
+    fn layouts_have_no_hidden_padding() {
+        assert_eq!(size_of::<Meta>(), 8);
+        assert_eq!(size_of::<ServiceKey>(), 20);
+        assert_eq!(offset_of!(ServiceKey, addr), 0);
+        assert_eq!(offset_of!(ServiceKey, port), 16);
+        assert_eq!(offset_of!(ServiceKey, family), 18);
+        assert_eq!(align_of::<ServiceKey>(), 2);
+
+        assert_eq!(size_of::<BandShape>(), 8);
+        assert_eq!(size_of::<ServiceValue>(), 24);
+        assert_eq!(offset_of!(ServiceValue, index), 0);
+        assert_eq!(offset_of!(ServiceValue, _pad), 4);
+        assert_eq!(offset_of!(ServiceValue, shapes), 8);
+
+        assert_eq!(size_of::<FlowKey>(), 20);
+        assert_eq!(offset_of!(FlowKey, client_addr), 0);
+        assert_eq!(offset_of!(FlowKey, client_port), 16);
+        assert_eq!(offset_of!(FlowKey, service), 18);
+
+        assert_eq!(size_of::<FlowValue>(), 4);
+        assert_eq!(offset_of!(FlowValue, worker_port), 0);
+        assert_eq!(offset_of!(FlowValue, public_port), 2);
+
+        assert_eq!(size_of::<WorkerPortValue>(), 4);
+        assert_eq!(offset_of!(WorkerPortValue, service), 0);
+        assert_eq!(offset_of!(WorkerPortValue, public_port), 2);
+    }
+
+    #[test]
+    fn steering_index_covers_the_array_without_overlap() {
+        assert_eq!(steering_index(0, 0, 0), 0);
+        assert_eq!(steering_index(0, 0, MAX_BANDS - 1), MAX_BANDS - 1);
+        assert_eq!(steering_index(0, 1, 0), MAX_BANDS);
+        assert_eq!(steering_index(1, 0, 0), MAX_SERVICES * MAX_BANDS);
+        assert_eq!(
+            steering_index(SLOTS - 1, MAX_SERVICES - 1, MAX_BANDS - 1),
+            STEERING_ENTRIES - 1
+        );
+    }
+
+    #[test]
+    fn counters_are_dense() {
+        for (i, c) in Counter::ALL.iter().enumerate() {
+            assert_eq!(*c as usize, i);
+        }
+    }
+}

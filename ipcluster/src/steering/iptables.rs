@@ -1,0 +1,49 @@
+//! The iptables steering backend. (Being written: every operation fails for now.)
+
+use super::{BackendKind, Band, Counters, Steering, SteeringConfig, SteeringError, SteeringTable};
+
+pub struct IptablesSteering {
+    config: SteeringConfig,
+}
+
+impl IptablesSteering {
+    pub fn new(config: SteeringConfig) -> Result<Self, SteeringError> {
+        Ok(Self { config })
+    }
+
+    fn not_yet(&self) -> SteeringError {
+        SteeringError::Iptables(format!(
+            "the iptables backend is not built yet (cluster {})",
+            self.config.cluster
+        ))
+    }
+}
+
+impl Steering for IptablesSteering {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Iptables
+    }
+    fn install(&mut self) -> Result<Option<SteeringTable>, SteeringError> {
+        Err(self.not_yet())
+    }
+    fn publish(&mut self, _table: &SteeringTable) -> Result<(), SteeringError> {
+        Err(self.not_yet())
+    }
+    fn set_band(
+        &mut self,
+        _service: usize,
+        _band: Band,
+        _worker_port: u16,
+    ) -> Result<(), SteeringError> {
+        Err(self.not_yet())
+    }
+    fn read_table(&self) -> Result<Option<SteeringTable>, SteeringError> {
+        Err(self.not_yet())
+    }
+    fn counters(&self) -> Result<Counters, SteeringError> {
+        Err(self.not_yet())
+    }
+    fn teardown(&mut self) -> Result<(), SteeringError> {
+        Err(self.not_yet())
+    }
+}

@@ -1,0 +1,137 @@
+//! Steering: how a new connection to a public port reaches the worker of its
+//! client's band. One trait, two backends (`ebpf`, `iptables`); nothing outside
+//! this module names a BPF map or an iptables rule.
+
+pub mod ebpf;
+pub mod iptables;
+pub mod table;
+
+use std::net::SocketAddr;
+
+pub use table::{Band, ServiceRoute, SteeringTable, TableError, band_of};
+
+/// Which steering backend a cluster uses.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// tc programs on the listening interfaces, steered through pinned BPF maps.
+    Ebpf,
+    /// nat REDIRECT rules by source-address bitmask (the original ipcluster's way).
+    Iptables,
+}
+
+impl BackendKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Ebpf => "ebpf",
+            BackendKind::Iptables => "iptables",
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a backend needs to know to install a cluster's steering.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SteeringConfig {
+    /// The cluster name (`--name`): names the pin folder and the iptables chain.
+    pub cluster: String,
+    /// The public listen addresses (`--listen`), in order: service index = position.
+    pub services: Vec<SocketAddr>,
+    /// Interfaces to attach to (ebpf); empty = the backend's default choice.
+    pub interfaces: Vec<String>,
+    /// Size of the flow table (ebpf).
+    pub flow_entries: u32,
+}
+
+/// Packet counters, summed over CPUs. Backends that have no counters report zeros.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    pub steered: u64,
+    pub new_flows: u64,
+    pub flow_hits: u64,
+    pub table_misses: u64,
+    pub egress_rewrites: u64,
+    pub passed: u64,
+    pub flow_fallbacks: u64,
+}
+
+/// Errors of the steering backends.
+#[derive(Debug, thiserror::Error)]
+pub enum SteeringError {
+    #[error(transparent)]
+    Table(#[from] TableError),
+    #[error("{0}")]
+    Ebpf(String),
+    #[error("{0}")]
+    Iptables(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "steering state of cluster {cluster:?} at {path} has layout {found}, this binary uses layout {expected}; \
+         run `ipcluster stop --name {cluster}` to remove it, then start again"
+    )]
+    IncompatibleLayout {
+        cluster: String,
+        path: String,
+        found: String,
+        expected: u32,
+    },
+}
+
+/// The operations every backend provides. A master calls `install` once, then
+/// `publish` for every generation; `teardown` only happens on `ipcluster stop`.
+/// Dropping a backend object never removes anything from the kernel: traffic
+/// keeps flowing while no master runs.
+pub trait Steering: Send {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+
+    /// Create whatever is missing (maps, programs, links, chains) and adopt what
+    /// is already there. Returns the table in force before this call, if any,
+    /// so that a new master continues from it.
+    fn install(&mut self) -> Result<Option<SteeringTable>, SteeringError>;
+
+    /// Switch every band of every service to `table` at once. On error the
+    /// previous table stays in force.
+    fn publish(&mut self, table: &SteeringTable) -> Result<(), SteeringError>;
+
+    /// Point one band of one service at another worker port, leaving the rest.
+    fn set_band(
+        &mut self,
+        service: usize,
+        band: Band,
+        worker_port: u16,
+    ) -> Result<(), SteeringError>;
+
+    /// The table currently in force, read back from the kernel.
+    fn read_table(&self) -> Result<Option<SteeringTable>, SteeringError>;
+
+    /// Packet counters (zeros where the backend has none).
+    fn counters(&self) -> Result<Counters, SteeringError>;
+
+    /// Remove everything this cluster installed (links, programs, pins, rules).
+    fn teardown(&mut self) -> Result<(), SteeringError>;
+}
+
+/// Build the backend `kind` for `config`. Nothing touches the kernel until
+/// [`Steering::install`] (or another operation) is called.
+pub fn backend(
+    kind: BackendKind,
+    config: SteeringConfig,
+) -> Result<Box<dyn Steering>, SteeringError> {
+    Ok(match kind {
+        BackendKind::Ebpf => Box::new(ebpf::EbpfSteering::new(config)?),
+        BackendKind::Iptables => Box::new(iptables::IptablesSteering::new(config)?),
+    })
+}
