@@ -5,8 +5,10 @@
 //! - [`steering`]: the `Steering` trait, the steering table and the two backends.
 //! - [`protocol`]: the control-socket messages between master and workers.
 //! - [`paths`]: where a cluster keeps its state.
+//! - [`policy`]: pure supervision decisions (retire, ask to die, kill).
 
 pub mod cli;
 pub mod paths;
+pub mod policy;
 pub mod protocol;
 pub mod steering;
