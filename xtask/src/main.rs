@@ -1,1 +1,194 @@
-fn main() {}
+//! Developer tasks: `cargo xtask setup | build | run | test | bench`.
+//! Compiling the eBPF object is not done here: `ipcluster/build.rs` does it
+//! through aya-build; xtask only makes sure the toolchain pieces exist.
+
+mod setup;
+
+use std::{
+    ffi::OsString,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "ipcluster developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need (nightly rust-src, bpf-linker, bpffs,
+    /// iptables, bpftool). Idempotent.
+    Setup,
+    /// Setup, then build the release binary target/release/ipcluster.
+    Build,
+    /// Build, then run ipcluster as root (via sudo -E when not root). With only flags,
+    /// `run` is implied: `cargo xtask run -- --backend ebpf` starts a demo cluster.
+    Run {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<OsString>,
+    },
+    /// Setup, then the whole suite: fmt and clippy checks, unit tests, then the root
+    /// tests (kernel, iptables, end-to-end) on one thread.
+    Test {
+        /// Skip `cargo fmt --check` and clippy.
+        #[arg(long)]
+        no_lint: bool,
+        /// Only run root tests whose name contains this filter.
+        filter: Option<String>,
+    },
+}
+
+pub(crate) fn say(step: &str, message: &str) {
+    eprintln!("[xtask {step}] {message}");
+}
+
+pub(crate) fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+pub(crate) fn run_checked(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed: {status}");
+    }
+    Ok(())
+}
+
+fn workspace_root() -> Result<PathBuf> {
+    let manifest = std::env::var_os("CARGO_MANIFEST_DIR")
+        .context("CARGO_MANIFEST_DIR not set: run through `cargo xtask`")?;
+    Path::new(&manifest)
+        .parent()
+        .map(Path::to_path_buf)
+        .context("xtask has no parent directory")
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root)
+        .env("PATH", setup::path_with_cargo_bin());
+    cmd
+}
+
+fn target_dir(root: &Path) -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"))
+}
+
+fn build(root: &Path) -> Result<PathBuf> {
+    setup::setup()?;
+    say("build", "cargo build --release -p ipcluster");
+    run_checked(cargo(root).args(["build", "--release", "-p", "ipcluster", "--bins"]))?;
+    let bin = target_dir(root).join("release").join("ipcluster");
+    if !bin.is_file() {
+        bail!("the build succeeded but {} is missing", bin.display());
+    }
+    Ok(bin)
+}
+
+/// With no subcommand among the arguments, `run` is implied.
+fn ipcluster_args(args: Vec<OsString>) -> Vec<OsString> {
+    const SUBCOMMANDS: [&str; 6] = [
+        "run",
+        "status",
+        "stop",
+        "kill-retired",
+        "help",
+        "demo-worker",
+    ];
+    let first = args.first().and_then(|a| a.to_str());
+    let has_subcommand = first.is_some_and(|a| SUBCOMMANDS.contains(&a));
+    let top_level_flag = first.is_some_and(|a| matches!(a, "--help" | "-h" | "--version" | "-V"));
+    if has_subcommand || top_level_flag {
+        args
+    } else {
+        std::iter::once(OsString::from("run")).chain(args).collect()
+    }
+}
+
+fn run(root: &Path, args: Vec<OsString>) -> Result<()> {
+    let bin = build(root)?;
+    let args = ipcluster_args(args);
+    let mut cmd = if is_root() {
+        Command::new(&bin)
+    } else {
+        say("run", "not root: running through sudo -E");
+        let mut c = Command::new("sudo");
+        c.arg("-E").arg(&bin);
+        c
+    };
+    cmd.args(&args);
+    say(
+        "run",
+        &format!(
+            "{} {}",
+            bin.display(),
+            args.iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" ")
+        ),
+    );
+    // Replace xtask so that Ctrl-C and signals reach the master directly.
+    let err = cmd.exec();
+    Err(err).with_context(|| format!("executing {}", bin.display()))
+}
+
+fn test(root: &Path, no_lint: bool, filter: Option<String>) -> Result<()> {
+    setup::setup()?;
+    if !no_lint {
+        say("test", "cargo fmt --all --check");
+        run_checked(cargo(root).args(["fmt", "--all", "--check"]))?;
+        say("test", "cargo clippy --all-targets -- -D warnings");
+        run_checked(cargo(root).args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+    }
+    say("test", "unit tests (no root needed)");
+    run_checked(cargo(root).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "ipcluster-tests",
+        "--exclude",
+        "ipcluster-ebpf",
+    ]))?;
+    let bin = build(root)?;
+    say(
+        "test",
+        "root tests (kernel, iptables, end-to-end), one thread",
+    );
+    let mut cmd = if is_root() {
+        cargo(root)
+    } else {
+        say("test", "not root: running the root tests through sudo -E");
+        let mut c = Command::new("sudo");
+        c.current_dir(root)
+            .arg("-E")
+            .arg(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+        c
+    };
+    cmd.args(["test", "-p", "ipcluster-tests", "--"]);
+    if let Some(filter) = filter {
+        cmd.arg(filter);
+    }
+    cmd.arg("--test-threads=1").env("IPCLUSTER_BIN", &bin);
+    run_checked(&mut cmd)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let root = workspace_root()?;
+    match cli.task {
+        Task::Setup => setup::setup(),
+        Task::Build => build(&root).map(|bin| say("build", &format!("built {}", bin.display()))),
+        Task::Run { args } => run(&root, args),
+        Task::Test { no_lint, filter } => test(&root, no_lint, filter),
+    }
+}
