@@ -2,6 +2,7 @@
 //! Compiling the eBPF object is not done here: `ipcluster/build.rs` does it
 //! through aya-build; xtask only makes sure the toolchain pieces exist.
 
+mod bench;
 mod setup;
 
 use std::{
@@ -36,6 +37,13 @@ enum Task {
     },
     /// Setup, then the whole suite: fmt and clippy checks, unit tests, then the root
     /// tests (kernel, iptables, end-to-end) on one thread.
+    /// Measure steering cost against a direct connection, iptables, HAProxy and nginx
+    /// stream; writes target/bench/report.md and target/bench/chart.svg. Needs root.
+    Bench {
+        /// A shorter run (one round, 2 s per measurement), under 2 minutes.
+        #[arg(long)]
+        quick: bool,
+    },
     Test {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
@@ -190,5 +198,9 @@ fn main() -> Result<()> {
         Task::Build => build(&root).map(|bin| say("build", &format!("built {}", bin.display()))),
         Task::Run { args } => run(&root, args),
         Task::Test { no_lint, filter } => test(&root, no_lint, filter),
+        Task::Bench { quick } => {
+            let bin = build(&root)?;
+            bench::bench(&bench::BenchOptions { quick, bin, root })
+        }
     }
 }
