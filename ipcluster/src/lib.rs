@@ -6,9 +6,11 @@
 //! - [`protocol`]: the control-socket messages between master and workers.
 //! - [`paths`]: where a cluster keeps its state.
 //! - [`policy`]: pure supervision decisions (retire, ask to die, kill).
+//! - [`worker_api`]: the client side of the control socket, for Rust workers.
 
 pub mod cli;
 pub mod paths;
 pub mod policy;
 pub mod protocol;
 pub mod steering;
+pub mod worker_api;
