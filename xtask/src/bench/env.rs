@@ -20,7 +20,11 @@ pub struct Netns {
 
 impl Netns {
     pub fn create(name: &str) -> Result<Self> {
-        let _ = Command::new("ip").args(["netns", "del", name]).status();
+        // A namespace left by an interrupted run.
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
         let status = Command::new("ip")
             .args(["netns", "add", name])
             .status()
