@@ -93,8 +93,18 @@ fn target_dir(root: &Path) -> PathBuf {
 
 fn build(root: &Path) -> Result<PathBuf> {
     setup::setup()?;
-    say("build", "cargo build --release -p ipcluster");
-    run_checked(cargo(root).args(["build", "--release", "-p", "ipcluster", "--bins"]))?;
+    say(
+        "build",
+        "cargo build --release -p ipcluster (binary and example workers)",
+    );
+    run_checked(cargo(root).args([
+        "build",
+        "--release",
+        "-p",
+        "ipcluster",
+        "--bins",
+        "--examples",
+    ]))?;
     let bin = target_dir(root).join("release").join("ipcluster");
     if !bin.is_file() {
         bail!("the build succeeded but {} is missing", bin.display());
@@ -186,7 +196,11 @@ fn test(root: &Path, no_lint: bool, filter: Option<String>) -> Result<()> {
     if let Some(filter) = filter {
         cmd.arg(filter);
     }
-    cmd.arg("--test-threads=1").env("IPCLUSTER_BIN", &bin);
+    // The end-to-end tests run the release binary and the example workers built next to it.
+    let examples = bin.with_file_name("examples");
+    cmd.arg("--test-threads=1")
+        .env("IPCLUSTER_BIN", &bin)
+        .env("IPCLUSTER_EXAMPLES", &examples);
     run_checked(&mut cmd)
 }
 
