@@ -1,1 +1,44 @@
+//! Shared helpers for the root/kernel tests of ipcluster (run single-threaded,
+//! as root: `cargo test -p ipcluster-tests -- --test-threads=1`).
+//!
+//! - [`require_root`]: fail (never skip) when not root.
+//! - [`unique`]: cluster names and TCP ports that no other test (in this or
+//!   another test process) uses at the same time.
+//! - [`client`]: TCP clients bound to a chosen source address (127.0.0.N looks
+//!   like a different client host), with timeouts.
+//! - [`worker`]: a tiny threaded TCP server standing in for a worker: greets
+//!   each connection with its port, then echoes lines.
+//! - [`guard`]: run cleanup on drop, even when the test panics.
+//! - [`conformance`]: the backend-agnostic steering suite, run by
+//!   `tests/conformance_<backend>.rs`.
 
+pub mod client;
+pub mod conformance;
+pub mod guard;
+pub mod unique;
+pub mod worker;
+
+use std::net::{IpAddr, Ipv4Addr};
+
+/// Fail the test with a clear message unless it runs as root. Kernel tests
+/// are never skipped silently: CI runs them as root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(
+        euid, 0,
+        "this test changes kernel state (iptables, tc, bpffs) and must run as root \
+         (euid is {euid}); run it with sudo -E, or through `cargo xtask test`"
+    );
+}
+
+/// The client address 127.0.0.`n`: every address of 127.0.0.0/8 routes to `lo`,
+/// so a socket bound to it before `connect()` looks like another client host.
+pub fn loopback_client(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
+}
+
+/// The `count` client addresses 127.0.0.2, 127.0.0.3, … used by the suites.
+pub fn loopback_clients(count: u8) -> Vec<IpAddr> {
+    (0..count).map(|i| loopback_client(2 + i)).collect()
+}

@@ -69,8 +69,42 @@ pub enum SteeringError {
     Table(#[from] TableError),
     #[error("{0}")]
     Ebpf(String),
+    /// A BPF operation (load, attach, pin, map access) failed.
+    #[error("{what}: {source}")]
+    Bpf {
+        what: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error(
+        "cluster {cluster:?} has no steering state at {path}; the master installs it (`ipcluster run --name {cluster}`)"
+    )]
+    NotInstalled { cluster: String, path: String },
+    #[error("{what}: {count} do not fit, the maps hold at most {capacity}")]
+    OverCapacity {
+        what: String,
+        count: usize,
+        capacity: u32,
+    },
     #[error("{0}")]
     Iptables(String),
+    /// An iptables tool is not installed.
+    #[error(
+        "`{command}` was not found; the iptables backend needs the Debian package `{package}` \
+         (apt-get install {package})"
+    )]
+    IptablesMissing {
+        command: String,
+        package: &'static str,
+    },
+    /// An iptables tool ran but was not allowed to read or change the rules.
+    #[error(
+        "`{command}` was not permitted: {message}; the iptables backend needs CAP_NET_ADMIN (run it as root)"
+    )]
+    IptablesNotPermitted { command: String, message: String },
+    /// An iptables tool (or the kernel behind it) refused what it was asked: its own message.
+    #[error("`{command}` failed: {message}")]
+    IptablesFailed { command: String, message: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
