@@ -73,7 +73,7 @@ pub struct Meta {
 /// Key of the `services` hash: a listening address and public port.
 /// The wildcard entry of a family has an all-zero `addr`.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ServiceKey {
     pub addr: [u8; 16],
     pub port: u16,
@@ -82,11 +82,16 @@ pub struct ServiceKey {
 
 /// How the band of a client address is computed in one slot:
 /// `band = (low 32 bits of the address >> band_shift) & band_mask`.
+/// `present` is 1 when the service is part of that slot's table, and
+/// `position` is its place in that table (so a table reads back in order even
+/// when service indices are reused across generations).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BandShape {
     pub band_mask: u32,
     pub band_shift: u32,
+    pub present: u32,
+    pub position: u32,
 }
 
 /// Value of the `services` hash. The band shape is kept per slot so that a
@@ -106,21 +111,28 @@ pub const fn steering_index(slot: u32, service: u32, band: u32) -> u32 {
     (slot * MAX_SERVICES + service) * MAX_BANDS + band
 }
 
-/// Key of the `flows` LRU hash: one entry per steered connection.
+/// Key of the `flows` LRU hash: one entry per steered connection, named by
+/// both of its ends as seen by the server (client address and port, the local
+/// address it connected to and the public port), so that the egress side can
+/// build the same key from a reply without knowing the service index.
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlowKey {
     pub client_addr: [u8; 16],
+    pub local_addr: [u8; 16],
     pub client_port: u16,
-    pub service: u16,
+    pub public_port: u16,
+    pub family: u16,
+    pub _pad: u16,
 }
 
-/// Value of the `flows` LRU hash: where the connection went.
+/// Value of the `flows` LRU hash: which worker the connection went to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
     pub worker_port: u16,
-    pub public_port: u16,
+    /// The service index (for `bpftool map dump` readers; not used to steer).
+    pub service: u16,
 }
 
 /// Value of the `worker_ports` hash (key: the worker port as `u32`): which
@@ -220,20 +232,27 @@ mod tests {
         assert_eq!(offset_of!(ServiceKey, family), 18);
         assert_eq!(align_of::<ServiceKey>(), 2);
 
-        assert_eq!(size_of::<BandShape>(), 8);
-        assert_eq!(size_of::<ServiceValue>(), 24);
+        assert_eq!(size_of::<BandShape>(), 16);
+        assert_eq!(offset_of!(BandShape, band_mask), 0);
+        assert_eq!(offset_of!(BandShape, band_shift), 4);
+        assert_eq!(offset_of!(BandShape, present), 8);
+        assert_eq!(offset_of!(BandShape, position), 12);
+        assert_eq!(size_of::<ServiceValue>(), 40);
         assert_eq!(offset_of!(ServiceValue, index), 0);
         assert_eq!(offset_of!(ServiceValue, _pad), 4);
         assert_eq!(offset_of!(ServiceValue, shapes), 8);
 
-        assert_eq!(size_of::<FlowKey>(), 20);
+        assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(offset_of!(FlowKey, client_addr), 0);
-        assert_eq!(offset_of!(FlowKey, client_port), 16);
-        assert_eq!(offset_of!(FlowKey, service), 18);
+        assert_eq!(offset_of!(FlowKey, local_addr), 16);
+        assert_eq!(offset_of!(FlowKey, client_port), 32);
+        assert_eq!(offset_of!(FlowKey, public_port), 34);
+        assert_eq!(offset_of!(FlowKey, family), 36);
+        assert_eq!(offset_of!(FlowKey, _pad), 38);
 
         assert_eq!(size_of::<FlowValue>(), 4);
         assert_eq!(offset_of!(FlowValue, worker_port), 0);
-        assert_eq!(offset_of!(FlowValue, public_port), 2);
+        assert_eq!(offset_of!(FlowValue, service), 2);
 
         assert_eq!(size_of::<WorkerPortValue>(), 4);
         assert_eq!(offset_of!(WorkerPortValue, service), 0);

@@ -1,13 +1,36 @@
+//! The two tc programs.
+//!
+//! Ingress: a TCP packet to a configured service (destination address and
+//! public port, or the wildcard entry of its family) gets its destination port
+//! rewritten to the worker port of the client's band. The connection's flow
+//! entry decides first; a new connection (SYN) is steered by the active slot of
+//! the steering table and recorded; a later packet whose flow entry was evicted
+//! asks the kernel's socket table which generation's worker owns it.
+//!
+//! Egress: a reply from a worker port gets its source port rewritten back to
+//! the public port when the flow table says this very connection was steered
+//! to that worker port. A direct connection to a worker (a health check) is
+//! recorded as such on its SYN and never rewritten. Without any flow entry
+//! (evicted), a reply is rewritten when the table gives the client's band that
+//! worker port in the active or the previous slot.
+//!
+//! Everything else (other ports, UDP, ICMP, fragments, malformed or truncated
+//! headers) passes untouched. Verdicts are `TC_ACT_UNSPEC` (`TCX_NEXT`): the
+//! next program or filter on the hook, if any, still runs.
+
+use core::ffi::c_void;
+
 use aya_ebpf::{
-    bindings::TC_ACT_PIPE,
+    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_sock_tuple},
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    helpers::{bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use ipcluster_common::{
-    COUNTER_COUNT, Counter, DEFAULT_FLOW_ENTRIES, FlowKey, FlowValue, MAX_SERVICES,
-    MAX_WORKER_PORTS, META_INDEX, Meta, STEERING_ENTRIES, ServiceKey, ServiceValue,
-    WorkerPortValue,
+    COUNTER_COUNT, Counter, DEFAULT_FLOW_ENTRIES, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue,
+    MAX_BANDS, MAX_SERVICES, MAX_WORKER_PORTS, Meta, SLOTS, STEERING_ENTRIES, ServiceKey,
+    ServiceValue, WorkerPortValue, steering_index,
 };
 
 #[btf_map(name = "meta")]
@@ -25,33 +48,470 @@ static WORKER_PORTS: HashMap<u32, WorkerPortValue, { MAX_WORKER_PORTS as usize }
 #[btf_map(name = "counters")]
 static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
 
+/// Let the next program (tcx) or filter (cls_bpf) decide: we never drop.
+const NEXT: i32 = TC_ACT_UNSPEC;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+/// IPv6 extension headers skipped before giving up on a packet.
+const MAX_IPV6_EXTENSIONS: usize = 4;
+/// Byte offsets inside the TCP header.
+const TCP_SPORT: usize = 0;
+const TCP_DPORT: usize = 2;
+const TCP_CHECK: usize = 16;
+const TCP_HLEN: usize = 20;
+const TCP_FLAG_SYN: u8 = 0x02;
+const TCP_FLAG_ACK: u8 = 0x10;
+/// `sk_state` of a listening socket (include/net/tcp_states.h).
+const TCP_LISTEN: u32 = 10;
+/// `BPF_F_HDR_FIELD_MASK` size of a 16-bit field for `l4_csum_replace`.
+const CSUM_FIELD_16: u64 = 2;
+
+/// The parts of a TCP/IP packet the programs look at. Ports in host order,
+/// addresses as in `ipcluster_common` (IPv4 in the first four bytes).
+struct Tcp {
+    family: u16,
+    src: [u8; 16],
+    dst: [u8; 16],
+    /// Offset of the TCP header from the start of the frame.
+    l4: usize,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+}
+
+impl Tcp {
+    /// The low 32 bits of the source address, the band's input.
+    #[inline(always)]
+    fn src_low32(&self) -> u32 {
+        if self.family == FAMILY_V4 {
+            u32::from_be_bytes([self.src[0], self.src[1], self.src[2], self.src[3]])
+        } else {
+            u32::from_be_bytes([self.src[12], self.src[13], self.src[14], self.src[15]])
+        }
+    }
+
+    #[inline(always)]
+    fn is_new_connection(&self) -> bool {
+        self.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+    }
+}
+
 #[inline(always)]
 fn count(counter: Counter) {
     if let Some(c) = COUNTERS.get_ptr_mut(counter as u32) {
-        // SAFETY: per-CPU slot, only this program on this CPU writes it.
+        // SAFETY: a per-CPU slot; programs do not migrate CPUs while running.
         unsafe { *c += 1 };
     }
 }
 
-#[classifier]
-pub fn ipcluster_ingress(_ctx: TcContext) -> i32 {
-    // Placeholder until the steering logic lands: touch every map the real
-    // program reads so that the object carries them all, and pass the packet.
-    let _ = META.get(META_INDEX);
-    let _ = ACTIVE.get(0);
-    let _ = STEERING.get(0);
-    let _ = SERVICES.get_ptr(ServiceKey::default());
-    let _ = FLOWS.get_ptr(FlowKey::default());
-    count(Counter::Passed);
-    TC_ACT_PIPE
+/// Parse Ethernet (or loopback, which carries an Ethernet header too),
+/// IPv4/IPv6 and the TCP header. `None` for anything that is not a complete,
+/// unfragmented TCP header.
+#[inline(always)]
+fn parse_tcp(ctx: &TcContext) -> Option<Tcp> {
+    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let (family, src, dst, l4) = match ethertype {
+        ETH_P_IP => parse_ipv4(ctx)?,
+        ETH_P_IPV6 => parse_ipv6(ctx)?,
+        _ => return None,
+    };
+    let tcp: [u8; TCP_HLEN] = ctx.load(l4).ok()?;
+    if tcp[12] >> 4 < 5 {
+        return None;
+    }
+    Some(Tcp {
+        family,
+        src,
+        dst,
+        l4,
+        sport: u16::from_be_bytes([tcp[0], tcp[1]]),
+        dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        flags: tcp[13],
+    })
+}
+
+#[inline(always)]
+fn parse_ipv4(ctx: &TcContext) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
+    let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+    if ip[0] >> 4 != 4 || ip[9] != IPPROTO_TCP {
+        return None;
+    }
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    if ihl < 20 {
+        return None;
+    }
+    // More-fragments flag or a fragment offset: only a whole datagram is steered.
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return None;
+    }
+    if usize::from(u16::from_be_bytes([ip[2], ip[3]])) < ihl + TCP_HLEN {
+        return None;
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src[..4].copy_from_slice(&ip[12..16]);
+    dst[..4].copy_from_slice(&ip[16..20]);
+    Some((FAMILY_V4, src, dst, ETH_HLEN + ihl))
+}
+
+#[inline(always)]
+fn parse_ipv6(ctx: &TcContext) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
+    let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).ok()?;
+    if ip[0] >> 4 != 6 {
+        return None;
+    }
+    let mut next = ip[6];
+    let mut offset = ETH_HLEN + IPV6_HLEN;
+    for _ in 0..MAX_IPV6_EXTENSIONS {
+        match next {
+            // Hop-by-hop, routing, destination options: length in 8-byte units.
+            0 | 43 | 60 => {
+                let ext: [u8; 2] = ctx.load(offset).ok()?;
+                next = ext[0];
+                offset += (usize::from(ext[1]) + 1) * 8;
+            }
+            // Authentication header: length in 4-byte units, minus 2.
+            51 => {
+                let ext: [u8; 2] = ctx.load(offset).ok()?;
+                next = ext[0];
+                offset += (usize::from(ext[1]) + 2) * 4;
+            }
+            // TCP, or anything we do not steer (fragment, ESP, UDP, ICMPv6…).
+            _ => break,
+        }
+    }
+    if next != IPPROTO_TCP {
+        return None;
+    }
+    let mut src = [0u8; 16];
+    let mut dst = [0u8; 16];
+    src.copy_from_slice(&ip[8..24]);
+    dst.copy_from_slice(&ip[24..40]);
+    Some((FAMILY_V6, src, dst, offset))
+}
+
+/// The service a packet is addressed to: the exact (address, port) entry,
+/// else the wildcard of its family, else (IPv4) the IPv6 wildcard, which a
+/// dual-stack `[::]` listener also serves.
+#[inline(always)]
+fn find_service(pkt: &Tcp) -> Option<ServiceValue> {
+    let mut key = ServiceKey {
+        addr: pkt.dst,
+        port: pkt.dport,
+        family: pkt.family,
+    };
+    if let Some(v) = SERVICES.get_ptr(key) {
+        // SAFETY: a valid map value pointer; we copy it out.
+        return Some(unsafe { *v });
+    }
+    key.addr = [0; 16];
+    if let Some(v) = SERVICES.get_ptr(key) {
+        // SAFETY: as above.
+        return Some(unsafe { *v });
+    }
+    if pkt.family == FAMILY_V4 {
+        key.family = FAMILY_V6;
+        if let Some(v) = SERVICES.get_ptr(key) {
+            // SAFETY: as above.
+            return Some(unsafe { *v });
+        }
+    }
+    None
+}
+
+/// The worker port of the client's band in `slot`, 0 when the service is not
+/// in that slot's table or the band is empty.
+#[inline(always)]
+fn slot_port(service: &ServiceValue, slot: u32, low32: u32) -> u16 {
+    let shape = if slot == 0 {
+        service.shapes[0]
+    } else {
+        service.shapes[1]
+    };
+    if shape.present == 0 {
+        return 0;
+    }
+    let band = (low32.checked_shr(shape.band_shift).unwrap_or(0) & shape.band_mask) % MAX_BANDS;
+    let index = steering_index(slot % SLOTS, service.index % MAX_SERVICES, band);
+    match STEERING.get(index) {
+        Some(port) => *port as u16,
+        None => 0,
+    }
+}
+
+/// Whether the kernel has a non-listening socket (established, SYN-received,
+/// closing…) for this packet's connection on `port`, i.e. the connection
+/// lives on that worker.
+#[inline(always)]
+fn has_connection(ctx: &TcContext, pkt: &Tcp, port: u16) -> bool {
+    // SAFETY: bpf_sock_tuple is plain integers; all-zero is a valid value.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if pkt.family == FAMILY_V4 {
+        // SAFETY: writing plain integer fields of the union.
+        unsafe {
+            let t = &mut tuple.__bindgen_anon_1.ipv4;
+            t.saddr = u32::from_ne_bytes([pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]]);
+            t.daddr = u32::from_ne_bytes([pkt.dst[0], pkt.dst[1], pkt.dst[2], pkt.dst[3]]);
+            t.sport = pkt.sport.to_be();
+            t.dport = port.to_be();
+        }
+        12
+    } else {
+        // SAFETY: as above.
+        unsafe {
+            let t = &mut tuple.__bindgen_anon_1.ipv6;
+            for i in 0..4 {
+                let j = i * 4;
+                t.saddr[i] = u32::from_ne_bytes([
+                    pkt.src[j],
+                    pkt.src[j + 1],
+                    pkt.src[j + 2],
+                    pkt.src[j + 3],
+                ]);
+                t.daddr[i] = u32::from_ne_bytes([
+                    pkt.dst[j],
+                    pkt.dst[j + 1],
+                    pkt.dst[j + 2],
+                    pkt.dst[j + 3],
+                ]);
+            }
+            t.sport = pkt.sport.to_be();
+            t.dport = port.to_be();
+        }
+        36
+    };
+    // SAFETY: the helper reads `size` bytes of `tuple`; a non-null result is
+    // released before returning, as the verifier demands.
+    unsafe {
+        let sk = bpf_skc_lookup_tcp(
+            ctx.skb.skb.cast::<c_void>(),
+            &mut tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        let state = (*sk).state;
+        bpf_sk_release(sk.cast::<c_void>());
+        state != TCP_LISTEN
+    }
+}
+
+/// Rewrite the 16-bit port at `offset` (from `old` to `new`, host order) and
+/// fix the TCP checksum. With `CHECKSUM_PARTIAL` (loopback) the kernel leaves
+/// the checksum field alone, which is right: ports are not in the pseudo-header.
+#[inline(always)]
+fn rewrite_port(ctx: &TcContext, l4: usize, offset: usize, old: u16, new: u16) -> bool {
+    let old_raw = old.to_be();
+    let new_raw = new.to_be();
+    ctx.l4_csum_replace(
+        l4 + TCP_CHECK,
+        u64::from(old_raw),
+        u64::from(new_raw),
+        CSUM_FIELD_16,
+    )
+    .is_ok()
+        && ctx.store(l4 + offset, &new_raw, 0).is_ok()
 }
 
 #[classifier]
-pub fn ipcluster_egress(_ctx: TcContext) -> i32 {
-    let _ = WORKER_PORTS.get_ptr(0u32);
-    let _ = FLOWS.get_ptr(FlowKey::default());
-    count(Counter::Passed);
-    TC_ACT_PIPE
+pub fn ipcluster_ingress(ctx: TcContext) -> i32 {
+    ingress(&ctx);
+    NEXT
+}
+
+#[inline(always)]
+fn ingress(ctx: &TcContext) {
+    let Some(pkt) = parse_tcp(ctx) else {
+        count(Counter::Passed);
+        return;
+    };
+    let Some(service) = find_service(&pkt) else {
+        record_direct_connection(&pkt);
+        count(Counter::Passed);
+        return;
+    };
+    let flow_key = FlowKey {
+        client_addr: pkt.src,
+        local_addr: pkt.dst,
+        client_port: pkt.sport,
+        public_port: pkt.dport,
+        family: pkt.family,
+        _pad: 0,
+    };
+    let active = match ACTIVE.get(0) {
+        Some(a) => *a & 1,
+        None => 0,
+    };
+    let low32 = pkt.src_low32();
+
+    let worker_port = if pkt.is_new_connection() {
+        // A new connection always follows the active table (a reused client
+        // port must not stick to a worker of an older generation).
+        let port = slot_port(&service, active, low32);
+        if port == 0 {
+            count(Counter::TableMisses);
+            return;
+        }
+        let flow = FlowValue {
+            worker_port: port,
+            service: service.index as u16,
+        };
+        if FLOWS.insert(flow_key, flow, 0).is_ok() {
+            count(Counter::NewFlows);
+        }
+        port
+    } else if let Some(port) = flow_worker_port(&flow_key) {
+        count(Counter::FlowHits);
+        port
+    } else {
+        // No flow: evicted (tiny table, SYN flood) or older than the maps.
+        // Ask the socket table which generation's worker has the connection.
+        let port_active = slot_port(&service, active, low32);
+        let port_previous = slot_port(&service, 1 - active, low32);
+        let port = if port_previous == 0 || port_previous == port_active {
+            port_active
+        } else if port_active == 0 {
+            port_previous
+        } else if has_connection(ctx, &pkt, port_active) {
+            port_active
+        } else if has_connection(ctx, &pkt, port_previous) {
+            port_previous
+        } else {
+            port_active
+        };
+        if port == 0 {
+            count(Counter::TableMisses);
+            return;
+        }
+        count(Counter::FlowFallbacks);
+        // Re-record the flow so that the replies keep being rewritten.
+        let flow = FlowValue {
+            worker_port: port,
+            service: service.index as u16,
+        };
+        let _ = FLOWS.insert(flow_key, flow, 0);
+        port
+    };
+
+    if worker_port != pkt.dport && rewrite_port(ctx, pkt.l4, TCP_DPORT, pkt.dport, worker_port) {
+        count(Counter::Steered);
+    }
+}
+
+/// The worker port a steered connection's flow entry names (`None` without
+/// an entry, or for a direct connection's entry).
+#[inline(always)]
+fn flow_worker_port(key: &FlowKey) -> Option<u16> {
+    let flow = FLOWS.get_ptr(key)?;
+    // SAFETY: a valid map value pointer.
+    let port = unsafe { (*flow).worker_port };
+    if port == 0 { None } else { Some(port) }
+}
+
+/// A SYN straight to a worker port (a health check, a debugging client) is
+/// recorded as a flow with worker port 0, so that its replies are never
+/// rewritten, even by the egress fallback below.
+#[inline(always)]
+fn record_direct_connection(pkt: &Tcp) {
+    if !pkt.is_new_connection() {
+        return;
+    }
+    let Some(worker) = WORKER_PORTS.get_ptr(u32::from(pkt.dport)) else {
+        return;
+    };
+    // SAFETY: a valid map value pointer; we copy the fields out.
+    let (public_port, service) = unsafe { ((*worker).public_port, (*worker).service) };
+    let key = FlowKey {
+        client_addr: pkt.src,
+        local_addr: pkt.dst,
+        client_port: pkt.sport,
+        public_port,
+        family: pkt.family,
+        _pad: 0,
+    };
+    let direct = FlowValue {
+        worker_port: 0,
+        service,
+    };
+    let _ = FLOWS.insert(key, direct, 0);
+}
+
+#[classifier]
+pub fn ipcluster_egress(ctx: TcContext) -> i32 {
+    egress(&ctx);
+    NEXT
+}
+
+#[inline(always)]
+fn egress(ctx: &TcContext) {
+    let Some(pkt) = parse_tcp(ctx) else {
+        count(Counter::Passed);
+        return;
+    };
+    let Some(worker) = WORKER_PORTS.get_ptr(u32::from(pkt.sport)) else {
+        count(Counter::Passed);
+        return;
+    };
+    // SAFETY: a valid map value pointer.
+    let public_port = unsafe { (*worker).public_port };
+    let flow_key = FlowKey {
+        client_addr: pkt.dst,
+        local_addr: pkt.src,
+        client_port: pkt.dport,
+        public_port,
+        family: pkt.family,
+        _pad: 0,
+    };
+    match FLOWS.get_ptr(flow_key) {
+        // SAFETY: a valid map value pointer.
+        Some(flow) if unsafe { (*flow).worker_port } == pkt.sport => {}
+        // A direct connection (worker port 0), or one steered elsewhere.
+        Some(_) => {
+            count(Counter::Passed);
+            return;
+        }
+        // No flow: evicted (tiny table, SYN flood). The reply is one of a
+        // steered connection if the table gives the client's band this very
+        // worker port, in the active or the previous slot.
+        None => {
+            if !is_band_worker(&pkt, public_port) {
+                count(Counter::Passed);
+                return;
+            }
+            count(Counter::FlowFallbacks);
+        }
+    }
+    if rewrite_port(ctx, pkt.l4, TCP_SPORT, pkt.sport, public_port) {
+        count(Counter::EgressRewrites);
+    }
+}
+
+/// Whether an egress packet's source (worker) port is what either slot of the
+/// steering table assigns its destination (the client) for `public_port`.
+#[inline(always)]
+fn is_band_worker(pkt: &Tcp, public_port: u16) -> bool {
+    // The service as ingress saw it: local address and public port.
+    let as_ingress = Tcp {
+        family: pkt.family,
+        src: pkt.dst,
+        dst: pkt.src,
+        l4: pkt.l4,
+        sport: pkt.dport,
+        dport: public_port,
+        flags: pkt.flags,
+    };
+    let Some(service) = find_service(&as_ingress) else {
+        return false;
+    };
+    let low32 = as_ingress.src_low32();
+    slot_port(&service, 0, low32) == pkt.sport || slot_port(&service, 1, low32) == pkt.sport
 }
 
 #[cfg(not(test))]
