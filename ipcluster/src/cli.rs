@@ -38,6 +38,9 @@ pub enum Command {
     Stop(NameArg),
     /// Kill every retired (old-generation) worker of a cluster, spaced by the spawn delay.
     KillRetired(NameArg),
+    /// The built-in demo worker (what `run` starts without a command).
+    #[command(hide = true)]
+    DemoWorker,
 }
 
 #[derive(Debug, Args, Clone)]

@@ -6,9 +6,13 @@
 //! - [`protocol`]: the control-socket messages between master and workers.
 //! - [`paths`]: where a cluster keeps its state.
 //! - [`policy`]: pure supervision decisions (retire, ask to die, kill).
-//! - [`worker_api`]: the client side of the control socket, for Rust workers.
+//! - [`master`]: the master: spawning, readiness, generations, adoption, reload,
+//!   the control socket, `status`/`stop`/`kill-retired`.
+//! - [`demo`]: the built-in demo worker (`run` without a command).
 
 pub mod cli;
+pub mod demo;
+pub mod master;
 pub mod paths;
 pub mod policy;
 pub mod protocol;

@@ -6,8 +6,10 @@ fn main() -> Result<()> {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(_) | Command::Status(_) | Command::Stop(_) | Command::KillRetired(_) => {
-            anyhow::bail!("this subcommand is not implemented yet (see README.md, \"Status\")")
-        }
+        Command::Run(args) => ipcluster::master::run(*args),
+        Command::Status(args) => ipcluster::master::client::status_command(&args),
+        Command::Stop(name) => ipcluster::master::client::stop_command(&name.name),
+        Command::KillRetired(name) => ipcluster::master::client::kill_retired_command(&name.name),
+        Command::DemoWorker => ipcluster::demo::run(),
     }
 }

@@ -28,3 +28,8 @@ pub fn lock_file(cluster: &str) -> PathBuf {
 pub fn pin_dir(cluster: &str) -> PathBuf {
     PathBuf::from(PIN_ROOT).join(cluster)
 }
+
+/// What the master persists for `status`, `stop` and the next master (JSON).
+pub fn state_file(cluster: &str) -> PathBuf {
+    state_dir(cluster).join("state.json")
+}

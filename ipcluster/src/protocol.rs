@@ -51,6 +51,106 @@ pub enum MasterMessage {
     },
 }
 
+/// Operator → master (the `ipcluster` CLI, or a new master taking over).
+/// Accepted only from root or the master's own user (`SO_PEERCRED`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum AdminRequest {
+    /// Answered with one [`StatusReport`] line.
+    Status,
+    /// End every worker, remove the steering state and the state directory, exit.
+    Stop,
+    /// Ask every retired worker to die, spaced by the spawn delay.
+    KillRetired,
+    /// Exit the master only (a new master takes over): workers and steering stay.
+    Shutdown,
+}
+
+/// Master → operator, for every request but `status`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AdminReply {
+    Ok { message: String },
+    Error { message: String },
+}
+
+/// Any line a peer may send on the control socket.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Incoming {
+    Worker(WorkerMessage),
+    Admin(AdminRequest),
+}
+
+impl Incoming {
+    /// Parse one line; the error says why it was not understood.
+    pub fn parse(line: &str) -> Result<Incoming, String> {
+        let value: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("not JSON: {e}"))?;
+        let kind = value
+            .get("type")
+            .and_then(|t| t.as_str())
+            .ok_or("no \"type\" field")?
+            .to_owned();
+        match kind.as_str() {
+            "hello" | "ping" | "request_retire" => serde_json::from_value(value)
+                .map(Incoming::Worker)
+                .map_err(|e| format!("bad {kind} message: {e}")),
+            "status" | "stop" | "kill_retired" | "shutdown" => serde_json::from_value(value)
+                .map(Incoming::Admin)
+                .map_err(|e| format!("bad {kind} request: {e}")),
+            other => Err(format!("unknown message type {other:?}")),
+        }
+    }
+}
+
+/// One worker in `ipcluster status --json` (field names are a contract).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerStatus {
+    pub pid: i32,
+    pub band: u32,
+    pub generation: u64,
+    pub state: crate::policy::WorkerState,
+    /// The worker's port for the first public port (`$PORT`).
+    pub port: u16,
+    /// The worker's port for each public port, in `--listen` order of first appearance.
+    pub ports: Vec<u16>,
+    /// Resident memory of the worker's process tree, bytes.
+    pub rss: u64,
+    /// Established TCP connections on the worker's ports owned by its process tree.
+    pub connections: u32,
+    /// Seconds since the worker started.
+    pub uptime: u64,
+    /// Nice value of the worker's main process (retired workers are reniced).
+    pub nice: i64,
+    /// The worker spoke on the control socket (hello or ping) to this master.
+    pub aware: bool,
+    /// Seconds since its last ping, if it pings.
+    #[serde(default)]
+    pub last_ping_ago: Option<f64>,
+}
+
+/// `ipcluster status --json` (field names are a contract, DESIGN.md).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub name: String,
+    pub backend: crate::steering::BackendKind,
+    /// The generation of the master that answers (its new workers).
+    pub generation: u64,
+    /// The master's pid; `None` when no master runs (the CLI read /proc itself).
+    pub master_pid: Option<i32>,
+    pub listens: Vec<std::net::SocketAddr>,
+    /// Workers (bands) per generation.
+    pub bands: u32,
+    pub band_shift: u8,
+    pub workers: Vec<WorkerStatus>,
+    /// The steering table in force.
+    pub table: Option<crate::steering::SteeringTable>,
+    pub counters: Option<crate::steering::Counters>,
+    /// Resident memory of the master and of all workers, bytes.
+    pub master_rss: u64,
+    pub cluster_rss: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -87,6 +187,31 @@ mod tests {
         assert!(serde_json::from_str::<WorkerMessage>(r#"{"type":"reboot"}"#).is_err());
         assert!(serde_json::from_str::<WorkerMessage>(r#"{"type":"hello"}"#).is_err());
         assert!(serde_json::from_str::<WorkerMessage>("not json").is_err());
+    }
+
+    #[test]
+    fn incoming_lines_are_worker_messages_or_admin_requests() {
+        assert_eq!(
+            Incoming::parse(r#"{"type":"status"}"#),
+            Ok(Incoming::Admin(AdminRequest::Status))
+        );
+        assert_eq!(
+            Incoming::parse(r#"{"type":"kill_retired"}"#),
+            Ok(Incoming::Admin(AdminRequest::KillRetired))
+        );
+        assert!(matches!(
+            Incoming::parse(r#"{"type":"ping"}"#),
+            Ok(Incoming::Worker(WorkerMessage::Ping { .. }))
+        ));
+        for bad in [
+            "garbage",
+            "{}",
+            r#"{"type":"reboot"}"#,
+            r#"{"type":"hello","band":1,"generation":1,"pid":1}"#,
+            "[1,2]",
+        ] {
+            assert!(Incoming::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@
 //!   `tests/conformance_<backend>.rs`.
 
 pub mod client;
+pub mod cluster;
 pub mod conformance;
 pub mod guard;
 pub mod unique;

@@ -1,0 +1,187 @@
+//! The operator's side of the control socket: `ipcluster status`, `stop`
+//! and `kill-retired`, and a reloading master's `shutdown` request. When no
+//! master runs, `status` and `stop` work from the state file and /proc.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use anyhow::{Context as _, Result, bail};
+
+use super::adopt::find_workers;
+use super::kill::stop_workers;
+use super::lock::ClusterLock;
+use super::process_tree::ProcessTable;
+use super::state::ClusterState;
+use super::status;
+use crate::cli::StatusArgs;
+use crate::paths;
+use crate::protocol::{AdminReply, AdminRequest, StatusReport};
+use crate::steering;
+
+/// Largest reply accepted (a status of 256 workers is far below this).
+const MAX_REPLY: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no master answers on {path}: {source}")]
+    NoMaster {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("talking to the master on {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the master on {path} closed the connection without answering")]
+    NoReply { path: String },
+}
+
+/// Send one request and return the master's one-line reply.
+pub fn request(
+    cluster: &str,
+    request: &AdminRequest,
+    timeout: Duration,
+) -> Result<String, ClientError> {
+    let path = paths::control_socket(cluster);
+    let shown = path.display().to_string();
+    let io = |source| ClientError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let mut stream = UnixStream::connect(&path).map_err(|source| ClientError::NoMaster {
+        path: shown.clone(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout)).map_err(io)?;
+    stream.set_write_timeout(Some(timeout)).map_err(io)?;
+    let mut line = serde_json::to_string(request).map_err(|e| io(std::io::Error::other(e)))?;
+    line.push('\n');
+    stream.write_all(line.as_bytes()).map_err(io)?;
+    let mut reply = String::new();
+    BufReader::new(stream.take(MAX_REPLY))
+        .read_line(&mut reply)
+        .map_err(io)?;
+    if reply.trim().is_empty() {
+        return Err(ClientError::NoReply { path: shown });
+    }
+    Ok(reply.trim_end().to_owned())
+}
+
+fn ok_or_bail(reply: &str) -> Result<String> {
+    match serde_json::from_str::<AdminReply>(reply) {
+        Ok(AdminReply::Ok { message }) => Ok(message),
+        Ok(AdminReply::Error { message }) => bail!("the master refused: {message}"),
+        Err(e) => bail!("unexpected reply from the master ({e}): {reply}"),
+    }
+}
+
+/// `ipcluster status [--json]`.
+pub fn status_command(args: &StatusArgs) -> Result<()> {
+    let cluster = &args.name.name;
+    let report = match request(cluster, &AdminRequest::Status, Duration::from_secs(10)) {
+        Ok(reply) => serde_json::from_str::<StatusReport>(&reply)
+            .with_context(|| format!("unexpected status reply from the master: {reply}"))?,
+        Err(e) => {
+            let Some(state) = ClusterState::load(&paths::state_file(cluster))? else {
+                bail!(
+                    "cluster {cluster:?} is not running: no state in {} ({e})",
+                    paths::state_dir(cluster).display()
+                );
+            };
+            log::warn!(
+                "no master of cluster {cluster:?} answers ({e}); reading /proc and the kernel"
+            );
+            status::offline_report(&state)?
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", status::render(&report));
+    }
+    Ok(())
+}
+
+/// `ipcluster kill-retired`.
+pub fn kill_retired_command(cluster: &str) -> Result<()> {
+    let reply = request(cluster, &AdminRequest::KillRetired, Duration::from_secs(10))
+        .with_context(|| format!("cluster {cluster:?} has no running master"))?;
+    println!("{}", ok_or_bail(&reply)?);
+    Ok(())
+}
+
+/// `ipcluster stop`: through the master when one runs, by ourselves otherwise.
+pub fn stop_command(cluster: &str) -> Result<()> {
+    let dir = paths::state_dir(cluster);
+    let state = ClusterState::load(&paths::state_file(cluster))?;
+    if dir.exists() {
+        let lock = ClusterLock::try_acquire(cluster)?;
+        if lock.is_none() {
+            let timeout =
+                Duration::from_millis(state.as_ref().map_or(5000, |s| s.soft_kill_timeout_ms))
+                    + Duration::from_secs(30);
+            let reply = request(cluster, &AdminRequest::Stop, timeout)
+                .with_context(|| format!("asking the master of cluster {cluster:?} to stop"))?;
+            println!("{}", ok_or_bail(&reply)?);
+            // The master exits right after answering: return when it is gone.
+            let master = state.as_ref().map(|s| s.master_pid);
+            for _ in 0..250 {
+                if !dir.exists() && master.is_none_or(|pid| !super::kill::is_running(pid)) {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            return Ok(());
+        }
+        stop_without_master(cluster, state.as_ref())?;
+        drop(lock);
+        return Ok(());
+    }
+    let strays = find_workers(cluster, &ProcessTable::read()?, &[]);
+    if strays.is_empty() {
+        bail!(
+            "cluster {cluster:?} is not running: no state in {} and no workers",
+            dir.display()
+        );
+    }
+    stop_without_master(cluster, None)
+}
+
+fn stop_without_master(cluster: &str, state: Option<&ClusterState>) -> Result<()> {
+    let workers = find_workers(cluster, &ProcessTable::read()?, &[]);
+    let pids: Vec<i32> = workers.iter().map(|w| w.pid).collect();
+    let soft_kill = Duration::from_millis(state.map_or(5000, |s| s.soft_kill_timeout_ms));
+    log::info!(
+        "cluster {cluster:?}: no master runs; stopping {} workers {pids:?}",
+        pids.len()
+    );
+    let killed = stop_workers(&pids, soft_kill);
+    if let Some(state) = state {
+        let mut steering =
+            steering::backend(state.backend, state.steering_config()).with_context(|| {
+                format!(
+                    "opening the {} steering of cluster {cluster:?}",
+                    state.backend
+                )
+            })?;
+        steering.teardown().with_context(|| {
+            format!(
+                "removing the {} steering of cluster {cluster:?}",
+                state.backend
+            )
+        })?;
+    } else {
+        log::warn!("cluster {cluster:?} has no state file: no steering state to remove");
+    }
+    let dir = paths::state_dir(cluster);
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    println!(
+        "cluster {cluster:?} stopped: {} workers ended ({killed} with SIGKILL), steering removed",
+        pids.len()
+    );
+    Ok(())
+}

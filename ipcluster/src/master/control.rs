@@ -1,0 +1,243 @@
+//! The control socket: a Unix stream socket in the state directory carrying
+//! newline-delimited JSON. Each connection's peer is identified by
+//! `SO_PEERCRED` (pid, uid); the event loop decides what a peer may say.
+//! Over-long lines, invalid UTF-8 and (later) bad JSON are logged and
+//! dropped; nothing a peer sends ends the master.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::mpsc;
+
+use crate::protocol::MAX_LINE;
+
+/// Connections open at once; more are refused (a misbehaving client must not
+/// exhaust the master's file descriptors).
+const MAX_CONNECTIONS: usize = 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("cannot create the control socket {path}: {source}")]
+    Bind {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+/// What happens on the control socket, for the event loop.
+#[derive(Debug)]
+pub enum ControlEvent {
+    Connected {
+        conn: u64,
+        pid: Option<i32>,
+        uid: u32,
+        /// Lines to send to this peer (without newline). Dropping it closes the connection.
+        outgoing: mpsc::UnboundedSender<String>,
+    },
+    Line {
+        conn: u64,
+        line: String,
+    },
+    Disconnected {
+        conn: u64,
+    },
+}
+
+/// Bind the socket at `path` (replacing a stale one) so that only root and
+/// `owner` (the workers' user, if not root) can connect: mode 0600, owned by `owner`.
+pub fn bind(path: &Path, owner: Option<(u32, u32)>) -> Result<UnixListener, ControlError> {
+    let err = |source| ControlError::Bind {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(err(e)),
+    }
+    let listener = UnixListener::bind(path).map_err(err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid)).map_err(err)?;
+    }
+    Ok(listener)
+}
+
+/// Accept connections forever, one task each.
+pub async fn serve(listener: UnixListener, events: mpsc::UnboundedSender<ControlEvent>) {
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut next_conn: u64 = 1;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                log::warn!("control socket: accept failed: {e}");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
+            log::warn!("control socket: {MAX_CONNECTIONS} connections open; refusing another");
+            continue;
+        }
+        let conn = next_conn;
+        next_conn += 1;
+        open.fetch_add(1, Ordering::Relaxed);
+        let (events, open) = (events.clone(), open.clone());
+        tokio::spawn(async move {
+            connection(stream, conn, &events).await;
+            let _ = events.send(ControlEvent::Disconnected { conn });
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+    }
+}
+
+async fn connection(stream: UnixStream, conn: u64, events: &mpsc::UnboundedSender<ControlEvent>) {
+    let Ok(cred) = stream.peer_cred() else {
+        log::warn!("control socket: connection {conn} has no peer credentials; closing it");
+        return;
+    };
+    let (out_tx, mut out_rx) = mpsc::unbounded_channel::<String>();
+    if events
+        .send(ControlEvent::Connected {
+            conn,
+            pid: cred.pid(),
+            uid: cred.uid(),
+            outgoing: out_tx,
+        })
+        .is_err()
+    {
+        return;
+    }
+    let who = cred
+        .pid()
+        .map_or("unknown pid".into(), |p| format!("pid {p}"));
+    let (mut reader, mut writer) = stream.into_split();
+    let mut lines = LineSplitter::default();
+    let mut buf = vec![0u8; 8192];
+    loop {
+        tokio::select! {
+            read = reader.read(&mut buf) => {
+                let n = match read {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => n,
+                };
+                for line in lines.push(&buf[..n]) {
+                    match line {
+                        Ok(line) => {
+                            if events.send(ControlEvent::Line { conn, line }).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => log::warn!("control socket ({who}): {e}; line dropped"),
+                    }
+                }
+            }
+            out = out_rx.recv() => {
+                let Some(mut line) = out else { return };
+                line.push('\n');
+                if writer.write_all(line.as_bytes()).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum LineError {
+    #[error("line longer than {MAX_LINE} bytes")]
+    TooLong,
+    #[error("line is not UTF-8")]
+    NotUtf8,
+}
+
+/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes. An
+/// over-long line is reported once and skipped up to its newline.
+#[derive(Debug, Default)]
+pub struct LineSplitter {
+    buf: Vec<u8>,
+    discarding: bool,
+}
+
+impl LineSplitter {
+    pub fn push(&mut self, mut bytes: &[u8]) -> Vec<Result<String, LineError>> {
+        let mut out = Vec::new();
+        while !bytes.is_empty() {
+            match bytes.iter().position(|&b| b == b'\n') {
+                Some(i) => {
+                    let (head, rest) = bytes.split_at(i);
+                    bytes = &rest[1..];
+                    if self.discarding {
+                        self.discarding = false;
+                        continue;
+                    }
+                    if self.buf.len() + head.len() > MAX_LINE {
+                        self.buf.clear();
+                        out.push(Err(LineError::TooLong));
+                        continue;
+                    }
+                    self.buf.extend_from_slice(head);
+                    let line = std::mem::take(&mut self.buf);
+                    match String::from_utf8(line) {
+                        Ok(s) if s.trim().is_empty() => {}
+                        Ok(s) => out.push(Ok(s)),
+                        Err(_) => out.push(Err(LineError::NotUtf8)),
+                    }
+                }
+                None => {
+                    if !self.discarding {
+                        if self.buf.len() + bytes.len() > MAX_LINE {
+                            self.buf.clear();
+                            self.discarding = true;
+                            out.push(Err(LineError::TooLong));
+                        } else {
+                            self.buf.extend_from_slice(bytes);
+                        }
+                    }
+                    bytes = &[];
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_split_across_reads() {
+        let mut s = LineSplitter::default();
+        assert!(s.push(b"{\"type\":").is_empty());
+        assert_eq!(
+            s.push(b"\"ping\"}\n\n{\"a\":1}\npartial"),
+            vec![
+                Ok("{\"type\":\"ping\"}".to_owned()),
+                Ok("{\"a\":1}".to_owned())
+            ]
+        );
+        assert_eq!(s.push(b"\n"), vec![Ok("partial".to_owned())]);
+        assert_eq!(s.push(b"\xff\xfe\n"), vec![Err(LineError::NotUtf8)]);
+    }
+
+    #[test]
+    fn over_long_lines_are_dropped_once_and_the_stream_recovers() {
+        let mut s = LineSplitter::default();
+        let big = vec![b'x'; MAX_LINE + 10];
+        assert_eq!(s.push(&big), vec![Err(LineError::TooLong)]);
+        assert!(s.push(&big).is_empty());
+        assert_eq!(s.push(b"tail\nok\n"), vec![Ok("ok".to_owned())]);
+        let mut whole = vec![b'y'; MAX_LINE + 1];
+        whole.extend_from_slice(b"\nnext\n");
+        assert_eq!(
+            LineSplitter::default().push(&whole),
+            vec![Err(LineError::TooLong), Ok("next".to_owned())]
+        );
+    }
+}

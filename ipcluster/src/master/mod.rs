@@ -1,0 +1,1322 @@
+//! The master (DESIGN.md "Lifecycle of a master"): take the cluster lock and
+//! stop the previous master, adopt its workers, install or re-open the
+//! steering, spawn a new generation band by band, publish its table once the
+//! bands are ready, retire the old generation, then supervise: readiness,
+//! crashes, the policy's decisions, the control socket and signals.
+//!
+//! One tokio current-thread loop owns all state; /proc is read in short
+//! synchronous steps, and the only long blocking step is `stop`, after which
+//! the master exits.
+//!
+//! - [`lock`]: the cluster lock and handing over from the previous master.
+//! - [`adopt`]: finding the previous generations' workers by their environment.
+//! - [`spawn`]: a worker's command, environment, session, user and ports.
+//! - [`process_tree`], [`sock_diag`]: readiness, connections and RSS of a worker's tree.
+//! - [`pidfd`], [`kill`]: noticing exits; SIGTERM, then SIGKILL.
+//! - [`generation`]: when a generation's table is published (pure).
+//! - [`control`], `requests`: the control socket and what peers may say on it.
+//! - [`state`], [`status`], [`client`]: what persists, `status`, `stop`, `kill-retired`.
+//! - the supervision rules themselves are [`crate::policy::decide`].
+
+pub mod adopt;
+pub mod client;
+pub mod control;
+pub mod generation;
+pub mod kill;
+pub mod lock;
+pub mod pidfd;
+pub mod process_tree;
+mod requests;
+pub mod sock_diag;
+pub mod spawn;
+pub mod state;
+pub mod status;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use nix::sys::signal::Signal;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::mpsc;
+
+use crate::cli::RunArgs;
+use crate::paths;
+use crate::policy::{self, Action, ClusterSnapshot, PolicySettings, WorkerSnapshot, WorkerState};
+use crate::protocol::MasterMessage;
+use crate::steering::{self, BackendKind, Steering, SteeringConfig, SteeringTable};
+
+use control::ControlEvent;
+use lock::ClusterLock;
+use process_tree::{ProcessTable, SocketTable};
+use spawn::{PortAllocator, RunAs, WorkerCommand, WorkerSpec};
+use state::ClusterState;
+
+/// How often readiness, timeouts, spawns and kills are looked at.
+const TICK: Duration = Duration::from_millis(20);
+/// A band whose first workers keep failing before any table was ever
+/// published makes `run` give up (the command is broken, not unlucky).
+const FRESH_START_ATTEMPTS: u32 = 3;
+/// Longest pause between two attempts of a failing band.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How long a new master waits for the previous one to hand over.
+const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The distinct public ports of `listens`, in order of first appearance: a
+/// worker gets one port for each.
+pub fn public_ports(listens: &[SocketAddr]) -> Vec<u16> {
+    let mut ports = Vec::new();
+    for l in listens {
+        if !ports.contains(&l.port()) {
+            ports.push(l.port());
+        }
+    }
+    ports
+}
+
+/// `ipcluster run`.
+pub fn run(args: RunArgs) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the master's event loop")?;
+    runtime.block_on(async move {
+        let mut master = Master::start(args).await?;
+        master.run().await
+    })
+}
+
+/// The settled command line.
+struct Config {
+    name: String,
+    backend: BackendKind,
+    listens: Vec<SocketAddr>,
+    publics: Vec<u16>,
+    bands: u32,
+    band_shift: u8,
+    interfaces: Vec<String>,
+    flow_entries: u32,
+    command: WorkerCommand,
+    run_as: Option<RunAs>,
+    policy: PolicySettings,
+    spawn_delay: Duration,
+    connect_timeout: Duration,
+    soft_kill_timeout: Duration,
+    monitor_interval: Duration,
+    retire_renice: i32,
+    port_range: std::ops::RangeInclusive<u16>,
+}
+
+impl Config {
+    fn from_args(args: &RunArgs) -> Result<Config> {
+        let listens = args.listens();
+        for (i, l) in listens.iter().enumerate() {
+            if listens[..i].contains(l) {
+                bail!("--listen {l} is given twice");
+            }
+        }
+        let publics = public_ports(&listens);
+        let bands = args.worker_count();
+        let command = WorkerCommand::from_cli(&args.command)?;
+        let run_as = args.user.as_deref().map(RunAs::lookup).transpose()?;
+        let needed = u32::try_from(publics.len())
+            .unwrap_or(u32::MAX)
+            .saturating_mul(bands);
+        let available = u32::from(*args.port_range.end() - *args.port_range.start()) + 1;
+        if available < needed.saturating_mul(2) {
+            bail!(
+                "--port-range {}-{} has {available} ports; {bands} workers × {} public ports need at \
+                 least {} (twice the workers, so that a reload has room)",
+                args.port_range.start(),
+                args.port_range.end(),
+                publics.len(),
+                needed * 2
+            );
+        }
+        Ok(Config {
+            name: args.name.name.clone(),
+            backend: args.backend,
+            listens,
+            publics,
+            bands,
+            band_shift: args.band_shift,
+            interfaces: args.iface.clone(),
+            flow_entries: args.flow_entries,
+            command,
+            run_as,
+            policy: PolicySettings {
+                worker_rss_limit: args.worker_rss_limit,
+                cluster_memory_limit: args.cluster_memory_limit,
+                ping_timeout: args.ping_timeout,
+                retire_rate: args.retire_rate,
+                retire_window: args.retire_window,
+                kill_strategy: args.kill_strategy,
+                retired_idle_exit: args.retired_idle_exit,
+                soft_kill_timeout: args.soft_kill_timeout,
+            },
+            spawn_delay: args.spawn_delay,
+            connect_timeout: args.connect_timeout,
+            soft_kill_timeout: args.soft_kill_timeout,
+            monitor_interval: args.monitor_interval,
+            retire_renice: args.retire_renice,
+            port_range: args.port_range.clone(),
+        })
+    }
+
+    fn steering_config(&self) -> SteeringConfig {
+        SteeringConfig {
+            cluster: self.name.clone(),
+            services: self.listens.clone(),
+            interfaces: self.interfaces.clone(),
+            flow_entries: self.flow_entries,
+        }
+    }
+
+    /// Worker port of each service, from a worker's per-public-port ports.
+    fn service_ports(&self, worker_ports: &[u16]) -> Vec<u16> {
+        self.listens
+            .iter()
+            .map(|l| {
+                let i = self
+                    .publics
+                    .iter()
+                    .position(|&p| p == l.port())
+                    .unwrap_or(0);
+                worker_ports.get(i).copied().unwrap_or(0)
+            })
+            .collect()
+    }
+}
+
+/// One worker, as the master tracks it.
+#[derive(Debug)]
+struct Worker {
+    pid: i32,
+    band: u32,
+    generation: u64,
+    state: WorkerState,
+    /// One per public port (`Config::publics`); the first is `$PORT`.
+    ports: Vec<u16>,
+    started_at: Instant,
+    /// Listening (or said hello); a `Starting` worker waits for the table.
+    ready: bool,
+    own_child: bool,
+    hello_at: Option<Instant>,
+    last_ping: Option<Instant>,
+    busy: bool,
+    retire_requested: bool,
+    retired_at: Option<Instant>,
+    idle_since: Option<Instant>,
+    dying_since: Option<Instant>,
+    rss: u64,
+    connections: u32,
+    nice: i64,
+    /// Its control-socket connection, if it spoke.
+    conn: Option<u64>,
+    /// SIGKILL was sent (connect timeout, soft-kill timeout or the policy).
+    killed: bool,
+}
+
+impl Worker {
+    fn snapshot(&self) -> WorkerSnapshot {
+        WorkerSnapshot {
+            pid: self.pid,
+            band: self.band,
+            generation: self.generation,
+            state: self.state,
+            rss: self.rss,
+            connections: self.connections,
+            started_at: self.started_at,
+            hello_at: self.hello_at,
+            last_ping: self.last_ping,
+            busy: self.busy,
+            retire_requested: self.retire_requested,
+            retired_at: self.retired_at,
+            idle_since: self.idle_since,
+            dying_since: self.dying_since,
+        }
+    }
+}
+
+/// A control-socket peer.
+struct Peer {
+    pid: Option<i32>,
+    uid: u32,
+    outgoing: mpsc::UnboundedSender<String>,
+    worker: Option<i32>,
+}
+
+enum Event {
+    Control(ControlEvent),
+    WorkerExited(i32),
+}
+
+/// Why the loop ended.
+enum Exit {
+    /// SIGTERM/SIGINT or a new master: workers and steering stay.
+    Handover(String),
+    /// `ipcluster stop`: everything was removed.
+    Stopped,
+    /// Start-up failed: what this master created was removed.
+    Failed(anyhow::Error),
+}
+
+struct Master {
+    cfg: Config,
+    generation: u64,
+    workers: BTreeMap<i32, Worker>,
+    steering: Box<dyn Steering>,
+    /// The table in force, as we last wrote or read it.
+    table: Option<SteeringTable>,
+    /// The table found at install, if it fits this generation's shape.
+    previous_table: Option<SteeringTable>,
+    /// This generation's table has been published.
+    published: bool,
+    next_publish_try: Instant,
+    ports: PortAllocator,
+    /// Consecutive failures (exit or timeout before ready) per band.
+    failures: HashMap<u32, u32>,
+    /// Bands to (re)spawn and from when.
+    pending_spawns: BTreeMap<u32, Instant>,
+    next_spawn_at: Instant,
+    kill_queue: VecDeque<i32>,
+    next_kill_at: Instant,
+    recent_retirements: Vec<Instant>,
+    /// Crashed bands and when, to log how long the band went unserved.
+    crashed_at: HashMap<u32, Instant>,
+    peers: HashMap<u64, Peer>,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
+    /// No cluster existed before us: on a failed start-up, remove everything.
+    fresh: bool,
+    created_dir: bool,
+    next_monitor: Instant,
+    exit: Option<Exit>,
+    _lock: ClusterLock,
+}
+
+impl Master {
+    /// Lifecycle steps 1-3: lock (stopping the previous master), adopt,
+    /// install the steering, open the control socket.
+    async fn start(args: RunArgs) -> Result<Master> {
+        let cfg = Config::from_args(&args)?;
+        let name = cfg.name.clone();
+        // SAFETY: geteuid has no preconditions.
+        let euid = unsafe { libc::geteuid() };
+        match &cfg.run_as {
+            None if euid == 0 => {
+                log::warn!("workers will run as root; use --user USER to run them unprivileged")
+            }
+            Some(r) if r.uid == 0 => {
+                log::warn!("--user {} is root: workers will run as root", r.name)
+            }
+            _ => {}
+        }
+
+        let root = PathBuf::from(paths::STATE_ROOT);
+        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        let dir = paths::state_dir(&name);
+        let created_dir = !dir.exists();
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let result = Master::start_in_dir(cfg, created_dir).await;
+        if result.is_err() && created_dir {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        result
+    }
+
+    async fn start_in_dir(cfg: Config, created_dir: bool) -> Result<Master> {
+        let name = cfg.name.clone();
+        let state_path = paths::state_file(&name);
+        let previous_state = ClusterState::load(&state_path)?;
+        if let Some(prev) = &previous_state
+            && prev.backend != cfg.backend
+        {
+            bail!(
+                "cluster {name:?} runs with the {} backend; a reload cannot switch to {} \
+                 (run `ipcluster stop --name {name}` first)",
+                prev.backend,
+                cfg.backend
+            );
+        }
+        let (lock, replaced_master) = ClusterLock::take_over(
+            &name,
+            previous_state.as_ref().map(|s| s.master_pid),
+            TAKEOVER_TIMEOUT,
+        )?;
+        log::info!("cluster {name:?}: lock {} taken", lock.path().display());
+
+        // Step 2: the workers the previous master left.
+        let processes = ProcessTable::read()?;
+        let found = adopt::find_workers(&name, &processes, &[]);
+        let generation = found
+            .iter()
+            .map(|w| w.generation)
+            .chain(previous_state.as_ref().map(|s| s.generation))
+            .max()
+            .unwrap_or(0)
+            + 1;
+        if !found.is_empty() || replaced_master {
+            log::info!(
+                "reload of cluster {name:?}: found {} workers of earlier generations: {:?}",
+                found.len(),
+                found
+                    .iter()
+                    .map(|w| (w.pid, w.band, w.generation))
+                    .collect::<Vec<_>>()
+            );
+        }
+
+        // Step 3: the steering state, and the table in force.
+        let mut steering = steering::backend(cfg.backend, cfg.steering_config())
+            .with_context(|| format!("creating the {} steering backend", cfg.backend))?;
+        let fresh = previous_state.is_none() && found.is_empty() && !replaced_master;
+        let installed = steering.install();
+        let previous_table = match installed {
+            Ok(table) => table,
+            Err(e) => {
+                if fresh && let Err(t) = steering.teardown() {
+                    log::warn!("removing the half-installed steering failed: {t}");
+                }
+                return Err(e).with_context(|| {
+                    format!(
+                        "installing the {} steering of cluster {name:?}",
+                        cfg.backend
+                    )
+                });
+            }
+        };
+        match &previous_table {
+            Some(t) => log::info!(
+                "steering ({}) re-opened; table in force: {}",
+                cfg.backend,
+                describe_table(t)
+            ),
+            None => log::info!("steering ({}) installed; no table yet", cfg.backend),
+        }
+        let fresh = fresh && previous_table.is_none();
+
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let owner = cfg.run_as.as_ref().map(|r| (r.uid, r.gid));
+        let listener = match control::bind(&paths::control_socket(&name), owner) {
+            Ok(l) => l,
+            Err(e) => {
+                if fresh {
+                    let _ = steering.teardown();
+                }
+                return Err(e.into());
+            }
+        };
+        let control_events = events_tx.clone();
+        tokio::spawn(async move {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            tokio::spawn(control::serve(listener, tx));
+            while let Some(ev) = rx.recv().await {
+                if control_events.send(Event::Control(ev)).is_err() {
+                    return;
+                }
+            }
+        });
+
+        let state = ClusterState {
+            name: name.clone(),
+            backend: cfg.backend,
+            listens: cfg.listens.clone(),
+            bands: cfg.bands,
+            band_shift: cfg.band_shift,
+            interfaces: cfg.interfaces.clone(),
+            flow_entries: cfg.flow_entries,
+            generation,
+            master_pid: i32::try_from(std::process::id()).unwrap_or(0),
+            soft_kill_timeout_ms: u64::try_from(cfg.soft_kill_timeout.as_millis())
+                .unwrap_or(u64::MAX),
+        };
+        if let Err(e) = state.save(&state_path) {
+            if fresh {
+                let _ = steering.teardown();
+            }
+            return Err(e.into());
+        }
+
+        let now = Instant::now();
+        // A previous table helps a band that fails only if it has our shape.
+        let shape = generation::Shape {
+            listens: &cfg.listens,
+            band_shift: cfg.band_shift,
+            bands: cfg.bands,
+        };
+        let usable_previous = previous_table.clone().filter(|t| shape.fits(t));
+        let mut master = Master {
+            ports: PortAllocator::new(
+                cfg.port_range.clone(),
+                u32::try_from(generation % 64).unwrap_or(0) * cfg.bands * 2,
+            ),
+            cfg,
+            generation,
+            workers: BTreeMap::new(),
+            steering,
+            table: previous_table.clone(),
+            previous_table: usable_previous,
+            published: false,
+            next_publish_try: now,
+            failures: HashMap::new(),
+            pending_spawns: BTreeMap::new(),
+            next_spawn_at: now,
+            kill_queue: VecDeque::new(),
+            next_kill_at: now,
+            recent_retirements: Vec::new(),
+            crashed_at: HashMap::new(),
+            peers: HashMap::new(),
+            events_tx,
+            events_rx,
+            fresh,
+            created_dir,
+            next_monitor: now,
+            exit: None,
+            _lock: lock,
+        };
+        master.adopt(&found, &processes, previous_table.as_ref());
+        for band in 0..master.cfg.bands {
+            master.pending_spawns.insert(band, now);
+        }
+        log::info!(
+            "cluster {name:?}: generation {generation}: {} workers of `{}` on {}, backend {}",
+            master.cfg.bands,
+            master.command_line(),
+            master
+                .cfg
+                .listens
+                .iter()
+                .map(|l| l.to_string())
+                .collect::<Vec<_>>()
+                .join(" "),
+            master.cfg.backend
+        );
+        Ok(master)
+    }
+
+    fn command_line(&self) -> String {
+        std::iter::once(self.cfg.command.program.display().to_string())
+            .chain(self.cfg.command.args.iter().cloned())
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+
+    /// Take over the previous generations: live if the table in force points at them.
+    fn adopt(
+        &mut self,
+        found: &[adopt::FoundWorker],
+        processes: &ProcessTable,
+        table: Option<&SteeringTable>,
+    ) {
+        let now = Instant::now();
+        for w in found {
+            let ports: Vec<u16> = self.cfg.publics.iter().map(|&p| w.port_for(p)).collect();
+            let in_table = table.is_some_and(|t| {
+                t.services.iter().any(|s| {
+                    s.worker_ports.get(w.band as usize) == Some(&w.port_for(s.listen.port()))
+                })
+            });
+            let age = process_tree::age_secs(w.pid).unwrap_or(0.0);
+            let started_at = now.checked_sub(Duration::from_secs_f64(age)).unwrap_or(now);
+            let state = if in_table {
+                WorkerState::Live
+            } else {
+                WorkerState::Retired
+            };
+            log::info!(
+                "adopted worker {} (band {}, generation {}, port {}) as {}",
+                w.pid,
+                w.band,
+                w.generation,
+                w.port,
+                state_name(state)
+            );
+            self.workers.insert(
+                w.pid,
+                Worker {
+                    pid: w.pid,
+                    band: w.band,
+                    generation: w.generation,
+                    state,
+                    ports,
+                    started_at,
+                    ready: true,
+                    own_child: false,
+                    hello_at: None,
+                    last_ping: None,
+                    busy: false,
+                    retire_requested: false,
+                    retired_at: (!in_table).then_some(now),
+                    idle_since: None,
+                    dying_since: None,
+                    rss: 0,
+                    connections: 0,
+                    nice: processes.get(w.pid).map_or(0, |p| p.nice),
+                    conn: None,
+                    killed: false,
+                },
+            );
+            self.watch(w.pid);
+        }
+    }
+
+    /// Report when `pid` exits (pidfd).
+    fn watch(&self, pid: i32) {
+        let tx = self.events_tx.clone();
+        tokio::spawn(async move {
+            pidfd::exited(pid).await;
+            let _ = tx.send(Event::WorkerExited(pid));
+        });
+    }
+
+    async fn run(&mut self) -> Result<()> {
+        let mut sigterm = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+        let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+        let mut sigusr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
+        let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        while self.exit.is_none() {
+            tokio::select! {
+                _ = sigterm.recv() => self.exit = Some(Exit::Handover("SIGTERM".into())),
+                _ = sigint.recv() => self.exit = Some(Exit::Handover("SIGINT".into())),
+                _ = sighup.recv() => log::info!("SIGHUP ignored (reload = run `ipcluster run` again)"),
+                _ = sigusr1.recv() => {
+                    let n = self.queue_kill_retired();
+                    log::info!("SIGUSR1: killing {n} retired workers");
+                }
+                Some(event) = self.events_rx.recv() => self.handle_event(event),
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        // Let connection tasks write their last replies.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        match self.exit.take() {
+            Some(Exit::Handover(why)) if self.fresh && !self.published => {
+                log::info!(
+                    "master exits ({why}) before the cluster ever served: removing what it created"
+                );
+                self.clean_up_failed_start();
+                Ok(())
+            }
+            Some(Exit::Handover(why)) => {
+                log::info!(
+                    "master exits ({why}); {} workers and the steering stay (`ipcluster stop --name {}` ends them)",
+                    self.workers.len(),
+                    self.cfg.name
+                );
+                Ok(())
+            }
+            Some(Exit::Stopped) | None => Ok(()),
+            Some(Exit::Failed(e)) => {
+                self.clean_up_failed_start();
+                Err(e)
+            }
+        }
+    }
+
+    fn handle_event(&mut self, event: Event) {
+        match event {
+            Event::WorkerExited(pid) => self.on_worker_exit(pid),
+            Event::Control(ControlEvent::Connected {
+                conn,
+                pid,
+                uid,
+                outgoing,
+            }) => {
+                self.peers.insert(
+                    conn,
+                    Peer {
+                        pid,
+                        uid,
+                        outgoing,
+                        worker: None,
+                    },
+                );
+            }
+            Event::Control(ControlEvent::Line { conn, line }) => self.on_line(conn, &line),
+            Event::Control(ControlEvent::Disconnected { conn }) => {
+                if let Some(peer) = self.peers.remove(&conn)
+                    && let Some(w) = peer.worker.and_then(|pid| self.workers.get_mut(&pid))
+                    && w.conn == Some(conn)
+                {
+                    w.conn = None;
+                }
+            }
+        }
+    }
+
+    // ---- spawning and readiness -------------------------------------------------
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        self.spawn_due(now);
+        self.check_starting(now);
+        self.try_publish(now);
+        self.enforce_soft_kill(now);
+        self.kill_next_retired(now);
+        if now >= self.next_monitor {
+            self.next_monitor = now + self.cfg.monitor_interval;
+            self.monitor(now);
+        }
+    }
+
+    fn spawn_due(&mut self, now: Instant) {
+        if now < self.next_spawn_at {
+            return;
+        }
+        let Some((&band, _)) = self.pending_spawns.iter().find(|(_, due)| **due <= now) else {
+            return;
+        };
+        self.pending_spawns.remove(&band);
+        if self.starting_for(band).is_some() {
+            return;
+        }
+        match self.spawn(band) {
+            Ok(pid) => log::info!(
+                "spawned worker {pid} for band {band} (generation {}, port {})",
+                self.generation,
+                self.workers.get(&pid).map_or(0, |w| w.ports[0])
+            ),
+            Err(e) => {
+                log::error!("cannot spawn a worker for band {band}: {e:#}");
+                self.band_failed(band, now, &format!("{e:#}"));
+            }
+        }
+        self.next_spawn_at = now + self.cfg.spawn_delay;
+    }
+
+    /// The worker of this generation starting for `band`, if any.
+    fn starting_for(&self, band: u32) -> Option<i32> {
+        self.workers
+            .values()
+            .find(|w| w.band == band && w.state == WorkerState::Starting)
+            .map(|w| w.pid)
+    }
+
+    fn spawn(&mut self, band: u32) -> Result<i32> {
+        let mut taken: HashSet<u16> = self
+            .workers
+            .values()
+            .flat_map(|w| w.ports.clone())
+            .collect();
+        if let Some(t) = &self.table {
+            taken.extend(
+                t.services
+                    .iter()
+                    .flat_map(|s| s.worker_ports.iter().copied()),
+            );
+        }
+        // port_is_free (a test bind) also refuses ports with TIME_WAIT sockets.
+        let mut ports = Vec::new();
+        for _ in &self.cfg.publics {
+            let port = self.ports.allocate(&taken)?;
+            taken.insert(port);
+            ports.push(port);
+        }
+        let spec = WorkerSpec {
+            cluster: self.cfg.name.clone(),
+            band,
+            bands: self.cfg.bands,
+            generation: self.generation,
+            control_socket: paths::control_socket(&self.cfg.name),
+            ports: self
+                .cfg
+                .publics
+                .iter()
+                .copied()
+                .zip(ports.iter().copied())
+                .collect(),
+        };
+        let pid = spawn::spawn_worker(&self.cfg.command, &spec, self.cfg.run_as.as_ref())?;
+        self.workers.insert(
+            pid,
+            Worker {
+                pid,
+                band,
+                generation: self.generation,
+                state: WorkerState::Starting,
+                ports,
+                started_at: Instant::now(),
+                ready: false,
+                own_child: true,
+                hello_at: None,
+                last_ping: None,
+                busy: false,
+                retire_requested: false,
+                retired_at: None,
+                idle_since: None,
+                dying_since: None,
+                rss: 0,
+                connections: 0,
+                nice: 0,
+                conn: None,
+                killed: false,
+            },
+        );
+        self.watch(pid);
+        Ok(pid)
+    }
+
+    /// Readiness (a LISTEN socket on every port of the worker, owned by its
+    /// process tree) and the connect timeout of starting workers.
+    fn check_starting(&mut self, now: Instant) {
+        let waiting: Vec<i32> = self
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Starting && !w.ready && !w.killed)
+            .map(|w| w.pid)
+            .collect();
+        let promotable: Vec<i32> = self
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Starting && w.ready && self.published)
+            .map(|w| w.pid)
+            .collect();
+        for pid in promotable {
+            self.promote(pid);
+        }
+        if waiting.is_empty() {
+            return;
+        }
+        let (Ok(processes), Ok(sockets)) = (ProcessTable::read(), SocketTable::read()) else {
+            return;
+        };
+        for pid in waiting {
+            let Some(w) = self.workers.get(&pid) else {
+                continue;
+            };
+            let m = process_tree::measure(&processes, &sockets, pid, &w.ports);
+            if m.listening {
+                if let Some(w) = self.workers.get_mut(&pid) {
+                    (w.rss, w.connections, w.nice) = (m.rss, m.connections, m.nice);
+                }
+                self.mark_ready(pid, "listening");
+            } else if now.duration_since(w.started_at) > self.cfg.connect_timeout {
+                let band = w.band;
+                log::warn!(
+                    "worker {pid} (band {band}) is not listening on port {} after {:?}: killing it",
+                    w.ports[0],
+                    self.cfg.connect_timeout
+                );
+                if let Some(w) = self.workers.get_mut(&pid) {
+                    w.killed = true;
+                }
+                kill::signal_worker(pid, Signal::SIGKILL);
+                self.band_failed(band, now, "not ready in time");
+            }
+        }
+    }
+
+    fn mark_ready(&mut self, pid: i32, how: &str) {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if w.ready || w.state != WorkerState::Starting {
+            return;
+        }
+        w.ready = true;
+        let band = w.band;
+        log::info!(
+            "worker {pid} (band {band}, generation {}) is ready ({how} on port {}) after {:?}",
+            w.generation,
+            w.ports[0],
+            w.started_at.elapsed()
+        );
+        self.failures.remove(&band);
+        if self.published {
+            self.promote(pid);
+        }
+    }
+
+    /// A starting worker exited or timed out: try again later (backoff).
+    fn band_failed(&mut self, band: u32, now: Instant, why: &str) {
+        let failures = self.failures.entry(band).or_insert(0);
+        *failures += 1;
+        let failures = *failures;
+        if !self.published && self.previous_table.is_none() && failures >= FRESH_START_ATTEMPTS {
+            self.exit = Some(Exit::Failed(anyhow::anyhow!(
+                "band {band}'s worker failed {failures} times before the cluster ever served ({why}); \
+                 giving up: check the command `{}`",
+                self.command_line()
+            )));
+            return;
+        }
+        let backoff = Duration::from_millis(100)
+            .saturating_mul(1 << failures.min(10))
+            .min(MAX_BACKOFF);
+        log::info!("band {band}: attempt {failures} failed ({why}); next attempt in {backoff:?}");
+        self.pending_spawns.insert(band, now + backoff);
+    }
+
+    // ---- publishing --------------------------------------------------------------
+
+    /// Publish this generation's table when every band is ready, or (with a
+    /// previous table of the same shape) when every band is ready or has failed
+    /// at least once: those keep their old worker for now.
+    fn try_publish(&mut self, now: Instant) {
+        if self.published || now < self.next_publish_try {
+            return;
+        }
+        let ready: BTreeMap<u32, i32> = self
+            .workers
+            .values()
+            .filter(|w| {
+                w.state == WorkerState::Starting && w.ready && w.generation == self.generation
+            })
+            .map(|w| (w.band, w.pid))
+            .collect();
+        let ready_ports: BTreeMap<u32, Vec<u16>> = ready
+            .iter()
+            .filter_map(|(&band, pid)| {
+                Some((band, self.cfg.service_ports(&self.workers.get(pid)?.ports)))
+            })
+            .collect();
+        let shape = generation::Shape {
+            listens: &self.cfg.listens,
+            band_shift: self.cfg.band_shift,
+            bands: self.cfg.bands,
+        };
+        let failures = &self.failures;
+        let table = match generation::table_to_publish(
+            &shape,
+            &ready_ports,
+            |band| failures.get(&band).is_some_and(|&f| f > 0),
+            self.previous_table.as_ref(),
+        ) {
+            Ok(Some(table)) => table,
+            Ok(None) => return,
+            Err(e) => {
+                log::error!(
+                    "the table of generation {} is invalid: {e}",
+                    self.generation
+                );
+                self.next_publish_try = now + Duration::from_secs(1);
+                return;
+            }
+        };
+        let all_ready = ready.len() == self.cfg.bands as usize;
+        let started = Instant::now();
+        if let Err(e) = self.steering.publish(&table) {
+            log::error!(
+                "publishing the table of generation {} failed: {e}; retrying in 1s",
+                self.generation
+            );
+            self.next_publish_try = now + Duration::from_secs(1);
+            return;
+        }
+        log::info!(
+            "published generation {} in {:?}: {}{}",
+            self.generation,
+            started.elapsed(),
+            describe_table(&table),
+            if all_ready {
+                String::new()
+            } else {
+                let kept: Vec<u32> = (0..self.cfg.bands)
+                    .filter(|b| !ready.contains_key(b))
+                    .collect();
+                format!(" (bands {kept:?} keep their previous worker for now)")
+            }
+        );
+        self.table = Some(table);
+        self.published = true;
+        // Measure the new generation at once (status shows it).
+        self.next_monitor = now;
+        for &pid in ready.values() {
+            if let Some(w) = self.workers.get_mut(&pid) {
+                w.state = WorkerState::Live;
+            }
+        }
+        self.retire_unsteered("a new generation took over");
+        if let Err(e) = self.save_state() {
+            log::warn!("{e:#}");
+        }
+    }
+
+    /// A ready worker replaces its band's live worker (crash, health retirement,
+    /// or a band that was late for the generation's table).
+    fn promote(&mut self, pid: i32) {
+        let Some(w) = self.workers.get(&pid) else {
+            return;
+        };
+        let (band, ports) = (w.band, self.cfg.service_ports(&w.ports));
+        for (service, port) in ports.iter().enumerate() {
+            if let Err(e) = self.steering.set_band(service, band, *port) {
+                log::error!("steering band {band} to worker {pid} failed: {e}; will retry");
+                return;
+            }
+            if let Some(t) = &mut self.table
+                && let Err(e) = t.set_band(service, band, *port)
+            {
+                log::warn!("table mirror: {e}");
+            }
+        }
+        if let Some(w) = self.workers.get_mut(&pid) {
+            w.state = WorkerState::Live;
+        }
+        let since = self
+            .crashed_at
+            .remove(&band)
+            .map(|t| format!(" ({:?} after the crash)", t.elapsed()))
+            .unwrap_or_default();
+        log::info!(
+            "band {band} now served by worker {pid} on port {}{since}",
+            ports[0]
+        );
+        let others: Vec<i32> = self
+            .workers
+            .values()
+            .filter(|o| o.pid != pid && o.band == band && o.state == WorkerState::Live)
+            .map(|o| o.pid)
+            .collect();
+        for old in others {
+            self.retire(old, &format!("replaced by worker {pid}"));
+        }
+    }
+
+    /// Retire every live worker that the table in force no longer points at.
+    fn retire_unsteered(&mut self, reason: &str) {
+        let Some(table) = &self.table else { return };
+        let steered: HashSet<u16> = table
+            .services
+            .iter()
+            .flat_map(|s| s.worker_ports.iter().copied())
+            .collect();
+        let unsteered: Vec<i32> = self
+            .workers
+            .values()
+            .filter(|w| {
+                w.state == WorkerState::Live && !w.ports.iter().any(|p| steered.contains(p))
+            })
+            .map(|w| w.pid)
+            .collect();
+        for pid in unsteered {
+            self.retire(pid, reason);
+        }
+    }
+
+    /// Out of the table already: tell the worker, and renice its tree.
+    fn retire(&mut self, pid: i32, reason: &str) {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        w.state = WorkerState::Retired;
+        w.retired_at = Some(Instant::now());
+        let (band, generation, conn) = (w.band, w.generation, w.conn);
+        let reniced = ProcessTable::read()
+            .map(|t| process_tree::renice(&t, &t.tree(pid), self.cfg.retire_renice))
+            .unwrap_or(0);
+        if let Some(conn) = conn {
+            self.send(
+                conn,
+                &MasterMessage::Retire {
+                    reason: reason.into(),
+                },
+            );
+        }
+        log::info!(
+            "retired worker {pid} (band {band}, generation {generation}): {reason}; \
+             reniced +{} ({reniced} threads){}",
+            self.cfg.retire_renice,
+            if conn.is_some() {
+                "; told it to retire"
+            } else {
+                ""
+            }
+        );
+    }
+
+    // ---- exits, dying, killing ---------------------------------------------------
+
+    fn on_worker_exit(&mut self, pid: i32) {
+        let Some(w) = self.workers.remove(&pid) else {
+            return;
+        };
+        let status =
+            if w.own_child { pidfd::reap(pid) } else { None }.unwrap_or_else(|| "exited".into());
+        // Whatever the worker left in its process group is unsupervised now.
+        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        if let Some(conn) = w.conn {
+            self.peers.remove(&conn);
+        }
+        let now = Instant::now();
+        match w.state {
+            WorkerState::Live => {
+                log::warn!(
+                    "live worker {pid} (band {}, generation {}) {status}: replacing it",
+                    w.band,
+                    w.generation
+                );
+                self.crashed_at.insert(w.band, now);
+                if self.starting_for(w.band).is_none() {
+                    self.pending_spawns.insert(w.band, now);
+                    // A crash is not a start-up failure: no backoff, at once.
+                    self.next_spawn_at = self.next_spawn_at.min(now);
+                }
+            }
+            WorkerState::Starting => {
+                log::warn!(
+                    "starting worker {pid} (band {}) {status} before it was ready",
+                    w.band
+                );
+                // A worker killed for its connect timeout was counted already.
+                if !w.killed {
+                    self.band_failed(w.band, now, &status);
+                }
+            }
+            WorkerState::Retired | WorkerState::Dying => log::info!(
+                "{} worker {pid} (band {}, generation {}) {status} after {:?}",
+                state_name(w.state),
+                w.band,
+                w.generation,
+                w.started_at.elapsed()
+            ),
+        }
+    }
+
+    /// SIGTERM (or `die` to a worker that speaks the protocol); SIGKILL follows
+    /// after the soft-kill timeout.
+    fn ask_to_die(&mut self, pid: i32, reason: &str) {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if w.state == WorkerState::Dying {
+            return;
+        }
+        w.state = WorkerState::Dying;
+        w.dying_since = Some(Instant::now());
+        let conn = w.conn;
+        log::info!(
+            "asking worker {pid} (band {}, generation {}, {} connections, rss {} KiB) to die: {reason}",
+            w.band,
+            w.generation,
+            w.connections,
+            w.rss / 1024
+        );
+        match conn {
+            Some(conn) => self.send(
+                conn,
+                &MasterMessage::Die {
+                    reason: reason.into(),
+                },
+            ),
+            None => kill::signal_worker(pid, Signal::SIGTERM),
+        }
+    }
+
+    fn enforce_soft_kill(&mut self, now: Instant) {
+        let late: Vec<i32> = self
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Dying && !w.killed)
+            .filter(|w| {
+                w.dying_since
+                    .is_some_and(|t| now.duration_since(t) > self.cfg.soft_kill_timeout)
+            })
+            .map(|w| w.pid)
+            .collect();
+        for pid in late {
+            log::warn!(
+                "worker {pid} outlived the soft-kill timeout ({:?}): SIGKILL",
+                self.cfg.soft_kill_timeout
+            );
+            kill::signal_worker(pid, Signal::SIGKILL);
+            if let Some(w) = self.workers.get_mut(&pid) {
+                w.killed = true;
+            }
+        }
+    }
+
+    fn queue_kill_retired(&mut self) -> usize {
+        let retired: Vec<i32> = self
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Retired && !self.kill_queue.contains(&w.pid))
+            .map(|w| w.pid)
+            .collect();
+        self.kill_queue.extend(&retired);
+        retired.len()
+    }
+
+    fn kill_next_retired(&mut self, now: Instant) {
+        if now < self.next_kill_at {
+            return;
+        }
+        while let Some(pid) = self.kill_queue.pop_front() {
+            if self
+                .workers
+                .get(&pid)
+                .is_some_and(|w| w.state == WorkerState::Retired)
+            {
+                self.ask_to_die(pid, "kill-retired");
+                self.next_kill_at = now + self.cfg.spawn_delay;
+                return;
+            }
+        }
+    }
+
+    // ---- monitoring and the policy -------------------------------------------
+
+    fn monitor(&mut self, now: Instant) {
+        let (Ok(processes), Ok(sockets)) = (ProcessTable::read(), SocketTable::read()) else {
+            log::warn!("cannot read /proc this time");
+            return;
+        };
+        let mut gone = Vec::new();
+        for w in self.workers.values_mut() {
+            let m = process_tree::measure(&processes, &sockets, w.pid, &w.ports);
+            if !m.alive {
+                gone.push(w.pid);
+                continue;
+            }
+            w.rss = m.rss;
+            w.connections = m.connections;
+            w.nice = m.nice;
+            if matches!(w.state, WorkerState::Retired | WorkerState::Dying) && m.connections == 0 {
+                w.idle_since.get_or_insert(now);
+            } else {
+                w.idle_since = None;
+            }
+        }
+        // A pidfd that could not be opened never fires: /proc has the last word.
+        for pid in gone {
+            if !kill::is_running(pid) {
+                self.on_worker_exit(pid);
+            }
+        }
+        self.recent_retirements
+            .retain(|t| now.duration_since(*t) < self.cfg.policy.retire_window);
+        let snapshot = ClusterSnapshot {
+            now,
+            master_rss: own_rss(),
+            workers: self.workers.values().map(Worker::snapshot).collect(),
+            recent_retirements: self.recent_retirements.clone(),
+        };
+        for action in policy::decide(&snapshot, &self.cfg.policy) {
+            self.carry_out(action, now);
+        }
+    }
+
+    fn carry_out(&mut self, action: Action, now: Instant) {
+        match action {
+            Action::RetireAndReplace { pid, band, reason } => {
+                let Some(w) = self.workers.get(&pid) else {
+                    return;
+                };
+                if w.state != WorkerState::Live || self.starting_for(band).is_some() {
+                    return;
+                }
+                log::info!(
+                    "retiring worker {pid} (band {band}): {reason}; starting its replacement"
+                );
+                self.recent_retirements.push(now);
+                self.pending_spawns.insert(band, now);
+            }
+            Action::AskToDie { pid, reason } => {
+                self.replace_if_live(pid, now);
+                self.ask_to_die(pid, &reason);
+            }
+            Action::Kill { pid, reason } => {
+                self.replace_if_live(pid, now);
+                let Some(w) = self.workers.get_mut(&pid) else {
+                    return;
+                };
+                if w.killed {
+                    return;
+                }
+                log::warn!("killing worker {pid}: {reason}");
+                w.killed = true;
+                w.state = WorkerState::Dying;
+                w.dying_since.get_or_insert(now);
+                kill::signal_worker(pid, Signal::SIGKILL);
+            }
+            Action::Log { message } => log::info!("policy: {message}"),
+        }
+    }
+
+    /// A live worker that is made to exit leaves its band to a replacement.
+    fn replace_if_live(&mut self, pid: i32, now: Instant) {
+        let Some(w) = self.workers.get(&pid) else {
+            return;
+        };
+        if w.state == WorkerState::Live && self.starting_for(w.band).is_none() {
+            log::warn!(
+                "worker {pid} is live: starting a replacement for band {}",
+                w.band
+            );
+            self.crashed_at.insert(w.band, now);
+            self.pending_spawns.insert(w.band, now);
+        }
+    }
+
+    fn save_state(&self) -> Result<()> {
+        let state = ClusterState {
+            name: self.cfg.name.clone(),
+            backend: self.cfg.backend,
+            listens: self.cfg.listens.clone(),
+            bands: self.cfg.bands,
+            band_shift: self.cfg.band_shift,
+            interfaces: self.cfg.interfaces.clone(),
+            flow_entries: self.cfg.flow_entries,
+            generation: self.generation,
+            master_pid: i32::try_from(std::process::id()).unwrap_or(0),
+            soft_kill_timeout_ms: u64::try_from(self.cfg.soft_kill_timeout.as_millis())
+                .unwrap_or(u64::MAX),
+        };
+        state.save(&paths::state_file(&self.cfg.name))?;
+        Ok(())
+    }
+
+    /// A start-up that never served: remove what this master created.
+    fn clean_up_failed_start(&mut self) {
+        let own: Vec<i32> = self
+            .workers
+            .values()
+            .filter(|w| w.own_child)
+            .map(|w| w.pid)
+            .collect();
+        log::warn!("stopping the {} workers this master started", own.len());
+        kill::stop_workers(&own, Duration::from_secs(1));
+        if self.fresh {
+            if let Err(e) = self.steering.teardown() {
+                log::warn!("removing the steering failed: {e}");
+            }
+            if self.created_dir {
+                let _ = std::fs::remove_dir_all(paths::state_dir(&self.cfg.name));
+            }
+        }
+    }
+}
+
+fn state_name(state: WorkerState) -> &'static str {
+    match state {
+        WorkerState::Starting => "starting",
+        WorkerState::Live => "live",
+        WorkerState::Retired => "retired",
+        WorkerState::Dying => "dying",
+    }
+}
+
+/// `127.0.0.1:8080 [20000 20001 …]` per service.
+fn describe_table(table: &SteeringTable) -> String {
+    table
+        .services
+        .iter()
+        .map(|s| {
+            let ports: Vec<String> = s.worker_ports.iter().map(|p| p.to_string()).collect();
+            format!("{} → [{}]", s.listen, ports.join(" "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn own_rss() -> u64 {
+    procfs::process::Process::myself()
+        .and_then(|p| p.stat())
+        .map(|s| s.rss.saturating_mul(procfs::page_size()))
+        .unwrap_or(0)
+}

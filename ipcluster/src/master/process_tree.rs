@@ -1,0 +1,373 @@
+//! What /proc says about workers' process trees: which processes belong to a
+//! worker (its session and its descendants, so `sh -c 'python3 …'` counts),
+//! whether the tree listens on the worker's port (readiness), how many
+//! established connections it holds on that port, and its resident memory.
+
+use std::collections::{HashMap, HashSet};
+
+use procfs::net::TcpState;
+use procfs::process::FDTarget;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("cannot read {what} from /proc: {source}")]
+    Read {
+        what: &'static str,
+        source: procfs::ProcError,
+    },
+}
+
+/// One process, as far as the master cares.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcInfo {
+    pub ppid: i32,
+    pub session: i32,
+    pub rss: u64,
+    pub nice: i64,
+}
+
+/// Every process on the host at one instant.
+#[derive(Clone, Debug, Default)]
+pub struct ProcessTable {
+    procs: HashMap<i32, ProcInfo>,
+    children: HashMap<i32, Vec<i32>>,
+}
+
+impl ProcessTable {
+    pub fn read() -> Result<ProcessTable, ProcError> {
+        let page = procfs::page_size();
+        let all = procfs::process::all_processes().map_err(|source| ProcError::Read {
+            what: "the process list",
+            source,
+        })?;
+        let mut procs = HashMap::new();
+        // Processes come and go while we read: skip the ones that vanished.
+        for process in all.flatten() {
+            if let Ok(stat) = process.stat() {
+                procs.insert(
+                    stat.pid,
+                    ProcInfo {
+                        ppid: stat.ppid,
+                        session: stat.session,
+                        rss: stat.rss.saturating_mul(page),
+                        nice: stat.nice,
+                    },
+                );
+            }
+        }
+        Ok(ProcessTable::from_procs(procs))
+    }
+
+    pub fn from_procs(procs: HashMap<i32, ProcInfo>) -> ProcessTable {
+        let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+        for (&pid, info) in &procs {
+            children.entry(info.ppid).or_default().push(pid);
+        }
+        ProcessTable { procs, children }
+    }
+
+    pub fn get(&self, pid: i32) -> Option<&ProcInfo> {
+        self.procs.get(&pid)
+    }
+
+    pub fn contains(&self, pid: i32) -> bool {
+        self.procs.contains_key(&pid)
+    }
+
+    /// `root`, its descendants, and the members of the session it leads
+    /// (workers are session leaders; a grandchild whose parent died is
+    /// re-parented to init but stays in the session).
+    pub fn tree(&self, root: i32) -> Vec<i32> {
+        if !self.procs.contains_key(&root) {
+            return Vec::new();
+        }
+        let mut seen: HashSet<i32> = HashSet::from([root]);
+        let mut stack = vec![root];
+        for (&pid, info) in &self.procs {
+            if info.session == root && seen.insert(pid) {
+                stack.push(pid);
+            }
+        }
+        while let Some(pid) = stack.pop() {
+            for &child in self.children.get(&pid).into_iter().flatten() {
+                if seen.insert(child) {
+                    stack.push(child);
+                }
+            }
+        }
+        let mut tree: Vec<i32> = seen.into_iter().collect();
+        tree.sort_unstable();
+        tree
+    }
+
+    /// Which of `roots` owns `pid`: `pid` itself, the session it belongs to,
+    /// or its nearest ancestor among `roots`.
+    pub fn owner_of(&self, pid: i32, roots: &HashSet<i32>) -> Option<i32> {
+        if roots.contains(&pid) {
+            return Some(pid);
+        }
+        let info = self.procs.get(&pid)?;
+        if roots.contains(&info.session) {
+            return Some(info.session);
+        }
+        let mut current = info.ppid;
+        for _ in 0..64 {
+            if roots.contains(&current) {
+                return Some(current);
+            }
+            current = self.procs.get(&current)?.ppid;
+            if current <= 1 {
+                return None;
+            }
+        }
+        None
+    }
+
+    /// Resident memory of a set of processes, bytes.
+    pub fn rss(&self, pids: &[i32]) -> u64 {
+        pids.iter()
+            .filter_map(|pid| self.procs.get(pid))
+            .map(|p| p.rss)
+            .sum()
+    }
+}
+
+/// One TCP socket of /proc/net/tcp{,6}.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TcpSocket {
+    pub local_port: u16,
+    pub listening: bool,
+    pub established: bool,
+    pub inode: u64,
+}
+
+/// Every TCP socket of this network namespace (IPv4 and IPv6).
+#[derive(Clone, Debug, Default)]
+pub struct SocketTable {
+    sockets: Vec<TcpSocket>,
+}
+
+impl SocketTable {
+    /// LISTEN and ESTABLISHED sockets: through sock_diag (the kernel filters by
+    /// state), or /proc/net/tcp{,6} when netlink is not available.
+    pub fn read() -> Result<SocketTable, ProcError> {
+        use super::sock_diag::{TCP_ESTABLISHED, TCP_LISTEN, tcp_sockets};
+        match tcp_sockets(&[TCP_LISTEN, TCP_ESTABLISHED]) {
+            Ok(sockets) => Ok(SocketTable { sockets }),
+            Err(e) => {
+                log::debug!("sock_diag failed ({e}); reading /proc/net/tcp");
+                SocketTable::read_procfs()
+            }
+        }
+    }
+
+    /// Every TCP socket, from /proc/net/tcp and /proc/net/tcp6.
+    pub fn read_procfs() -> Result<SocketTable, ProcError> {
+        let mut sockets = Vec::new();
+        let v4 = procfs::net::tcp().map_err(|source| ProcError::Read {
+            what: "/proc/net/tcp",
+            source,
+        })?;
+        // IPv6 may be disabled: then there is no tcp6 table.
+        let v6 = procfs::net::tcp6().unwrap_or_default();
+        for entry in v4.into_iter().chain(v6) {
+            sockets.push(TcpSocket {
+                local_port: entry.local_address.port(),
+                listening: entry.state == TcpState::Listen,
+                established: entry.state == TcpState::Established,
+                inode: entry.inode,
+            });
+        }
+        Ok(SocketTable { sockets })
+    }
+
+    pub fn from_sockets(sockets: Vec<TcpSocket>) -> SocketTable {
+        SocketTable { sockets }
+    }
+
+    /// Does a socket in `inodes` listen on `port`?
+    pub fn listens(&self, inodes: &HashSet<u64>, port: u16) -> bool {
+        self.sockets
+            .iter()
+            .any(|s| s.listening && s.local_port == port && inodes.contains(&s.inode))
+    }
+
+    /// Established sockets in `inodes` whose local port is one of `ports`.
+    pub fn established(&self, inodes: &HashSet<u64>, ports: &[u16]) -> u32 {
+        let count = self
+            .sockets
+            .iter()
+            .filter(|s| s.established && ports.contains(&s.local_port) && inodes.contains(&s.inode))
+            .count();
+        u32::try_from(count).unwrap_or(u32::MAX)
+    }
+}
+
+/// One worker's tree at one instant.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TreeMeasurement {
+    /// Resident memory of the whole tree, bytes.
+    pub rss: u64,
+    /// Established connections on the worker's ports.
+    pub connections: u32,
+    /// The tree listens on every one of the worker's ports.
+    pub listening: bool,
+    /// Nice value of the worker's main process.
+    pub nice: i64,
+    /// The worker (tree root) is still there.
+    pub alive: bool,
+}
+
+/// Measure the tree of worker `pid` serving `ports`.
+pub fn measure(
+    processes: &ProcessTable,
+    sockets: &SocketTable,
+    pid: i32,
+    ports: &[u16],
+) -> TreeMeasurement {
+    let tree = processes.tree(pid);
+    if tree.is_empty() {
+        return TreeMeasurement::default();
+    }
+    let inodes = socket_inodes(&tree);
+    TreeMeasurement {
+        rss: processes.rss(&tree),
+        connections: sockets.established(&inodes, ports),
+        listening: !ports.is_empty() && ports.iter().all(|&p| sockets.listens(&inodes, p)),
+        nice: processes.get(pid).map_or(0, |p| p.nice),
+        alive: true,
+    }
+}
+
+/// The socket inodes that the processes `pids` hold open.
+pub fn socket_inodes(pids: &[i32]) -> HashSet<u64> {
+    let mut inodes = HashSet::new();
+    for &pid in pids {
+        let Ok(process) = procfs::process::Process::new(pid) else {
+            continue;
+        };
+        let Ok(fds) = process.fd() else { continue };
+        for fd in fds.flatten() {
+            if let FDTarget::Socket(inode) = fd.target {
+                inodes.insert(inode);
+            }
+        }
+    }
+    inodes
+}
+
+/// Add `increment` to the nice value of every thread of every process in `pids`
+/// (threads have their own nice value on Linux). Returns the threads changed.
+pub fn renice(table: &ProcessTable, pids: &[i32], increment: i32) -> usize {
+    let mut changed = 0;
+    for &pid in pids {
+        let current = table.get(pid).map_or(0, |p| p.nice);
+        let nice = i32::try_from(current)
+            .unwrap_or(0)
+            .saturating_add(increment)
+            .min(19);
+        let tids: Vec<i32> = procfs::process::Process::new(pid)
+            .and_then(|p| p.tasks())
+            .map(|tasks| tasks.flatten().map(|t| t.tid).collect())
+            .unwrap_or_else(|_| vec![pid]);
+        for tid in tids {
+            let Ok(who) = libc::id_t::try_from(tid) else {
+                continue;
+            };
+            // SAFETY: setpriority only reads its integer arguments.
+            let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, nice) };
+            if rc == 0 {
+                changed += 1;
+            }
+        }
+    }
+    changed
+}
+
+/// Seconds since process `pid` started.
+pub fn age_secs(pid: i32) -> Option<f64> {
+    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    let uptime = std::fs::read_to_string("/proc/uptime").ok()?;
+    let uptime: f64 = uptime.split_whitespace().next()?.parse().ok()?;
+    let ticks = procfs::ticks_per_second() as f64;
+    Some((uptime - stat.starttime as f64 / ticks).max(0.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(ppid: i32, session: i32) -> ProcInfo {
+        ProcInfo {
+            ppid,
+            session,
+            rss: 4096,
+            nice: 0,
+        }
+    }
+
+    #[test]
+    fn tree_follows_children_and_session() {
+        // 100 is a worker (session leader), 101 its shell child, 102 the server the
+        // shell started, 103 an orphan of the session re-parented to init.
+        let table = ProcessTable::from_procs(HashMap::from([
+            (1, info(0, 1)),
+            (100, info(50, 100)),
+            (101, info(100, 100)),
+            (102, info(101, 100)),
+            (103, info(1, 100)),
+            (200, info(1, 200)),
+        ]));
+        assert_eq!(table.tree(100), vec![100, 101, 102, 103]);
+        assert_eq!(table.tree(200), vec![200]);
+        assert!(table.tree(999).is_empty());
+        assert_eq!(table.rss(&table.tree(100)), 4 * 4096);
+        let roots = HashSet::from([100, 200]);
+        assert_eq!(table.owner_of(102, &roots), Some(100));
+        assert_eq!(table.owner_of(103, &roots), Some(100));
+        assert_eq!(table.owner_of(200, &roots), Some(200));
+        assert_eq!(table.owner_of(1, &roots), None);
+        assert_eq!(table.owner_of(4242, &roots), None);
+    }
+
+    #[test]
+    fn listening_and_established_sockets_are_matched_by_inode_and_port() {
+        let sockets = SocketTable::from_sockets(vec![
+            TcpSocket {
+                local_port: 20000,
+                listening: true,
+                established: false,
+                inode: 1,
+            },
+            TcpSocket {
+                local_port: 20000,
+                listening: false,
+                established: true,
+                inode: 2,
+            },
+            TcpSocket {
+                local_port: 20000,
+                listening: false,
+                established: true,
+                inode: 3,
+            },
+            TcpSocket {
+                local_port: 20001,
+                listening: true,
+                established: false,
+                inode: 4,
+            },
+            TcpSocket {
+                local_port: 40000,
+                listening: false,
+                established: true,
+                inode: 5,
+            },
+        ]);
+        let mine = HashSet::from([1, 2, 5]);
+        assert!(sockets.listens(&mine, 20000));
+        assert!(!sockets.listens(&mine, 20001));
+        assert_eq!(sockets.established(&mine, &[20000]), 1);
+        assert_eq!(sockets.established(&HashSet::from([2, 3]), &[20000]), 2);
+    }
+}

@@ -1,0 +1,270 @@
+//! What the master does with what its control-socket peers say: workers'
+//! hello, ping and request_retire (identified by SO_PEERCRED and their process
+//! tree, never by a field in the message), and the operator's status, stop,
+//! kill-retired and shutdown (root or the master's own user only).
+
+use std::collections::HashSet;
+use std::time::Instant;
+
+use anyhow::{Context as _, Result};
+
+use super::process_tree::ProcessTable;
+use super::{Exit, Master, adopt, kill, own_rss};
+use crate::paths;
+use crate::policy::WorkerState;
+use crate::protocol::{
+    AdminReply, AdminRequest, Incoming, MasterMessage, StatusReport, WorkerMessage, WorkerStatus,
+};
+
+impl Master {
+    pub(super) fn send<T: serde::Serialize>(&self, conn: u64, message: &T) {
+        if let (Some(peer), Ok(line)) = (self.peers.get(&conn), serde_json::to_string(message)) {
+            let _ = peer.outgoing.send(line);
+        }
+    }
+
+    pub(super) fn on_line(&mut self, conn: u64, line: &str) {
+        let Some(peer) = self.peers.get(&conn) else {
+            return;
+        };
+        let who = format!(
+            "pid {} uid {}",
+            peer.pid.map_or("?".into(), |p| p.to_string()),
+            peer.uid
+        );
+        match Incoming::parse(line) {
+            Err(e) => {
+                let shown: String = line.chars().take(120).collect();
+                log::warn!("control socket ({who}): {e}; dropped: {shown:?}");
+            }
+            Ok(Incoming::Admin(request)) => {
+                // SAFETY: geteuid has no preconditions.
+                let euid = unsafe { libc::geteuid() };
+                if peer.uid != 0 && peer.uid != euid {
+                    log::warn!("control socket ({who}): {request:?} refused: not root");
+                    self.send(
+                        conn,
+                        &AdminReply::Error {
+                            message: "only root may do this".into(),
+                        },
+                    );
+                    return;
+                }
+                self.on_admin(conn, request);
+            }
+            Ok(Incoming::Worker(message)) => {
+                let worker = match peer.worker {
+                    Some(pid) if self.workers.contains_key(&pid) => Some(pid),
+                    _ => self.identify(peer.pid),
+                };
+                let Some(pid) = worker else {
+                    log::warn!(
+                        "control socket ({who}): not a process of a worker of cluster {:?}; closing the connection",
+                        self.cfg.name
+                    );
+                    self.peers.remove(&conn);
+                    return;
+                };
+                if let Some(peer) = self.peers.get_mut(&conn) {
+                    peer.worker = Some(pid);
+                }
+                self.on_worker_message(conn, pid, message);
+            }
+        }
+    }
+
+    /// Which worker's process tree `pid` belongs to.
+    fn identify(&self, pid: Option<i32>) -> Option<i32> {
+        let pid = pid?;
+        if self.workers.contains_key(&pid) {
+            return Some(pid);
+        }
+        let roots: HashSet<i32> = self.workers.keys().copied().collect();
+        ProcessTable::read().ok()?.owner_of(pid, &roots)
+    }
+
+    fn on_worker_message(&mut self, conn: u64, pid: i32, message: WorkerMessage) {
+        let now = Instant::now();
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        w.conn = Some(conn);
+        match message {
+            WorkerMessage::Hello {
+                band, generation, ..
+            } => {
+                w.hello_at = Some(now);
+                w.last_ping = Some(now);
+                if band != w.band || generation != w.generation {
+                    log::warn!(
+                        "worker {pid} says hello as band {band} generation {generation}, but it is band {} \
+                         generation {}: the master's view wins",
+                        w.band,
+                        w.generation
+                    );
+                }
+                let (state, band, generation) = (w.state, w.band, w.generation);
+                log::debug!("worker {pid} said hello");
+                self.send(
+                    conn,
+                    &MasterMessage::Info {
+                        name: self.cfg.name.clone(),
+                        generation,
+                        band,
+                        workers: self.cfg.bands,
+                    },
+                );
+                match state {
+                    WorkerState::Starting => self.mark_ready(pid, "hello"),
+                    WorkerState::Retired => self.send(
+                        conn,
+                        &MasterMessage::Retire {
+                            reason: "an older generation".into(),
+                        },
+                    ),
+                    WorkerState::Dying => self.send(
+                        conn,
+                        &MasterMessage::Die {
+                            reason: "asked to die".into(),
+                        },
+                    ),
+                    WorkerState::Live => {}
+                }
+            }
+            WorkerMessage::Ping { busy, .. } => {
+                w.last_ping = Some(now);
+                if busy && !w.busy {
+                    log::info!("worker {pid} (band {}) says it is busy", w.band);
+                }
+                w.busy = busy;
+            }
+            WorkerMessage::RequestRetire { reason } => {
+                log::info!(
+                    "worker {pid} (band {}) asks to be retired: {reason}",
+                    w.band
+                );
+                w.retire_requested = true;
+            }
+        }
+    }
+
+    fn on_admin(&mut self, conn: u64, request: AdminRequest) {
+        match request {
+            AdminRequest::Status => {
+                let report = self.status_report();
+                self.send(conn, &report);
+            }
+            AdminRequest::KillRetired => {
+                let n = self.queue_kill_retired();
+                log::info!("kill-retired: asking {n} retired workers to die");
+                self.send(
+                    conn,
+                    &AdminReply::Ok {
+                        message: format!(
+                            "asking {n} retired workers to die, one every {:?}",
+                            self.cfg.spawn_delay
+                        ),
+                    },
+                );
+            }
+            AdminRequest::Shutdown => {
+                log::info!("a new master takes over: exiting without touching workers or steering");
+                self.send(
+                    conn,
+                    &AdminReply::Ok {
+                        message: "the master exits".into(),
+                    },
+                );
+                self.exit = Some(Exit::Handover("a new master took over".into()));
+            }
+            AdminRequest::Stop => {
+                let message = match self.stop_everything() {
+                    Ok(message) => AdminReply::Ok { message },
+                    Err(e) => AdminReply::Error {
+                        message: format!("{e:#}"),
+                    },
+                };
+                self.send(conn, &message);
+                self.exit = Some(Exit::Stopped);
+            }
+        }
+    }
+
+    /// `ipcluster stop`: every worker, the steering, the state directory.
+    fn stop_everything(&mut self) -> Result<String> {
+        let pids: Vec<i32> = self.workers.keys().copied().collect();
+        log::info!(
+            "stopping cluster {:?}: {} workers",
+            self.cfg.name,
+            pids.len()
+        );
+        let killed = kill::stop_workers(&pids, self.cfg.soft_kill_timeout);
+        // Workers of this cluster we did not know of (e.g. spawned by a master that died
+        // while starting them) go too.
+        let strays: Vec<i32> = ProcessTable::read()
+            .map(|t| adopt::find_workers(&self.cfg.name, &t, &[]))
+            .unwrap_or_default()
+            .into_iter()
+            .map(|w| w.pid)
+            .collect();
+        if !strays.is_empty() {
+            kill::stop_workers(&strays, self.cfg.soft_kill_timeout);
+        }
+        self.workers.clear();
+        self.steering
+            .teardown()
+            .with_context(|| format!("removing the {} steering", self.cfg.backend))?;
+        let dir = paths::state_dir(&self.cfg.name);
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        let message = format!(
+            "cluster {:?} stopped: {} workers ended ({killed} needed SIGKILL), steering removed",
+            self.cfg.name,
+            pids.len() + strays.len()
+        );
+        log::info!("{message}");
+        Ok(message)
+    }
+
+    fn status_report(&self) -> StatusReport {
+        let now = Instant::now();
+        let mut workers: Vec<WorkerStatus> = self
+            .workers
+            .values()
+            .map(|w| WorkerStatus {
+                pid: w.pid,
+                band: w.band,
+                generation: w.generation,
+                state: w.state,
+                port: w.ports.first().copied().unwrap_or(0),
+                ports: w.ports.clone(),
+                rss: w.rss,
+                connections: w.connections,
+                uptime: now.duration_since(w.started_at).as_secs(),
+                nice: w.nice,
+                aware: w.hello_at.is_some() || w.last_ping.is_some(),
+                last_ping_ago: w.last_ping.map(|t| now.duration_since(t).as_secs_f64()),
+            })
+            .collect();
+        workers.sort_by_key(|w| (std::cmp::Reverse(w.generation), w.band, w.pid));
+        let counters = self
+            .steering
+            .counters()
+            .map_err(|e| log::debug!("counters: {e}"))
+            .ok();
+        let master_rss = own_rss();
+        StatusReport {
+            name: self.cfg.name.clone(),
+            backend: self.cfg.backend,
+            generation: self.generation,
+            master_pid: i32::try_from(std::process::id()).ok(),
+            listens: self.cfg.listens.clone(),
+            bands: self.cfg.bands,
+            band_shift: self.cfg.band_shift,
+            cluster_rss: master_rss + workers.iter().map(|w| w.rss).sum::<u64>(),
+            workers,
+            table: self.table.clone(),
+            counters,
+            master_rss,
+        }
+    }
+}

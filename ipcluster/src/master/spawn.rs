@@ -1,0 +1,376 @@
+//! Starting a worker: its command line (`{port}`, `{band}` replaced), its
+//! environment (DESIGN.md "Workers"), its own session (so it outlives the
+//! master), its user (groups, then gid, then uid), and free ports for it.
+
+use std::collections::HashSet;
+use std::ffi::CString;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::ops::RangeInclusive;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error(
+        "worker command {0:?} not found: it is neither an executable path nor a program in PATH"
+    )]
+    NotFound(String),
+    #[error("worker command {0:?} is not executable")]
+    NotExecutable(String),
+    #[error("user {0:?} does not exist")]
+    NoSuchUser(String),
+    #[error("cannot look up user {user:?}: {source}")]
+    UserLookup { user: String, source: nix::Error },
+    #[error("cannot start worker {program} for band {band}: {source}")]
+    Start {
+        program: String,
+        band: u32,
+        source: std::io::Error,
+    },
+    #[error("no free port left in {first}-{last}")]
+    NoFreePort { first: u16, last: u16 },
+}
+
+/// The program every worker runs, resolved once at start-up.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerCommand {
+    pub program: PathBuf,
+    /// Arguments with `{port}` and `{band}` still in them.
+    pub args: Vec<String>,
+}
+
+impl WorkerCommand {
+    /// `CMD ARGS` from the command line, or the built-in demo worker
+    /// (this binary's hidden `demo-worker` subcommand) when empty.
+    pub fn from_cli(command: &[String]) -> Result<WorkerCommand, SpawnError> {
+        let Some((program, args)) = command.split_first() else {
+            let exe = std::env::current_exe()
+                .map_err(|_| SpawnError::NotFound("/proc/self/exe".into()))?;
+            return Ok(WorkerCommand {
+                program: exe,
+                args: vec!["demo-worker".into()],
+            });
+        };
+        Ok(WorkerCommand {
+            program: resolve_program(program, std::env::var_os("PATH").as_deref())?,
+            args: args.to_vec(),
+        })
+    }
+
+    /// The arguments for one worker.
+    pub fn args_for(&self, port: u16, band: u32) -> Vec<String> {
+        self.args
+            .iter()
+            .map(|a| {
+                a.replace("{port}", &port.to_string())
+                    .replace("{band}", &band.to_string())
+            })
+            .collect()
+    }
+}
+
+/// Find `program` like a shell would: a path with a slash as is, otherwise
+/// the first executable file of that name in `path`.
+pub fn resolve_program(
+    program: &str,
+    path: Option<&std::ffi::OsStr>,
+) -> Result<PathBuf, SpawnError> {
+    if program.is_empty() {
+        return Err(SpawnError::NotFound(program.into()));
+    }
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return if !p.is_file() {
+            Err(SpawnError::NotFound(program.into()))
+        } else if !is_executable(&p) {
+            Err(SpawnError::NotExecutable(program.into()))
+        } else {
+            Ok(p)
+        };
+    }
+    let path = path.unwrap_or_else(|| std::ffi::OsStr::new("/usr/local/bin:/usr/bin:/bin"));
+    std::env::split_paths(path)
+        .map(|dir| dir.join(program))
+        .find(|candidate| candidate.is_file() && is_executable(candidate))
+        .ok_or_else(|| SpawnError::NotFound(program.into()))
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o111 != 0)
+}
+
+/// Who workers run as (`--user`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunAs {
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+}
+
+impl RunAs {
+    pub fn lookup(name: &str) -> Result<RunAs, SpawnError> {
+        let user = nix::unistd::User::from_name(name)
+            .map_err(|source| SpawnError::UserLookup {
+                user: name.into(),
+                source,
+            })?
+            .ok_or_else(|| SpawnError::NoSuchUser(name.into()))?;
+        let cname = CString::new(name).map_err(|_| SpawnError::NoSuchUser(name.into()))?;
+        let groups = nix::unistd::getgrouplist(&cname, user.gid)
+            .map_err(|source| SpawnError::UserLookup {
+                user: name.into(),
+                source,
+            })?
+            .into_iter()
+            .map(|g| g.as_raw())
+            .collect();
+        Ok(RunAs {
+            name: name.into(),
+            uid: user.uid.as_raw(),
+            gid: user.gid.as_raw(),
+            groups,
+        })
+    }
+}
+
+/// Everything that differs between two workers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerSpec {
+    pub cluster: String,
+    pub band: u32,
+    pub bands: u32,
+    pub generation: u64,
+    pub control_socket: PathBuf,
+    /// (public port, worker port), one per distinct public port; the first is `$PORT`.
+    pub ports: Vec<(u16, u16)>,
+}
+
+impl WorkerSpec {
+    /// The worker's environment (DESIGN.md "Workers").
+    pub fn environment(&self) -> Vec<(String, String)> {
+        let mut env = Vec::new();
+        if let Some((_, first)) = self.ports.first() {
+            env.push(("PORT".into(), first.to_string()));
+        }
+        for (public, local) in &self.ports {
+            env.push((format!("IPCLUSTER_PORT_{public}"), local.to_string()));
+        }
+        env.push(("IPCLUSTER_BAND".into(), self.band.to_string()));
+        env.push(("IPCLUSTER_WORKERS".into(), self.bands.to_string()));
+        env.push(("IPCLUSTER_GENERATION".into(), self.generation.to_string()));
+        env.push(("IPCLUSTER_NAME".into(), self.cluster.clone()));
+        env.push((
+            "IPCLUSTER_CONTROL".into(),
+            self.control_socket.display().to_string(),
+        ));
+        env
+    }
+}
+
+/// Start one worker in its own session; returns its pid. The child is not
+/// waited for here: the master watches it with a pidfd and reaps it.
+pub fn spawn_worker(
+    command: &WorkerCommand,
+    spec: &WorkerSpec,
+    run_as: Option<&RunAs>,
+) -> Result<i32, SpawnError> {
+    let first_port = spec.ports.first().map_or(0, |(_, local)| *local);
+    let mut cmd = Command::new(&command.program);
+    cmd.args(command.args_for(first_port, spec.band))
+        .stdin(Stdio::null())
+        .current_dir("/");
+    // A worker must not inherit another cluster's identity from the master's environment.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("IPCLUSTER_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd.envs(spec.environment());
+    let ids = run_as.map(|r| (r.uid, r.gid, r.groups.clone()));
+    if let Some(r) = run_as
+        && let Some(home) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(r.uid))
+            .ok()
+            .flatten()
+    {
+        cmd.env("HOME", home.dir)
+            .env("USER", &r.name)
+            .env("LOGNAME", &r.name);
+    }
+    // SAFETY: the closure runs in the forked child before exec and only makes
+    // async-signal-safe system calls on data prepared before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some((uid, gid, groups)) = &ids
+                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0)
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|source| SpawnError::Start {
+        program: command.program.display().to_string(),
+        band: spec.band,
+        source,
+    })?;
+    // Dropping `Child` neither kills nor waits: the master reaps by pid.
+    i32::try_from(child.id()).map_err(|_| SpawnError::Start {
+        program: command.program.display().to_string(),
+        band: spec.band,
+        source: std::io::Error::other("pid out of range"),
+    })
+}
+
+/// Hands out worker ports from `--port-range`, walking the range so that a
+/// port freed a moment ago is not handed out again at once.
+#[derive(Clone, Debug)]
+pub struct PortAllocator {
+    range: RangeInclusive<u16>,
+    cursor: u32,
+}
+
+impl PortAllocator {
+    /// `offset` spreads consecutive masters over the range (e.g. the generation).
+    pub fn new(range: RangeInclusive<u16>, offset: u32) -> PortAllocator {
+        let span = u32::from(*range.end() - *range.start()) + 1;
+        PortAllocator {
+            range,
+            cursor: offset % span,
+        }
+    }
+
+    /// The next port that is not in `taken` and that `is_free` accepts.
+    pub fn allocate_with(
+        &mut self,
+        taken: &HashSet<u16>,
+        mut is_free: impl FnMut(u16) -> bool,
+    ) -> Result<u16, SpawnError> {
+        let first = *self.range.start();
+        let span = u32::from(*self.range.end() - first) + 1;
+        for _ in 0..span {
+            let port = first + (self.cursor % span) as u16;
+            self.cursor = (self.cursor + 1) % span;
+            if !taken.contains(&port) && is_free(port) {
+                return Ok(port);
+            }
+        }
+        Err(SpawnError::NoFreePort {
+            first,
+            last: *self.range.end(),
+        })
+    }
+
+    /// Like [`Self::allocate_with`], checking that TCP can bind the port on
+    /// every IPv4 and IPv6 address.
+    pub fn allocate(&mut self, taken: &HashSet<u16>) -> Result<u16, SpawnError> {
+        self.allocate_with(taken, port_is_free)
+    }
+}
+
+/// Nobody is bound to `port` on `0.0.0.0` or `[::]` (IPv6 may be disabled).
+pub fn port_is_free(port: u16) -> bool {
+    if TcpListener::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))).is_err() {
+        return false;
+    }
+    match TcpListener::bind(SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))) {
+        Ok(_) => true,
+        Err(e) => e.kind() != std::io::ErrorKind::AddrInUse,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_replaced() {
+        let c = WorkerCommand {
+            program: "/usr/bin/python3".into(),
+            args: vec![
+                "-m".into(),
+                "http.server".into(),
+                "{port}".into(),
+                "b{band}-{port}".into(),
+            ],
+        };
+        assert_eq!(
+            c.args_for(20001, 3),
+            vec!["-m", "http.server", "20001", "b3-20001"]
+        );
+    }
+
+    #[test]
+    fn environment_names_every_port() {
+        let spec = WorkerSpec {
+            cluster: "chat".into(),
+            band: 2,
+            bands: 4,
+            generation: 9,
+            control_socket: "/run/ipcluster/chat/control.sock".into(),
+            ports: vec![(8080, 20002), (8443, 20003)],
+        };
+        let env = spec.environment();
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("PORT"), Some("20002"));
+        assert_eq!(get("IPCLUSTER_PORT_8080"), Some("20002"));
+        assert_eq!(get("IPCLUSTER_PORT_8443"), Some("20003"));
+        assert_eq!(get("IPCLUSTER_BAND"), Some("2"));
+        assert_eq!(get("IPCLUSTER_WORKERS"), Some("4"));
+        assert_eq!(get("IPCLUSTER_GENERATION"), Some("9"));
+        assert_eq!(get("IPCLUSTER_NAME"), Some("chat"));
+        assert_eq!(
+            get("IPCLUSTER_CONTROL"),
+            Some("/run/ipcluster/chat/control.sock")
+        );
+    }
+
+    #[test]
+    fn programs_are_resolved_in_path() {
+        let path = std::ffi::OsStr::new("/nonexistent:/bin:/usr/bin");
+        assert!(resolve_program("sh", Some(path)).is_ok());
+        assert!(matches!(
+            resolve_program("no-such-program-ipcluster", Some(path)),
+            Err(SpawnError::NotFound(p)) if p == "no-such-program-ipcluster"
+        ));
+        assert!(matches!(
+            resolve_program("/no/such/file", Some(path)),
+            Err(SpawnError::NotFound(_))
+        ));
+        let plain = std::env::temp_dir().join(format!("ipcluster-plain-{}", std::process::id()));
+        std::fs::write(&plain, "not a program").expect("temp file");
+        let shown = plain.display().to_string();
+        assert!(matches!(
+            resolve_program(&shown, Some(path)),
+            Err(SpawnError::NotExecutable(p)) if p == shown
+        ));
+        let _ = std::fs::remove_file(&plain);
+    }
+
+    #[test]
+    fn ports_walk_the_range_and_skip_taken_ones() {
+        let mut ports = PortAllocator::new(100..=103, 1);
+        let taken = HashSet::from([102]);
+        assert_eq!(ports.allocate_with(&taken, |_| true).ok(), Some(101));
+        assert_eq!(ports.allocate_with(&taken, |_| true).ok(), Some(103));
+        assert_eq!(ports.allocate_with(&taken, |p| p != 100).ok(), Some(101));
+        assert!(matches!(
+            ports.allocate_with(&taken, |_| false),
+            Err(SpawnError::NoFreePort {
+                first: 100,
+                last: 103
+            })
+        ));
+    }
+}

@@ -1,0 +1,173 @@
+//! `ipcluster status`: the report as a table for people (the JSON form is
+//! [`StatusReport`] itself), and the report built without a master, from the
+//! state file, /proc and the kernel, when the master is gone.
+
+use std::fmt::Write as _;
+
+use anyhow::{Context as _, Result};
+
+use super::adopt::find_workers;
+use super::process_tree::{self, ProcessTable, SocketTable};
+use super::state::ClusterState;
+use crate::policy::WorkerState;
+use crate::protocol::{StatusReport, WorkerStatus};
+use crate::steering;
+
+/// The table people read.
+pub fn render(report: &StatusReport) -> String {
+    let mut out = String::new();
+    let master = report.master_pid.map_or(
+        "none (traffic keeps flowing; run `ipcluster run` to adopt)".into(),
+        |p| p.to_string(),
+    );
+    let listens: Vec<String> = report.listens.iter().map(|l| l.to_string()).collect();
+    let _ = writeln!(
+        out,
+        "cluster {}  backend {}  generation {}  master {}",
+        report.name, report.backend, report.generation, master
+    );
+    let _ = writeln!(
+        out,
+        "listen {}  bands {}  band shift {}  memory: master {}  cluster {}",
+        listens.join(" "),
+        report.bands,
+        report.band_shift,
+        size(report.master_rss),
+        size(report.cluster_rss)
+    );
+    let _ = writeln!(
+        out,
+        "\n{:>8} {:>5} {:>4} {:<9} {:>6} {:>10} {:>6} {:>8} {:>5}",
+        "PID", "BAND", "GEN", "STATE", "PORT", "RSS", "CONNS", "UPTIME", "NICE"
+    );
+    for w in &report.workers {
+        let state = match w.state {
+            WorkerState::Starting => "starting",
+            WorkerState::Live => "live",
+            WorkerState::Retired => "retired",
+            WorkerState::Dying => "dying",
+        };
+        let _ = writeln!(
+            out,
+            "{:>8} {:>5} {:>4} {:<9} {:>6} {:>10} {:>6} {:>8} {:>5}",
+            w.pid,
+            w.band,
+            w.generation,
+            state,
+            w.port,
+            size(w.rss),
+            w.connections,
+            duration(w.uptime),
+            w.nice
+        );
+    }
+    match &report.table {
+        Some(table) => {
+            let _ = writeln!(out, "\nsteering table (band → worker port):");
+            for service in &table.services {
+                let bands: Vec<String> = service
+                    .worker_ports
+                    .iter()
+                    .enumerate()
+                    .map(|(band, port)| format!("{band}→{port}"))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "  {:<22} {}",
+                    service.listen.to_string(),
+                    bands.join(" ")
+                );
+            }
+        }
+        None => {
+            let _ = writeln!(out, "\nsteering table: none published yet");
+        }
+    }
+    if let Some(c) = &report.counters {
+        let _ = writeln!(
+            out,
+            "counters: steered {}  new flows {}  flow hits {}  table misses {}  egress rewrites {}  passed {}",
+            c.steered, c.new_flows, c.flow_hits, c.table_misses, c.egress_rewrites, c.passed
+        );
+    }
+    out
+}
+
+fn size(bytes: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    if bytes >= 1 << 30 {
+        format!("{:.1}GiB", bytes as f64 / (MIB * 1024.0))
+    } else {
+        format!("{:.1}MiB", bytes as f64 / MIB)
+    }
+}
+
+fn duration(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s => format!("{}h", s / 3600),
+    }
+}
+
+/// The report of a cluster whose master is gone: workers from /proc (live
+/// when the table in force points at them), the table read from the kernel.
+pub fn offline_report(state: &ClusterState) -> Result<StatusReport> {
+    let processes = ProcessTable::read()?;
+    let sockets = SocketTable::read()?;
+    let steering = steering::backend(state.backend, state.steering_config())
+        .with_context(|| format!("opening the {} steering", state.backend))?;
+    let table = steering.read_table().unwrap_or_else(|e| {
+        log::warn!("cannot read the steering table: {e}");
+        None
+    });
+    let counters = steering.counters().ok();
+    let publics = super::public_ports(&state.listens);
+    let live_ports: Vec<u16> = table
+        .iter()
+        .flat_map(|t| {
+            t.services
+                .iter()
+                .flat_map(|s| s.worker_ports.iter().copied())
+        })
+        .collect();
+    let mut workers = Vec::new();
+    for found in find_workers(&state.name, &processes, &[]) {
+        let ports: Vec<u16> = publics.iter().map(|&p| found.port_for(p)).collect();
+        let m = process_tree::measure(&processes, &sockets, found.pid, &ports);
+        let state = if live_ports.contains(&found.port) {
+            WorkerState::Live
+        } else {
+            WorkerState::Retired
+        };
+        workers.push(WorkerStatus {
+            pid: found.pid,
+            band: found.band,
+            generation: found.generation,
+            state,
+            port: found.port,
+            ports,
+            rss: m.rss,
+            connections: m.connections,
+            uptime: process_tree::age_secs(found.pid).unwrap_or(0.0) as u64,
+            nice: m.nice,
+            aware: false,
+            last_ping_ago: None,
+        });
+    }
+    let cluster_rss = workers.iter().map(|w| w.rss).sum();
+    Ok(StatusReport {
+        name: state.name.clone(),
+        backend: state.backend,
+        generation: state.generation,
+        master_pid: None,
+        listens: state.listens.clone(),
+        bands: state.bands,
+        band_shift: state.band_shift,
+        workers,
+        table,
+        counters,
+        master_rss: 0,
+        cluster_rss,
+    })
+}

@@ -1,0 +1,122 @@
+//! End-to-end: crashes. A SIGKILLed live worker is replaced and its band is
+//! served again within 2 s; a SIGKILLed master leaves traffic flowing, and a
+//! new master adopts everything and brings up a new generation.
+//! Root, one test thread: `cargo test -p ipcluster-tests --test master_crash -- --test-threads=1`
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use ipcluster::steering::band_of;
+use ipcluster_tests::cluster::{Cluster, ClusterSpec, demo_get, live_workers, signal, workers_in};
+use ipcluster_tests::unique::{Ports, cluster_name};
+use ipcluster_tests::{loopback_client, loopback_clients};
+
+fn sigkill_live_worker(backend: &str) {
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
+    let cluster = Cluster::start(
+        &cluster_name(&format!("crash-{backend}")),
+        ClusterSpec::demo(backend, 4, listen),
+    );
+    let client = loopback_client(5);
+    let band = band_of(client, 0, 4);
+    let victim = demo_get(client, listen).expect("GET / before the crash");
+    assert_eq!(victim.band, band);
+
+    let killed_at = Instant::now();
+    signal(victim.pid, libc::SIGKILL);
+    let mut failures = 0;
+    let served = loop {
+        match demo_get(client, listen) {
+            Ok(reply) if reply.pid != victim.pid => break reply,
+            Ok(_) => {}
+            Err(_) => failures += 1,
+        }
+        assert!(
+            killed_at.elapsed() < Duration::from_secs(10),
+            "band {band} not served again within 10 s\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let downtime = killed_at.elapsed();
+    println!(
+        "crash ({backend}): band {band} served again by worker {} {downtime:?} after SIGKILL of worker {} \
+         ({failures} failed requests meanwhile)",
+        served.pid, victim.pid
+    );
+    assert!(
+        downtime < Duration::from_secs(2),
+        "band {band} was down for {downtime:?}"
+    );
+    assert_eq!(served.band, band);
+    assert_eq!(
+        served.generation, 1,
+        "a crash replacement belongs to the same generation"
+    );
+    // The other bands never noticed; the status shows the replacement live.
+    let status = cluster.status();
+    let live = live_workers(&status, Some(1));
+    assert_eq!(live.len(), 4, "{status}");
+    assert!(
+        live.iter()
+            .any(|w| w["pid"] == served.pid && w["band"] == band)
+    );
+    assert!(
+        !status
+            .to_string()
+            .contains(&format!("\"pid\":{},", victim.pid)),
+        "{status}"
+    );
+}
+
+fn sigkill_master(backend: &str) {
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
+    let mut cluster = Cluster::start(
+        &cluster_name(&format!("mkill-{backend}")),
+        ClusterSpec::demo(backend, 2, listen),
+    );
+    let first: Vec<_> = loopback_clients(8)
+        .into_iter()
+        .map(|c| demo_get(c, listen).expect("GET / before"))
+        .collect();
+    let master = i32::try_from(cluster.masters[0].id()).unwrap_or(0);
+    signal(master, libc::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !cluster.master_exited(1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(cluster.master_exited(1));
+    // Traffic flows without a master, to the same workers.
+    for (client, before) in loopback_clients(8).into_iter().zip(&first) {
+        let reply = demo_get(client, listen).expect("GET / without a master");
+        assert_eq!(reply.pid, before.pid);
+    }
+    // status still answers, from /proc and the kernel.
+    let offline = cluster.status();
+    assert!(offline["master_pid"].is_null(), "{offline}");
+    assert_eq!(live_workers(&offline, Some(1)).len(), 2, "{offline}");
+
+    // A new master adopts them and brings up generation 2.
+    cluster.start_master();
+    let status = cluster.wait_generation_live(2, Duration::from_secs(30));
+    assert_eq!(workers_in(&status, "retired", Some(1)).len(), 2, "{status}");
+    for client in loopback_clients(8) {
+        assert_eq!(demo_get(client, listen).expect("GET / after").generation, 2);
+    }
+    cluster.stop();
+}
+
+macro_rules! for_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod iptables {
+            $(#[test] fn $test() { super::$test("iptables") })*
+        }
+        mod ebpf {
+            $(#[test] fn $test() { super::$test("ebpf") })*
+        }
+    };
+}
+
+for_both_backends!(sigkill_live_worker, sigkill_master);
