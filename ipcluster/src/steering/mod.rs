@@ -88,6 +88,11 @@ pub enum SteeringError {
     },
     #[error("{0}")]
     Iptables(String),
+    /// `set_band` before any table was published.
+    #[error(
+        "no steering table has been published yet: publish a whole table before setting a band"
+    )]
+    NoTable,
     /// An iptables tool is not installed.
     #[error(
         "`{command}` was not found; the iptables backend needs the Debian package `{package}` \
@@ -141,12 +146,19 @@ pub trait Steering: Send {
     fn publish(&mut self, table: &SteeringTable) -> Result<(), SteeringError>;
 
     /// Point one band of one service at another worker port, leaving the rest.
+    /// Done as a whole-table publish, so it is as atomic as a generation switch
+    /// (and the eBPF backend's previous slot keeps the band's old worker for
+    /// connections whose flow entry was evicted).
     fn set_band(
         &mut self,
         service: usize,
         band: Band,
         worker_port: u16,
-    ) -> Result<(), SteeringError>;
+    ) -> Result<(), SteeringError> {
+        let mut table = self.read_table()?.ok_or(SteeringError::NoTable)?;
+        table.set_band(service, band, worker_port)?;
+        self.publish(&table)
+    }
 
     /// The table currently in force, read back from the kernel.
     fn read_table(&self) -> Result<Option<SteeringTable>, SteeringError>;

@@ -22,7 +22,7 @@ pub use attach::AttachMode;
 pub use maps::SteeringMaps;
 use pins::Existing;
 
-use super::{BackendKind, Band, Counters, Steering, SteeringConfig, SteeringError, SteeringTable};
+use super::{BackendKind, Counters, Steering, SteeringConfig, SteeringError, SteeringTable};
 use crate::paths;
 
 /// The compiled tc programs (built by `build.rs` with aya-build).
@@ -243,22 +243,6 @@ impl Steering for EbpfSteering {
     fn publish(&mut self, table: &SteeringTable) -> Result<(), SteeringError> {
         table.validate()?;
         self.maps_mut()?.publish(table)
-    }
-
-    fn set_band(
-        &mut self,
-        service: usize,
-        band: Band,
-        worker_port: u16,
-    ) -> Result<(), SteeringError> {
-        // A whole-table publish, so the previous slot keeps the band's old
-        // worker for connections whose flow entry was evicted.
-        let maps = self.maps_mut()?;
-        let mut table = maps
-            .read_table()?
-            .ok_or_else(|| SteeringError::Ebpf("set_band before any table was published".into()))?;
-        table.set_band(service, band, worker_port)?;
-        maps.publish(&table)
     }
 
     fn read_table(&self) -> Result<Option<SteeringTable>, SteeringError> {

@@ -29,7 +29,7 @@ use std::collections::BTreeSet;
 
 use self::rules::{Family, band_rule_line, band_rules, jump_lines};
 use self::save::{NatState, parse_nat, table_from_rules};
-use super::{BackendKind, Band, Counters, Steering, SteeringConfig, SteeringError, SteeringTable};
+use super::{BackendKind, Counters, Steering, SteeringConfig, SteeringError, SteeringTable};
 
 pub use self::rules::chain_name;
 
@@ -196,22 +196,6 @@ impl Steering for IptablesSteering {
             }
         }
         Ok(())
-    }
-
-    fn set_band(
-        &mut self,
-        service: usize,
-        band: Band,
-        worker_port: u16,
-    ) -> Result<(), SteeringError> {
-        let mut table = self.read_table()?.ok_or_else(|| {
-            SteeringError::Iptables(format!(
-                "cluster {:?} has no steering table yet: publish one before setting a band",
-                self.config.cluster
-            ))
-        })?;
-        table.set_band(service, band, worker_port)?;
-        self.publish(&table)
     }
 
     fn read_table(&self) -> Result<Option<SteeringTable>, SteeringError> {
