@@ -578,9 +578,14 @@ fn mib(bytes: u64) -> String {
     format!("{mib:.1} MiB")
 }
 
-/// `10.5s`.
+/// `10.5s`, `1.04s`: to the millisecond, but at least one decimal, so that a
+/// breach never reads "1.0s > 1.0s" when it was 1.04 s.
 fn secs(d: Duration) -> String {
-    format!("{:.1}s", d.as_secs_f64())
+    let mut text = format!("{:.3}", d.as_secs_f64());
+    while text.ends_with('0') && !text.ends_with(".0") {
+        text.pop();
+    }
+    format!("{text}s")
 }
 
 #[cfg(test)]
@@ -775,7 +780,7 @@ mod tests {
             Row { name: "hello, no ping, just below the timeout", now: t(s(10) - 1), worker: said_hello(None), expect: None },
             Row { name: "hello, no ping, at the timeout", now: t(s(10)), worker: said_hello(None), expect: None },
             Row { name: "hello, no ping, just above the timeout", now: t(s(10) + 1), worker: said_hello(None),
-                  expect: retire("ping timeout: silent for 10.0s > 10.0s") },
+                  expect: retire("ping timeout: silent for 10.001s > 10.0s") },
             Row { name: "pinged, at the timeout", now: t(s(15)), worker: said_hello(Some(t(s(5)))), expect: None },
             Row { name: "pinged, just above the timeout", now: t(s(15) + 1), worker: said_hello(Some(t(s(5)))),
                   expect: retire("ping timeout") },
@@ -804,13 +809,13 @@ mod tests {
             Row { name: "dying, just below the soft-kill timeout", now: t(s(5) - 1), worker: dying(9, 50, t(0)), expect: None },
             Row { name: "dying, at the soft-kill timeout", now: t(s(5)), worker: dying(9, 50, t(0)), expect: None },
             Row { name: "dying, just above the soft-kill timeout", now: t(s(5) + 1), worker: dying(9, 50, t(0)),
-                  expect: Some((Did::Kill(9), "still running 5.0s after it was asked to die (soft-kill timeout 5.0s)")) },
+                  expect: Some((Did::Kill(9), "still running 5.001s after it was asked to die (soft-kill timeout 5.0s)")) },
             Row { name: "dying without a date is not killed", now: t(s(60)),
                   worker: WorkerSnapshot { dying_since: None, ..dying(9, 50, t(0)) }, expect: None },
             Row { name: "idle, just below", now: t(s(30) - 1), worker: idle(t(0), t(0)), expect: None },
             Row { name: "idle, at", now: t(s(30)), worker: idle(t(0), t(0)), expect: None },
             Row { name: "idle, just above", now: t(s(30) + 1), worker: idle(t(0), t(0)),
-                  expect: Some((Did::AskToDie(9), "retired and idle: no connections for 30.0s > 30.0s")) },
+                  expect: Some((Did::AskToDie(9), "retired and idle: no connections for 30.001s > 30.0s")) },
             Row { name: "idle before retirement counts from the retirement", now: t(s(40)),
                   worker: idle(t(0), t(s(20))), expect: None },
             Row { name: "idle since after retirement", now: t(s(61)), worker: idle(t(s(30)), t(0)),
@@ -850,7 +855,7 @@ mod tests {
                                pid 1 (band 1: low watermark breach: rss 500.0 MiB > limit 448.0 MiB); \
                                the next retirement is allowed in 61.0s") },
             Limit { name: "just before the window passes", recent: ten_at_once.clone(), now: t(s(121) - 1), candidates: 1,
-                    expect: vec![Did::Log], log: Some("allowed in 0.0s") },
+                    expect: vec![Did::Log], log: Some("allowed in 0.001s") },
             Limit { name: "once the window has passed", recent: ten_at_once.clone(), now: t(s(121)), candidates: 1,
                     expect: vec![Did::Retire(1)], log: None },
             Limit { name: "sliding: only the oldest has expired", recent: one_per_second.clone(), now: t(s(121)), candidates: 2,
@@ -1182,6 +1187,28 @@ mod tests {
                 Did::AskToDie(5)
             ],
             "{actions:#?}"
+        );
+    }
+
+    #[test]
+    fn durations_read_to_the_millisecond() {
+        assert_eq!(secs(Duration::from_secs(10)), "10.0s");
+        assert_eq!(secs(Duration::from_millis(1040)), "1.04s");
+        assert_eq!(secs(Duration::from_millis(1043)), "1.043s");
+        assert_eq!(secs(Duration::from_millis(120_500)), "120.5s");
+        assert_eq!(secs(Duration::ZERO), "0.0s");
+        let settings = PolicySettings {
+            ping_timeout: Duration::from_secs(1),
+            ..defaults()
+        };
+        let w = WorkerSnapshot {
+            hello_at: Some(t(0)),
+            last_ping: Some(t(0)),
+            ..live(1)
+        };
+        assert_eq!(
+            silent_past_ping_timeout(&w, &settings, t(1040)).as_deref(),
+            Some("ping timeout: silent for 1.04s > 1.0s")
         );
     }
 

@@ -127,6 +127,23 @@ pub struct WorkerStatus {
     /// Seconds since its last ping, if it pings.
     #[serde(default)]
     pub last_ping_ago: Option<f64>,
+    /// Why it is retired, dying or killed, with the figures the master acted on
+    /// (e.g. `low watermark breach: rss 101.2 MiB > limit 64.0 MiB`).
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// The memory rules in force (`ipcluster run` flags), bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryLimits {
+    /// `--worker-rss-limit`: a live worker above it is retired and replaced.
+    pub worker_rss_limit: u64,
+    /// `--cluster-memory-limit`.
+    pub cluster_memory_limit: u64,
+    /// Above it (80 % of the cluster limit), retired workers are asked to die.
+    pub low_watermark: u64,
+    /// Above it (95 %), retired and dying workers are killed.
+    pub high_watermark: u64,
 }
 
 /// `ipcluster status --json` (field names are a contract, DESIGN.md).
@@ -149,6 +166,9 @@ pub struct StatusReport {
     /// Resident memory of the master and of all workers, bytes.
     pub master_rss: u64,
     pub cluster_rss: u64,
+    /// The limits the master applies; `None` when no master runs.
+    #[serde(default)]
+    pub limits: Option<MemoryLimits>,
 }
 
 #[cfg(test)]

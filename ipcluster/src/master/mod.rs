@@ -61,6 +61,8 @@ const TICK: Duration = Duration::from_millis(20);
 const FRESH_START_ATTEMPTS: u32 = 3;
 /// Longest pause between two attempts of a failing band.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// A policy note of the same shape is written at most this often.
+const POLICY_LOG_REPEAT: Duration = Duration::from_secs(10);
 /// How long a new master waits for the previous one to hand over.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -217,9 +219,24 @@ struct Worker {
     conn: Option<u64>,
     /// SIGKILL was sent (connect timeout, soft-kill timeout or the policy).
     killed: bool,
+    /// Why it is being replaced, retired, asked to die or killed (the latest),
+    /// with the figures acted on; `status` shows it.
+    reason: Option<String>,
 }
 
 impl Worker {
+    /// `band 2, generation 1, 3 connections, rss 101.2 MiB`: the figures logged
+    /// with every action on a worker.
+    fn describe(&self) -> String {
+        format!(
+            "band {}, generation {}, {} connections, rss {:.1} MiB",
+            self.band,
+            self.generation,
+            self.connections,
+            self.rss as f64 / (1024.0 * 1024.0)
+        )
+    }
+
     fn snapshot(&self) -> WorkerSnapshot {
         WorkerSnapshot {
             pid: self.pid,
@@ -281,9 +298,13 @@ struct Master {
     /// Bands to (re)spawn and from when.
     pending_spawns: BTreeMap<u32, Instant>,
     next_spawn_at: Instant,
-    kill_queue: VecDeque<i32>,
+    /// Retired workers to end one by one (SIGUSR1, `kill-retired`), and why.
+    kill_queue: VecDeque<(i32, &'static str)>,
     next_kill_at: Instant,
     recent_retirements: Vec<Instant>,
+    /// The policy's last `Log` (its shape, digits left out) and when it was
+    /// written, and how many like it were left out since.
+    last_policy_log: Option<(String, Instant, u32)>,
     /// Crashed bands and when, to log how long the band went unserved.
     crashed_at: HashMap<u32, Instant>,
     peers: HashMap<u64, Peer>,
@@ -467,6 +488,7 @@ impl Master {
             kill_queue: VecDeque::new(),
             next_kill_at: now,
             recent_retirements: Vec::new(),
+            last_policy_log: None,
             crashed_at: HashMap::new(),
             peers: HashMap::new(),
             events_tx,
@@ -557,6 +579,7 @@ impl Master {
                     nice: processes.get(w.pid).map_or(0, |p| p.nice),
                     conn: None,
                     killed: false,
+                    reason: None,
                 },
             );
             self.watch(w.pid);
@@ -585,8 +608,11 @@ impl Master {
                 _ = sigint.recv() => self.exit = Some(Exit::Handover("SIGINT".into())),
                 _ = sighup.recv() => log::info!("SIGHUP ignored (reload = run `ipcluster run` again)"),
                 _ = sigusr1.recv() => {
-                    let n = self.queue_kill_retired();
-                    log::info!("SIGUSR1: killing {n} retired workers");
+                    let n = self.queue_kill_retired("SIGUSR1: kill the retired workers");
+                    log::info!(
+                        "SIGUSR1: killing {n} retired workers, one every {:?}",
+                        self.cfg.spawn_delay
+                    );
                 }
                 Some(event) = self.events_rx.recv() => self.handle_event(event),
                 _ = tick.tick() => self.on_tick(),
@@ -755,6 +781,7 @@ impl Master {
                 nice: 0,
                 conn: None,
                 killed: false,
+                reason: None,
             },
         );
         self.watch(pid);
@@ -974,7 +1001,11 @@ impl Master {
             .map(|o| o.pid)
             .collect();
         for old in others {
-            self.retire(old, &format!("replaced by worker {pid}"));
+            let why = match self.workers.get(&old).and_then(|o| o.reason.as_deref()) {
+                Some(reason) => format!("{reason}; replaced by worker {pid}"),
+                None => format!("replaced by worker {pid}"),
+            };
+            self.retire(old, &why);
         }
     }
 
@@ -1006,6 +1037,7 @@ impl Master {
         };
         w.state = WorkerState::Retired;
         w.retired_at = Some(Instant::now());
+        w.reason = Some(reason.to_owned());
         let (band, generation, conn) = (w.band, w.generation, w.conn);
         let reniced = ProcessTable::read()
             .map(|t| process_tree::renice(&t, &t.tree(pid), self.cfg.retire_renice))
@@ -1089,13 +1121,16 @@ impl Master {
         }
         w.state = WorkerState::Dying;
         w.dying_since = Some(Instant::now());
+        w.reason = Some(reason.to_owned());
         let conn = w.conn;
         log::info!(
-            "asking worker {pid} (band {}, generation {}, {} connections, rss {} KiB) to die: {reason}",
-            w.band,
-            w.generation,
-            w.connections,
-            w.rss / 1024
+            "asking worker {pid} ({}) to die{}: {reason}",
+            w.describe(),
+            if conn.is_some() {
+                " (`die`)"
+            } else {
+                " (SIGTERM)"
+            }
         );
         match conn {
             Some(conn) => self.send(
@@ -1120,25 +1155,34 @@ impl Master {
             .map(|w| w.pid)
             .collect();
         for pid in late {
-            log::warn!(
-                "worker {pid} outlived the soft-kill timeout ({:?}): SIGKILL",
+            let Some(w) = self.workers.get_mut(&pid) else {
+                continue;
+            };
+            let reason = format!(
+                "still running {:?} after it was asked to die (soft-kill timeout {:?})",
+                w.dying_since
+                    .map_or(Duration::ZERO, |t| now.duration_since(t)),
                 self.cfg.soft_kill_timeout
             );
+            log::warn!("killing worker {pid} ({}): {reason}", w.describe());
+            w.killed = true;
+            w.reason = Some(reason);
             kill::signal_worker(pid, Signal::SIGKILL);
-            if let Some(w) = self.workers.get_mut(&pid) {
-                w.killed = true;
-            }
         }
     }
 
-    fn queue_kill_retired(&mut self) -> usize {
+    /// Queue every retired worker (not queued yet) to be asked to die.
+    fn queue_kill_retired(&mut self, why: &'static str) -> usize {
         let retired: Vec<i32> = self
             .workers
             .values()
-            .filter(|w| w.state == WorkerState::Retired && !self.kill_queue.contains(&w.pid))
+            .filter(|w| {
+                w.state == WorkerState::Retired && !self.kill_queue.iter().any(|(p, _)| *p == w.pid)
+            })
             .map(|w| w.pid)
             .collect();
-        self.kill_queue.extend(&retired);
+        self.kill_queue
+            .extend(retired.iter().map(|&pid| (pid, why)));
         retired.len()
     }
 
@@ -1146,13 +1190,13 @@ impl Master {
         if now < self.next_kill_at {
             return;
         }
-        while let Some(pid) = self.kill_queue.pop_front() {
+        while let Some((pid, why)) = self.kill_queue.pop_front() {
             if self
                 .workers
                 .get(&pid)
                 .is_some_and(|w| w.state == WorkerState::Retired)
             {
-                self.ask_to_die(pid, "kill-retired");
+                self.ask_to_die(pid, why);
                 self.next_kill_at = now + self.cfg.spawn_delay;
                 return;
             }
@@ -1204,15 +1248,22 @@ impl Master {
     fn carry_out(&mut self, action: Action, now: Instant) {
         match action {
             Action::RetireAndReplace { pid, band, reason } => {
-                let Some(w) = self.workers.get(&pid) else {
+                // A replacement already starting, or waiting to (a spawn delay, the
+                // backoff of a failing band), is not a new retirement: it would count
+                // twice against the rate limit and reset the backoff.
+                let replacing =
+                    self.starting_for(band).is_some() || self.pending_spawns.contains_key(&band);
+                let Some(w) = self.workers.get_mut(&pid) else {
                     return;
                 };
-                if w.state != WorkerState::Live || self.starting_for(band).is_some() {
+                if w.state != WorkerState::Live || replacing {
                     return;
                 }
                 log::info!(
-                    "retiring worker {pid} (band {band}): {reason}; starting its replacement"
+                    "retiring worker {pid} ({}): {reason}; starting its replacement",
+                    w.describe()
                 );
+                w.reason = Some(reason);
                 self.recent_retirements.push(now);
                 self.pending_spawns.insert(band, now);
             }
@@ -1228,14 +1279,40 @@ impl Master {
                 if w.killed {
                     return;
                 }
-                log::warn!("killing worker {pid}: {reason}");
+                log::warn!("killing worker {pid} ({}): {reason}", w.describe());
                 w.killed = true;
                 w.state = WorkerState::Dying;
                 w.dying_since.get_or_insert(now);
+                w.reason = Some(reason);
                 kill::signal_worker(pid, Signal::SIGKILL);
             }
-            Action::Log { message } => log::info!("policy: {message}"),
+            Action::Log { message } => self.policy_log(message, now),
         }
+    }
+
+    /// The policy repeats its notes every decision while nothing changes (a
+    /// rate limit holds for minutes): write one, then leave out the ones of the
+    /// same shape (the same text but for figures) for [`POLICY_LOG_REPEAT`].
+    fn policy_log(&mut self, message: String, now: Instant) {
+        let shape: String = message
+            .chars()
+            .filter(|c| !c.is_ascii_digit() && *c != '.')
+            .collect();
+        if let Some((last, at, left_out)) = &mut self.last_policy_log
+            && *last == shape
+            && now.duration_since(*at) < POLICY_LOG_REPEAT
+        {
+            *left_out += 1;
+            return;
+        }
+        let left_out = match self.last_policy_log.take() {
+            Some((last, _, n)) if last == shape && n > 0 => {
+                format!(" ({n} like it in the last {POLICY_LOG_REPEAT:?} not shown)")
+            }
+            _ => String::new(),
+        };
+        log::warn!("policy: {message}{left_out}");
+        self.last_policy_log = Some((shape, now, 0));
     }
 
     /// A live worker that is made to exit leaves its band to a replacement.

@@ -13,7 +13,8 @@ use super::{Exit, Master, adopt, kill, own_rss};
 use crate::paths;
 use crate::policy::WorkerState;
 use crate::protocol::{
-    AdminReply, AdminRequest, Incoming, MasterMessage, StatusReport, WorkerMessage, WorkerStatus,
+    AdminReply, AdminRequest, Incoming, MasterMessage, MemoryLimits, StatusReport, WorkerMessage,
+    WorkerStatus,
 };
 
 impl Master {
@@ -155,7 +156,7 @@ impl Master {
                 self.send(conn, &report);
             }
             AdminRequest::KillRetired => {
-                let n = self.queue_kill_retired();
+                let n = self.queue_kill_retired("`ipcluster kill-retired`");
                 log::info!("kill-retired: asking {n} retired workers to die");
                 self.send(
                     conn,
@@ -243,6 +244,7 @@ impl Master {
                 nice: w.nice,
                 aware: w.hello_at.is_some() || w.last_ping.is_some(),
                 last_ping_ago: w.last_ping.map(|t| now.duration_since(t).as_secs_f64()),
+                reason: w.reason.clone(),
             })
             .collect();
         workers.sort_by_key(|w| (std::cmp::Reverse(w.generation), w.band, w.pid));
@@ -265,6 +267,12 @@ impl Master {
             table: self.table.clone(),
             counters,
             master_rss,
+            limits: Some(MemoryLimits {
+                worker_rss_limit: self.cfg.policy.worker_rss_limit,
+                cluster_memory_limit: self.cfg.policy.cluster_memory_limit,
+                low_watermark: self.cfg.policy.low_watermark(),
+                high_watermark: self.cfg.policy.high_watermark(),
+            }),
         }
     }
 }

@@ -35,9 +35,19 @@ pub fn render(report: &StatusReport) -> String {
         size(report.master_rss),
         size(report.cluster_rss)
     );
+    if let Some(l) = &report.limits {
+        let _ = writeln!(
+            out,
+            "limits: worker rss {}  cluster {} (ask retired workers to die above {}, kill above {})",
+            size(l.worker_rss_limit),
+            size(l.cluster_memory_limit),
+            size(l.low_watermark),
+            size(l.high_watermark)
+        );
+    }
     let _ = writeln!(
         out,
-        "\n{:>8} {:>5} {:>4} {:<9} {:>6} {:>10} {:>6} {:>8} {:>5}",
+        "\n{:>8} {:>5} {:>4} {:<9} {:>6} {:>10} {:>6} {:>8} {:>5}  WHY",
         "PID", "BAND", "GEN", "STATE", "PORT", "RSS", "CONNS", "UPTIME", "NICE"
     );
     for w in &report.workers {
@@ -47,9 +57,8 @@ pub fn render(report: &StatusReport) -> String {
             WorkerState::Retired => "retired",
             WorkerState::Dying => "dying",
         };
-        let _ = writeln!(
-            out,
-            "{:>8} {:>5} {:>4} {:<9} {:>6} {:>10} {:>6} {:>8} {:>5}",
+        let line = format!(
+            "{:>8} {:>5} {:>4} {:<9} {:>6} {:>10} {:>6} {:>8} {:>5}  {}",
             w.pid,
             w.band,
             w.generation,
@@ -58,8 +67,10 @@ pub fn render(report: &StatusReport) -> String {
             size(w.rss),
             w.connections,
             duration(w.uptime),
-            w.nice
+            w.nice,
+            w.reason.as_deref().unwrap_or("")
         );
+        let _ = writeln!(out, "{}", line.trim_end());
     }
     match &report.table {
         Some(table) => {
@@ -153,6 +164,7 @@ pub fn offline_report(state: &ClusterState) -> Result<StatusReport> {
             nice: m.nice,
             aware: false,
             last_ping_ago: None,
+            reason: None,
         });
     }
     let cluster_rss = workers.iter().map(|w| w.rss).sum();
@@ -169,5 +181,6 @@ pub fn offline_report(state: &ClusterState) -> Result<StatusReport> {
         counters,
         master_rss: 0,
         cluster_rss,
+        limits: None,
     })
 }
