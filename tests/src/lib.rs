@@ -43,3 +43,17 @@ pub fn loopback_client(n: u8) -> IpAddr {
 pub fn loopback_clients(count: u8) -> Vec<IpAddr> {
     (0..count).map(|i| loopback_client(2 + i)).collect()
 }
+
+/// Define one `#[test]` per backend for each named function `fn name(backend: &str)`:
+/// `mod iptables { fn name() }` and `mod ebpf { fn name() }`.
+#[macro_export]
+macro_rules! for_both_backends {
+    ($($test:ident),* $(,)?) => {
+        mod iptables {
+            $(#[test] fn $test() { super::$test("iptables") })*
+        }
+        mod ebpf {
+            $(#[test] fn $test() { super::$test("ebpf") })*
+        }
+    };
+}

@@ -172,18 +172,7 @@ fn control_socket_garbage(backend: &str) {
     cluster.stop();
 }
 
-macro_rules! for_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod iptables {
-            $(#[test] fn $test() { super::$test("iptables") })*
-        }
-        mod ebpf {
-            $(#[test] fn $test() { super::$test("ebpf") })*
-        }
-    };
-}
-
-for_both_backends!(
+ipcluster_tests::for_both_backends!(
     bad_input,
     unknown_backend,
     missing_cluster,

@@ -191,18 +191,7 @@ fn workers_run_as_another_user(backend: &str) {
     let _ = IpAddr::from([127, 0, 0, 1]);
 }
 
-macro_rules! for_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod iptables {
-            $(#[test] fn $test() { super::$test("iptables") })*
-        }
-        mod ebpf {
-            $(#[test] fn $test() { super::$test("ebpf") })*
-        }
-    };
-}
-
-for_both_backends!(
+ipcluster_tests::for_both_backends!(
     sticky_64_clients,
     python_http_server,
     shell_wrapped_server,

@@ -108,15 +108,4 @@ fn sigkill_master(backend: &str) {
     cluster.stop();
 }
 
-macro_rules! for_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod iptables {
-            $(#[test] fn $test() { super::$test("iptables") })*
-        }
-        mod ebpf {
-            $(#[test] fn $test() { super::$test("ebpf") })*
-        }
-    };
-}
-
-for_both_backends!(sigkill_live_worker, sigkill_master);
+ipcluster_tests::for_both_backends!(sigkill_live_worker, sigkill_master);

@@ -1055,18 +1055,7 @@ fn master_supervising_64_workers() {
     assert!(workers_in(&status, "retired", None).is_empty(), "{status}");
 }
 
-macro_rules! for_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod iptables {
-            $(#[test] fn $test() { super::$test("iptables") })*
-        }
-        mod ebpf {
-            $(#[test] fn $test() { super::$test("ebpf") })*
-        }
-    };
-}
-
-for_both_backends!(rss_limit_replaces_the_worker);
+ipcluster_tests::for_both_backends!(rss_limit_replaces_the_worker);
 
 mod ebpf_only {
     #[test]

@@ -313,18 +313,7 @@ fn failed_band_keeps_old_worker(backend: &str) {
     cluster.stop();
 }
 
-macro_rules! for_both_backends {
-    ($($test:ident),* $(,)?) => {
-        mod iptables {
-            $(#[test] fn $test() { super::$test("iptables") })*
-        }
-        mod ebpf {
-            $(#[test] fn $test() { super::$test("ebpf") })*
-        }
-    };
-}
-
-for_both_backends!(
+ipcluster_tests::for_both_backends!(
     reload_under_load,
     reload_twice,
     failed_band_keeps_old_worker
