@@ -161,6 +161,58 @@ pub fn two_services(factory: Factory) {
     assert_none_wrong("second service", &mismatches(&table, 1, &clients, 1));
 }
 
+/// Keep every connection of `open` echoing on a background thread while
+/// `table` is published, until `rounds_after` full rounds have passed after the
+/// publish (20 s at most). Returns what went wrong: empty means no connection
+/// was reset or stalled across the flip.
+pub fn echo_across_publish(
+    steering: &mut dyn Steering,
+    open: &mut [Conversation],
+    table: &SteeringTable,
+    rounds_after: u64,
+) -> Vec<String> {
+    let flipped = AtomicBool::new(false);
+    let after_flip = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        let talker = s.spawn(|| {
+            let mut errors = Vec::new();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            let mut round = 0u64;
+            while after_flip.load(Ordering::Relaxed) < rounds_after && Instant::now() < deadline {
+                let was_flipped = flipped.load(Ordering::Acquire);
+                for conv in open.iter_mut() {
+                    if let Err(e) = conv.echo(&format!("round {round} from {}", conv.source())) {
+                        errors.push(format!("{} round {round}: {e}", conv.source()));
+                    }
+                }
+                if was_flipped {
+                    after_flip.fetch_add(1, Ordering::Relaxed);
+                }
+                round += 1;
+                if !errors.is_empty() {
+                    break;
+                }
+            }
+            if after_flip.load(Ordering::Relaxed) < rounds_after && errors.is_empty() {
+                errors.push(format!(
+                    "the connections did not finish {rounds_after} rounds after the flip"
+                ));
+            }
+            errors
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let published = steering.publish(table);
+        flipped.store(true, Ordering::Release);
+        let mut errors = talker
+            .join()
+            .unwrap_or_else(|_| vec!["talker panicked".into()]);
+        if let Err(e) = published {
+            errors.push(format!("publish the new table: {e}"));
+        }
+        errors
+    })
+}
+
 /// 32 long-lived connections keep exchanging data while a table with new
 /// worker ports is published: zero resets, each stays on its old worker, and
 /// new connections after the flip reach the new workers.
@@ -189,44 +241,7 @@ pub fn flip_under_open_connections(factory: Factory) {
         );
     }
 
-    // Keep every connection busy in the background while the flip happens.
-    let flipped = AtomicBool::new(false);
-    let after_flip = AtomicU64::new(0);
-    let errors = std::thread::scope(|s| {
-        let talker = s.spawn(|| {
-            let mut errors = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let mut round = 0u64;
-            // Run until 5 full rounds have happened after the flip.
-            while after_flip.load(Ordering::Relaxed) < 5 && Instant::now() < deadline {
-                let was_flipped = flipped.load(Ordering::Acquire);
-                for conv in open.iter_mut() {
-                    if let Err(e) = conv.echo(&format!("round {round} from {}", conv.source())) {
-                        errors.push(format!("{} round {round}: {e}", conv.source()));
-                    }
-                }
-                if was_flipped {
-                    after_flip.fetch_add(1, Ordering::Relaxed);
-                }
-                round += 1;
-                if !errors.is_empty() {
-                    break;
-                }
-            }
-            if after_flip.load(Ordering::Relaxed) < 5 && errors.is_empty() {
-                errors.push("the connections did not finish 5 rounds after the flip".into());
-            }
-            errors
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        let published = steering.publish(&new);
-        flipped.store(true, Ordering::Release);
-        let errors = talker
-            .join()
-            .unwrap_or_else(|_| vec!["talker panicked".into()]);
-        published.expect("publish the new table");
-        errors
-    });
+    let errors = echo_across_publish(steering.as_mut(), &mut open, &new, 5);
     assert_none_wrong("open connections across the flip", &errors);
 
     assert_none_wrong(

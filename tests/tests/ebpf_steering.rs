@@ -8,7 +8,6 @@ mod ebpf_support;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::process::Command;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ebpf_support::{ebpf, leftovers};
@@ -17,7 +16,9 @@ use ipcluster::steering::ebpf::{AttachMode, EbpfSteering, SteeringMaps};
 use ipcluster::steering::{Steering, SteeringConfig, SteeringError, SteeringTable, band_of};
 use ipcluster_common::{LAYOUT_VERSION, Meta, map_names};
 use ipcluster_tests::client::{Conversation, worker_port_from};
-use ipcluster_tests::conformance::{assert_none_wrong, mismatches, teardown_guard, test_config};
+use ipcluster_tests::conformance::{
+    assert_none_wrong, echo_across_publish, mismatches, teardown_guard, test_config,
+};
 use ipcluster_tests::guard::Defer;
 use ipcluster_tests::unique::{Ports, cluster_name};
 use ipcluster_tests::worker::Worker;
@@ -132,42 +133,7 @@ fn flip_under_open_connections(what: &str, flow_entries: u32) -> ipcluster::stee
         );
     }
 
-    let flipped = AtomicBool::new(false);
-    let rounds_after = AtomicU64::new(0);
-    let errors = std::thread::scope(|s| {
-        let talker = s.spawn(|| {
-            let mut errors = Vec::new();
-            let deadline = Instant::now() + Duration::from_secs(20);
-            let mut round = 0u64;
-            while rounds_after.load(Ordering::Relaxed) < 10 && Instant::now() < deadline {
-                let was_flipped = flipped.load(Ordering::Acquire);
-                for conv in open.iter_mut() {
-                    if let Err(e) = conv.echo(&format!("round {round}")) {
-                        errors.push(format!("{} round {round}: {e}", conv.source()));
-                    }
-                }
-                if was_flipped {
-                    rounds_after.fetch_add(1, Ordering::Relaxed);
-                }
-                round += 1;
-                if !errors.is_empty() {
-                    break;
-                }
-            }
-            if errors.is_empty() && rounds_after.load(Ordering::Relaxed) < 10 {
-                errors.push("fewer than 10 rounds after the flip".into());
-            }
-            errors
-        });
-        std::thread::sleep(Duration::from_millis(50));
-        let published = steering.publish(&new);
-        flipped.store(true, Ordering::Release);
-        let errors = talker
-            .join()
-            .unwrap_or_else(|_| vec!["talker panicked".into()]);
-        published.expect("publish the new table");
-        errors
-    });
+    let errors = echo_across_publish(steering.as_mut(), &mut open, &new, 10);
     assert_none_wrong("open connections across the flip", &errors);
     assert_none_wrong(
         "new connections after the flip",
