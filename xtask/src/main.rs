@@ -35,15 +35,20 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<OsString>,
     },
-    /// Setup, then the whole suite: fmt and clippy checks, unit tests, then the root
-    /// tests (kernel, iptables, end-to-end) on one thread.
-    /// Measure steering cost against a direct connection, iptables, HAProxy and nginx
-    /// stream; writes target/bench/report.md and target/bench/chart.svg. Needs root.
+    /// Build, then measure steering cost against a direct connection, iptables, HAProxy
+    /// and nginx stream (installs nginx, haproxy, wrk when missing); writes
+    /// target/bench/report.md and target/bench/chart.svg and prints the table. Needs root.
     Bench {
-        /// A shorter run (one round, 2 s per measurement), under 2 minutes.
+        /// A shorter run (two rounds of 1 s per measurement): under 2 minutes, builds not counted.
         #[arg(long)]
         quick: bool,
+        /// Only these paths in cases 1 and 2 (comma-separated: direct, ebpf, iptables,
+        /// haproxy, nginx). Default: all.
+        #[arg(long, value_delimiter = ',')]
+        paths: Vec<String>,
     },
+    /// Setup, then the whole suite: fmt and clippy checks, unit tests, then the root
+    /// tests (kernel, iptables, end-to-end) on one thread.
     Test {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
@@ -212,9 +217,15 @@ fn main() -> Result<()> {
         Task::Build => build(&root).map(|bin| say("build", &format!("built {}", bin.display()))),
         Task::Run { args } => run(&root, args),
         Task::Test { no_lint, filter } => test(&root, no_lint, filter),
-        Task::Bench { quick } => {
+        Task::Bench { quick, paths } => {
+            let paths = bench::parse_paths(&paths)?;
             let bin = build(&root)?;
-            bench::bench(&bench::BenchOptions { quick, bin, root })
+            bench::bench(&bench::BenchOptions {
+                quick,
+                bin,
+                root,
+                paths,
+            })
         }
     }
 }

@@ -32,6 +32,19 @@ pub struct LoadSpec {
     pub sources: Vec<IpAddr>,
     pub connections: usize,
     pub duration: Duration,
+    /// At most one request per connection slot every `pace` (None: back to back).
+    pub pace: Option<Duration>,
+    /// When set, each source connects straight to the port of its band
+    /// (`ports[low bits of the address & (len-1)]`) instead of `target`'s port:
+    /// the spread steering would give, without steering (the baseline).
+    pub band_ports: Option<Vec<u16>>,
+}
+
+/// When an answer was first and last received.
+#[derive(Clone, Copy, Debug)]
+pub struct Seen {
+    pub first: Instant,
+    pub last: Instant,
 }
 
 /// What one run saw.
@@ -40,10 +53,15 @@ pub struct LoadResult {
     pub requests: u64,
     pub failures: u64,
     pub elapsed: Duration,
-    /// Per-request latencies in microseconds (sampled: every request).
+    /// Per-request latencies in microseconds (every request).
     pub latencies_us: Vec<u32>,
-    /// For each source address, the distinct response bodies (first line) seen.
+    /// For each source address, the distinct answers (the body's first line
+    /// without the `client=` token, which names the client port) seen.
     pub answers_by_source: BTreeMap<IpAddr, BTreeMap<String, u64>>,
+    /// For each distinct answer, when it was first and last received.
+    pub seen: BTreeMap<String, Seen>,
+    /// Failures by kind (connect refused, reset, timeout, …).
+    pub error_kinds: BTreeMap<String, u64>,
 }
 
 impl LoadResult {
@@ -68,6 +86,26 @@ impl LoadResult {
             .count()
     }
 
+    /// The largest number of distinct `band=` values one source was answered
+    /// with (1 = every source stayed on its band; answers without `band=` count as 1).
+    pub fn bands_per_source_max(&self) -> usize {
+        self.answers_by_source
+            .values()
+            .map(|answers| {
+                let bands: std::collections::BTreeSet<&str> = answers
+                    .keys()
+                    .map(|a| {
+                        a.split_whitespace()
+                            .find(|t| t.starts_with("band="))
+                            .unwrap_or("")
+                    })
+                    .collect();
+                bands.len()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Requests per distinct answer (the band spread).
     pub fn spread(&self) -> BTreeMap<String, u64> {
         let mut spread = BTreeMap::new();
@@ -83,6 +121,18 @@ impl LoadResult {
         self.requests += other.requests;
         self.failures += other.failures;
         self.latencies_us.extend(other.latencies_us);
+        for (answer, seen) in other.seen {
+            self.seen
+                .entry(answer)
+                .and_modify(|s| {
+                    s.first = s.first.min(seen.first);
+                    s.last = s.last.max(seen.last);
+                })
+                .or_insert(seen);
+        }
+        for (kind, n) in other.error_kinds {
+            *self.error_kinds.entry(kind).or_default() += n;
+        }
         for (src, answers) in other.answers_by_source {
             let mine = self.answers_by_source.entry(src).or_default();
             for (a, n) in answers {
@@ -139,11 +189,35 @@ fn read_response(stream: &mut TcpStream, buf: &mut Vec<u8>, until_eof: bool) -> 
         anyhow::bail!("non-200 response");
     }
     let body = &buf[head_end + 4..];
-    Ok(String::from_utf8_lossy(body)
-        .lines()
-        .next()
-        .unwrap_or("")
-        .to_owned())
+    let first = String::from_utf8_lossy(body);
+    let first = first.lines().next().unwrap_or("");
+    // The demo worker names the client port: drop it, it differs per connection.
+    Ok(first
+        .split_whitespace()
+        .filter(|t| !t.starts_with("client="))
+        .collect::<Vec<_>>()
+        .join(" "))
+}
+
+/// A short name for what went wrong with one request.
+fn error_kind(e: &anyhow::Error) -> String {
+    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        return match io.kind() {
+            std::io::ErrorKind::ConnectionRefused => "connection refused".into(),
+            std::io::ErrorKind::ConnectionReset => "connection reset".into(),
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => "timeout".into(),
+            std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse => {
+                "no local port".into()
+            }
+            kind => format!("{kind:?}"),
+        };
+    }
+    let text = e.to_string();
+    if text.contains("incomplete") {
+        "closed before a full response".into()
+    } else {
+        text
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -153,6 +227,13 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
 fn worker(spec: LoadSpec, index: usize, stop: Arc<AtomicBool>) -> LoadResult {
     let source = (!spec.sources.is_empty()).then(|| spec.sources[index % spec.sources.len()]);
     let key = source.unwrap_or(IpAddr::from([0, 0, 0, 0]));
+    let target = match (&spec.band_ports, key) {
+        (Some(ports), IpAddr::V4(v4)) if ports.len().is_power_of_two() => {
+            let band = (u32::from(v4) as usize) & (ports.len() - 1);
+            SocketAddr::new(spec.target.ip(), ports[band])
+        }
+        _ => spec.target,
+    };
     let mut result = LoadResult::default();
     let mut buf = Vec::with_capacity(8192);
     let timeout = Duration::from_secs(5);
@@ -167,7 +248,7 @@ fn worker(spec: LoadSpec, index: usize, stop: Arc<AtomicBool>) -> LoadResult {
         let started = Instant::now();
         let outcome = (|| -> Result<String> {
             if conn.is_none() {
-                let s = connect_from(source, spec.target, timeout)?;
+                let s = connect_from(source, target, timeout)?;
                 s.set_read_timeout(Some(timeout))?;
                 s.set_nodelay(true)?;
                 conn = Some(s);
@@ -179,8 +260,21 @@ fn worker(spec: LoadSpec, index: usize, stop: Arc<AtomicBool>) -> LoadResult {
         match outcome {
             Ok(answer) => {
                 result.requests += 1;
-                let us = u32::try_from(started.elapsed().as_micros()).unwrap_or(u32::MAX);
+                let now = Instant::now();
+                let us = u32::try_from((now - started).as_micros()).unwrap_or(u32::MAX);
                 result.latencies_us.push(us);
+                match result.seen.get_mut(&answer) {
+                    Some(seen) => seen.last = now,
+                    None => {
+                        result.seen.insert(
+                            answer.clone(),
+                            Seen {
+                                first: now,
+                                last: now,
+                            },
+                        );
+                    }
+                }
                 *result
                     .answers_by_source
                     .entry(key)
@@ -188,13 +282,21 @@ fn worker(spec: LoadSpec, index: usize, stop: Arc<AtomicBool>) -> LoadResult {
                     .entry(answer)
                     .or_default() += 1;
             }
-            Err(_) => {
+            Err(e) => {
                 result.failures += 1;
+                *result.error_kinds.entry(error_kind(&e)).or_default() += 1;
                 conn = None;
             }
         }
         if close {
             conn = None;
+        }
+        if let Some(pace) = spec.pace {
+            let next = started + pace;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
         }
     }
     result

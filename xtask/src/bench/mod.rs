@@ -3,8 +3,9 @@
 //! Every path to the same kind of nginx worker runs in a fresh network namespace
 //! (conntrack and TIME_WAIT state of one path cannot tax another), the paths are
 //! interleaved and their order reversed every other round, and every figure is
-//! reported as the median with its spread, beside CPU per request from /proc/stat
-//! (steal excluded), as ratios to the direct connection measured in the same run.
+//! reported as the median with its spread, beside CPU per request (the path's
+//! own processes and ksoftirqd, so that other work on a shared machine does not
+//! count), as ratios to the direct connection measured in the same run.
 
 mod env;
 mod load;
@@ -16,19 +17,26 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Command,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 
 use crate::{is_root, run_checked, say};
-use env::{Netns, cpu_sample};
+use env::{Netns, PathCpu, cpu_sample};
 use load::{LoadSpec, Mode};
 pub use report::Figures;
 
 const PUBLIC_PORT: u16 = 8080;
 const BACKEND_PORT: u16 = 21000;
 const WORK_DIR: &str = "/tmp/ipcluster-bench";
+/// Reload under paced load: each of the 32 client slots opens at most one
+/// connection per 10 ms (≤ 3200 connections/s).
+const RELOAD_PACE: Duration = Duration::from_millis(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum PathKind {
@@ -73,6 +81,26 @@ pub struct BenchOptions {
     pub quick: bool,
     pub bin: PathBuf,
     pub root: PathBuf,
+    /// The paths of cases 1 and 2.
+    pub paths: Vec<PathKind>,
+}
+
+/// `--paths direct,ebpf,…` (empty: all of them).
+pub fn parse_paths(names: &[String]) -> Result<Vec<PathKind>> {
+    if names.is_empty() {
+        return Ok(PathKind::ALL.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| {
+            PathKind::ALL
+                .into_iter()
+                .find(|k| k.short() == n.trim())
+                .with_context(|| {
+                    format!("unknown path {n:?}: use direct, ebpf, iptables, haproxy, nginx")
+                })
+        })
+        .collect()
 }
 
 struct Settings {
@@ -92,20 +120,47 @@ struct Stand {
 impl Drop for Stand {
     fn drop(&mut self) {
         if let Some(name) = &self.cluster {
-            let _ = self
-                .ns
-                .command(&self.bin)
-                .args(["stop", "--name", name])
-                .output();
+            stop_cluster(&self.ns, &self.bin, name);
         }
+    }
+}
+
+impl Stand {
+    /// The steering counters of an ipcluster path (`status --json`), if any.
+    fn counters(&self) -> Option<serde_json::Value> {
+        let name = self.cluster.as_ref()?;
+        let status = status_json(&self.ns, &self.bin, name).ok()?;
+        let counters = status.get("counters")?.clone();
+        (!counters.is_null()).then_some(counters)
+    }
+}
+
+/// `ipcluster stop` inside the namespace (ends the workers, removes steering).
+fn stop_cluster(ns: &Netns, bin: &Path, name: &str) {
+    match ns.command(bin).args(["stop", "--name", name]).output() {
+        Ok(o) if o.status.success() => {}
+        Ok(o) => say(
+            "bench",
+            &format!(
+                "ipcluster stop --name {name}: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            ),
+        ),
+        Err(e) => say("bench", &format!("ipcluster stop --name {name}: {e}")),
     }
 }
 
 fn write_worker_files() -> Result<PathBuf> {
     let dir = PathBuf::from(WORK_DIR);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Logs of an earlier run would be mistaken for this one's.
+    for entry in fs::read_dir(&dir)?.flatten() {
+        if entry.path().extension().is_some_and(|e| e == "log") {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
     let conf = "daemon off;\nmaster_process off;\nworker_processes 1;\npid @DIR@/nginx-@PORT@.pid;\n\
-                error_log stderr warn;\nevents { worker_connections 8192; }\n\
+                error_log stderr warn;\nworker_rlimit_nofile 16384;\nevents { worker_connections 8192; }\n\
                 http {\n  access_log off;\n  keepalive_requests 10000000;\n  default_type text/plain;\n\
                 \x20 server {\n    listen 127.0.0.1:@PORT@;\n    location / { return 200 \"$server_port\\n\"; }\n  }\n}\n";
     fs::write(
@@ -134,7 +189,7 @@ fn stand_up(
     opts: &BenchOptions,
     worker_script: &Path,
 ) -> Result<Stand> {
-    let mut ns = Netns::create(&format!("ipcb-{}-{tag}", kind.short()))?;
+    let mut ns = Netns::create(&format!("{}{}-{tag}", env::PREFIX, kind.short()))?;
     let log =
         |what: &str| PathBuf::from(WORK_DIR).join(format!("{}-{tag}-{what}.log", kind.short()));
     let start_backends = |ns: &mut Netns| -> Result<()> {
@@ -148,7 +203,6 @@ fn stand_up(
         }
         Ok(())
     };
-    let mut cluster = None;
     let port = match kind {
         PathKind::Direct => {
             start_backends(&mut ns)?;
@@ -174,7 +228,8 @@ fn stand_up(
         PathKind::NginxStream => {
             start_backends(&mut ns)?;
             let mut cfg = format!(
-                "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nworker_processes 1;\n\
+                "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\ndaemon off;\nmaster_process off;\n\
+                 worker_processes 1;\nworker_rlimit_nofile 16384;\n\
                  pid {WORK_DIR}/stream-{tag}.pid;\nerror_log stderr warn;\nevents {{ worker_connections 8192; }}\n\
                  stream {{\n  upstream workers {{\n    hash $remote_addr consistent;\n"
             );
@@ -193,7 +248,7 @@ fn stand_up(
             PUBLIC_PORT
         }
         PathKind::Ebpf | PathKind::Iptables => {
-            let name = format!("ipcb-{}-{tag}", kind.short());
+            let name = format!("{}{}-{tag}", env::PREFIX, kind.short());
             let backend = if kind == PathKind::Ebpf {
                 "ebpf"
             } else {
@@ -218,22 +273,29 @@ fn stand_up(
             .arg(worker_script)
             .arg("{port}");
             ns.spawn(c, &log("master"))?;
-            cluster = Some(name.clone());
+            // From here on, a failure still stops the cluster (Stand's drop).
+            let stand = Stand {
+                ns,
+                port: PUBLIC_PORT,
+                cluster: Some(name.clone()),
+                bin: opts.bin.clone(),
+            };
             wait_cluster_live(
-                &ns,
+                &stand.ns,
                 &opts.bin,
                 &name,
                 workers.into(),
                 Duration::from_secs(30),
             )?;
-            PUBLIC_PORT
+            stand.ns.wait_port(PUBLIC_PORT, Duration::from_secs(10))?;
+            return Ok(stand);
         }
     };
     ns.wait_port(port, Duration::from_secs(10))?;
     Ok(Stand {
         ns,
         port,
-        cluster,
+        cluster: None,
         bin: opts.bin.clone(),
     })
 }
@@ -268,28 +330,35 @@ fn wait_cluster_live(
     name: &str,
     workers: usize,
     timeout: Duration,
-) -> Result<()> {
+) -> Result<serde_json::Value> {
     let deadline = Instant::now() + timeout;
+    let mut last;
     loop {
-        if let Ok(s) = status_json(ns, bin, name)
-            && live_workers(&s, None) >= workers
-        {
-            return Ok(());
+        match status_json(ns, bin, name) {
+            Ok(s) if live_workers(&s, None) >= workers && !s["table"].is_null() => return Ok(s),
+            Ok(s) => last = format!("{} live", live_workers(&s, None)),
+            Err(e) => last = format!("{e:#}"),
         }
         if Instant::now() > deadline {
-            bail!("cluster {name} did not get {workers} live workers within {timeout:?}");
+            bail!(
+                "cluster {name} did not get {workers} live workers within {timeout:?} (last: {last})"
+            );
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-/// Run wrk inside the namespace; returns (requests/s, p50 ms, p99 ms, requests).
-fn wrk(
-    ns: &Netns,
-    port: u16,
-    new_connections: bool,
-    duration: Duration,
-) -> Result<(f64, f64, f64, f64)> {
+/// What one wrk run reported.
+struct WrkResult {
+    rate: f64,
+    p50: f64,
+    p99: f64,
+    requests: f64,
+    errors: u64,
+}
+
+/// Run wrk inside the namespace.
+fn wrk(ns: &Netns, port: u16, new_connections: bool, duration: Duration) -> Result<WrkResult> {
     let mut c = ns.command("wrk");
     c.args(["-t1", "-c32", "--latency", "-d"])
         .arg(format!("{}s", duration.as_secs().max(1)))
@@ -302,7 +371,14 @@ fn wrk(
     if !out.status.success() {
         bail!("wrk failed: {}", String::from_utf8_lossy(&out.stderr));
     }
-    report::parse_wrk(&text)
+    let (rate, p50, p99, requests) = report::parse_wrk(&text)?;
+    Ok(WrkResult {
+        rate,
+        p50,
+        p99,
+        requests,
+        errors: report::parse_wrk_errors(&text),
+    })
 }
 
 fn sources(n: u8) -> Vec<IpAddr> {
@@ -318,112 +394,55 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         );
     }
     install_tools()?;
-    let settings = if opts.quick {
-        Settings {
-            rounds: 1,
-            duration: Duration::from_secs(2),
-            master_watch: Duration::from_secs(10),
+    // Ctrl-C / SIGTERM: finish the current measurement, then clean up as usual.
+    env::catch_interrupts();
+    let swept = env::sweep(&opts.bin);
+    if !swept.is_empty() {
+        say(
+            "bench",
+            &format!("removed leftovers of an earlier run: {}", swept.join("; ")),
+        );
+    }
+    // Built before the clock starts: build time is not part of the wall time.
+    say(
+        "bench",
+        "building the bench_scale root test (cargo test --no-run --release)",
+    );
+    let scale_test = build_scale_test(opts);
+    let result = (|| -> Result<Figures> {
+        let worker_script = write_worker_files()?;
+        run_cases(opts, &worker_script, scale_test)
+    })();
+    // Whatever happened above: nothing of the benchmark stays behind.
+    let swept = env::sweep(&opts.bin);
+    let left = env::leftovers();
+    let mut figures = match result {
+        Ok(figures) => figures,
+        Err(e) if left.is_empty() => {
+            say("bench", "stopped; everything it started is removed");
+            return Err(e);
         }
-    } else {
-        Settings {
-            rounds: 3,
-            duration: Duration::from_secs(10),
-            master_watch: Duration::from_secs(60),
-        }
+        Err(e) => return Err(e.context(format!("and it left behind: {}", left.join("; ")))),
     };
-    let worker_script = write_worker_files()?;
-    let started = Instant::now();
-    let mut figures = Figures::default();
-    figures.machine = report::describe_machine();
-
-    // Cases 1 and 2: every path, interleaved, order reversed every other round.
-    for round in 0..settings.rounds {
-        let mut order = PathKind::ALL.to_vec();
-        if !round.is_multiple_of(2) {
-            order.reverse();
-        }
-        for kind in order {
-            say(
-                "bench",
-                &format!("round {}/{}: {}", round + 1, settings.rounds, kind.label()),
-            );
-            let result = (|| -> Result<()> {
-                let stand = stand_up(kind, 1, &format!("r{round}"), opts, &worker_script)?;
-                for new_conn in [false, true] {
-                    let before = cpu_sample()?;
-                    let (rate, p50, p99, requests) =
-                        wrk(&stand.ns, stand.port, new_conn, settings.duration)?;
-                    let after = cpu_sample()?;
-                    figures.add_single(
-                        kind,
-                        new_conn,
-                        rate,
-                        p50,
-                        p99,
-                        before.busy_us_until(&after) / requests.max(1.0),
-                        before.steal_pct_until(&after),
-                    );
-                }
-                drop(stand);
-                let stand = stand_up(kind, 4, &format!("m{round}"), opts, &worker_script)?;
-                for mode in [Mode::KeepAlive, Mode::NewConnection] {
-                    let spec = LoadSpec {
-                        target: SocketAddr::from(([127, 0, 0, 1], stand.port)),
-                        mode,
-                        sources: sources(64),
-                        connections: 64,
-                        duration: settings.duration,
-                    };
-                    let before = cpu_sample()?;
-                    let mut r = stand.ns.enter(move || load::run(&spec))?;
-                    let after = cpu_sample()?;
-                    let cpu = before.busy_us_until(&after) / (r.requests.max(1) as f64);
-                    figures.add_many(kind, mode == Mode::NewConnection, &mut r, cpu);
-                }
-                Ok(())
-            })();
-            if let Err(e) = result {
-                say("bench", &format!("{} failed: {e:#}", kind.label()));
-                figures
-                    .errors
-                    .push(format!("{} (round {}): {e:#}", kind.label(), round + 1));
+    figures.cleanup = if swept.is_empty() && left.is_empty() {
+        "after the run: no namespace, process, state or pin folder, or iptables rule of the \
+         benchmark is left (checked)"
+            .into()
+    } else {
+        format!(
+            "after the run the sweep had to remove: {}; still left: {}",
+            if swept.is_empty() {
+                "nothing".into()
+            } else {
+                swept.join("; ")
+            },
+            if left.is_empty() {
+                "nothing".into()
+            } else {
+                left.join("; ")
             }
-        }
-    }
-
-    // Case 3: reload under load, both backends, the demo worker (it reports its generation).
-    for backend in ["ebpf", "iptables"] {
-        say("bench", &format!("reload under load, {backend} backend"));
-        match reload_under_load(opts, backend, settings.duration) {
-            Ok(r) => figures.reloads.push(r),
-            Err(e) => figures.errors.push(format!("reload ({backend}): {e:#}")),
-        }
-    }
-
-    // Case 4: scale.
-    say(
-        "bench",
-        "scale: table publish, per-packet cost, flow memory (root test bench_scale)",
-    );
-    match scale_figures(opts) {
-        Ok(lines) => figures.scale.extend(lines),
-        Err(e) => figures.errors.push(format!("scale: {e:#}")),
-    }
-    say(
-        "bench",
-        &format!(
-            "scale: master CPU and RSS with 64 workers for {:?}",
-            settings.master_watch
-        ),
-    );
-    match master_cost(opts, settings.master_watch) {
-        Ok(line) => figures.scale.push(line),
-        Err(e) => figures
-            .errors
-            .push(format!("master with 64 workers: {e:#}")),
-    }
-
-    figures.wall = started.elapsed();
+        )
+    };
     let out_dir = opts.root.join("target").join("bench");
     fs::create_dir_all(&out_dir)?;
     let md = figures.markdown(opts.quick);
@@ -434,7 +453,249 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         "bench",
         &format!("wrote {0}/report.md and {0}/chart.svg", out_dir.display()),
     );
+    if !left.is_empty() {
+        bail!("the benchmark left things behind: {}", left.join("; "));
+    }
     Ok(())
+}
+
+fn run_cases(
+    opts: &BenchOptions,
+    worker_script: &Path,
+    scale_test: Result<PathBuf>,
+) -> Result<Figures> {
+    let settings = if opts.quick {
+        Settings {
+            rounds: 2,
+            duration: Duration::from_secs(1),
+            master_watch: Duration::from_secs(5),
+        }
+    } else {
+        Settings {
+            rounds: 5,
+            duration: Duration::from_secs(4),
+            master_watch: Duration::from_secs(30),
+        }
+    };
+    let started = Instant::now();
+    let mut figures = Figures::default();
+    figures.machine = report::describe_machine();
+    figures.load_before = env::load_average();
+    figures.rounds = settings.rounds;
+    figures.duration = settings.duration;
+    let machine_before = cpu_sample()?;
+
+    // Cases 1 and 2: every path stood up at once (each in its own namespace),
+    // then measured in alternation, path order rotated every round, so that a
+    // change in the machine's background load falls on every path alike.
+    for workers in [1u16, 4] {
+        measure_paths(opts, worker_script, &settings, workers, &mut figures);
+        env::check_interrupted()?;
+    }
+
+    // Case 3: reload under load, both backends, the demo worker (it reports its generation).
+    for pace in [Some(RELOAD_PACE), None] {
+        for backend in ["ebpf", "iptables"] {
+            let load = if pace.is_some() {
+                "paced"
+            } else {
+                "saturating"
+            };
+            say(
+                "bench",
+                &format!("reload under {load} load, {backend} backend"),
+            );
+            match reload_under_load(opts, backend, pace) {
+                Ok(r) => figures.reloads.push(r),
+                Err(e) => figures
+                    .errors
+                    .push(format!("reload ({backend}, {load} load): {e:#}")),
+            }
+        }
+    }
+
+    env::check_interrupted()?;
+    // Case 4: scale.
+    say(
+        "bench",
+        "scale: table publish, per-packet cost, flow memory (root test bench_scale)",
+    );
+    match scale_test.and_then(|exe| scale_figures(&exe)) {
+        Ok(lines) => figures.scale.extend(lines),
+        Err(e) => figures.errors.push(format!("scale: {e:#}")),
+    }
+    say(
+        "bench",
+        &format!(
+            "scale: master CPU and RSS with 64 workers for {:?}",
+            settings.master_watch
+        ),
+    );
+    env::check_interrupted()?;
+    match master_cost(opts, settings.master_watch) {
+        Ok(line) => figures.scale.push(line),
+        Err(e) => figures
+            .errors
+            .push(format!("master with 64 workers: {e:#}")),
+    }
+
+    let machine_after = cpu_sample()?;
+    figures.steal_overall = machine_before.steal_pct_until(&machine_after);
+    figures.load_after = env::load_average();
+    figures.wall = started.elapsed();
+    Ok(figures)
+}
+
+/// One measurement of one path: wrk with one worker (case 1), the own load
+/// generator from 64 addresses with four (case 2).
+fn measure_once(
+    kind: PathKind,
+    stand: &Stand,
+    workers: u16,
+    new_conn: bool,
+    duration: Duration,
+    figures: &mut Figures,
+) -> Result<()> {
+    let many = workers > 1;
+    let counters_before = stand.counters();
+    let path_before = PathCpu::sample(&stand.ns);
+    let before = cpu_sample()?;
+    if many {
+        let spec = LoadSpec {
+            target: SocketAddr::from(([127, 0, 0, 1], stand.port)),
+            mode: if new_conn {
+                Mode::NewConnection
+            } else {
+                Mode::KeepAlive
+            },
+            sources: sources(64),
+            connections: 64,
+            duration,
+            pace: None,
+            band_ports: (kind == PathKind::Direct).then(|| backend_ports(workers)),
+        };
+        let mut r = stand.ns.enter(move || load::run(&spec))?;
+        let after = cpu_sample()?;
+        let path_after = PathCpu::sample(&stand.ns);
+        let requests = r.requests.max(1) as f64;
+        let by_role = path_before.breakdown_until(&path_after);
+        let cpu: f64 = by_role.values().sum();
+        figures.add_many(
+            kind,
+            new_conn,
+            &mut r,
+            cpu / requests,
+            before.busy_us_until(&after) / requests,
+            before.steal_pct_until(&after),
+        );
+        figures.add_breakdown(kind, new_conn, true, &by_role, requests);
+        figures.add_counters(kind, many, &counters_before, &stand.counters());
+        figures.add_background(
+            before.busy_us_until(&after),
+            cpu,
+            before.total_us_until(&after),
+        );
+    } else {
+        let w = wrk(&stand.ns, stand.port, new_conn, duration)?;
+        let after = cpu_sample()?;
+        let path_after = PathCpu::sample(&stand.ns);
+        let requests = w.requests.max(1.0);
+        let by_role = path_before.breakdown_until(&path_after);
+        let cpu: f64 = by_role.values().sum();
+        figures.add_single(
+            kind,
+            new_conn,
+            report::Sample {
+                rate: w.rate,
+                p50: w.p50,
+                p99: w.p99,
+                cpu_us: cpu / requests,
+                machine_us: before.busy_us_until(&after) / requests,
+                steal: before.steal_pct_until(&after),
+                errors: w.errors,
+            },
+        );
+        figures.add_breakdown(kind, new_conn, false, &by_role, requests);
+        figures.add_counters(kind, many, &counters_before, &stand.counters());
+        figures.add_background(
+            before.busy_us_until(&after),
+            cpu,
+            before.total_us_until(&after),
+        );
+    }
+    Ok(())
+}
+
+/// Stand every path up with `workers` workers, measure them round by round in
+/// alternation, then tear them all down.
+fn measure_paths(
+    opts: &BenchOptions,
+    worker_script: &Path,
+    settings: &Settings,
+    workers: u16,
+    figures: &mut Figures,
+) {
+    let tag = format!("w{workers}");
+    let mut stands = Vec::new();
+    for &kind in &opts.paths {
+        say(
+            "bench",
+            &format!("{workers} worker(s): standing up {}", kind.label()),
+        );
+        match stand_up(kind, workers, &tag, opts, worker_script) {
+            Ok(stand) => stands.push((kind, stand)),
+            Err(e) => {
+                say("bench", &format!("{} failed: {e:#}", kind.label()));
+                figures
+                    .errors
+                    .push(format!("{} with {workers} worker(s): {e:#}", kind.label()));
+            }
+        }
+    }
+    let what = if workers > 1 {
+        "64 addresses, own load generator"
+    } else {
+        "wrk -t1 -c32"
+    };
+    for round in 0..settings.rounds {
+        let mut order: Vec<usize> = (0..stands.len()).collect();
+        if !order.is_empty() {
+            order.rotate_left(round % stands.len());
+        }
+        if !round.is_multiple_of(2) {
+            order.reverse();
+        }
+        for new_conn in [false, true] {
+            let mode = if new_conn { "new conn" } else { "keep-alive" };
+            for &i in &order {
+                if env::interrupted() {
+                    break;
+                }
+                let (kind, stand) = &stands[i];
+                say(
+                    "bench",
+                    &format!(
+                        "round {}/{}, {what}, {mode}: {}",
+                        round + 1,
+                        settings.rounds,
+                        kind.label()
+                    ),
+                );
+                if let Err(e) =
+                    measure_once(*kind, stand, workers, new_conn, settings.duration, figures)
+                {
+                    say("bench", &format!("{} failed: {e:#}", kind.label()));
+                    figures.errors.push(format!(
+                        "{} ({what}, {mode}, round {}): {e:#}",
+                        kind.label(),
+                        round + 1
+                    ));
+                }
+            }
+        }
+    }
+    say("bench", &format!("{workers} worker(s): tearing down"));
+    drop(stands);
 }
 
 fn install_tools() -> Result<()> {
@@ -471,17 +732,32 @@ fn install_tools() -> Result<()> {
                 "wrk",
             ])
             .env("DEBIAN_FRONTEND", "noninteractive"),
-    )
+    )?;
+    // The Debian packages start system services; the benchmark runs its own.
+    for service in ["nginx", "haproxy"] {
+        let _ = Command::new("sh")
+            .args([
+                "-c",
+                &format!(
+                    "systemctl stop {service} 2>/dev/null || service {service} stop 2>/dev/null"
+                ),
+            ])
+            .status();
+    }
+    Ok(())
 }
 
-/// Reload a demo cluster while 32 client addresses open connections continuously.
+/// Reload a demo cluster while 32 client addresses open connections
+/// continuously: start a second `ipcluster run` with the same name, watch the
+/// switch from the master's status and from the clients' answers, keep the
+/// load on for 2 s after the switch.
 fn reload_under_load(
     opts: &BenchOptions,
     backend: &str,
-    duration: Duration,
+    pace: Option<Duration>,
 ) -> Result<report::Reload> {
-    let mut ns = Netns::create(&format!("ipcb-reload-{backend}"))?;
-    let name = format!("ipcb-reload-{backend}");
+    let mut ns = Netns::create(&format!("{}reload-{backend}", env::PREFIX))?;
+    let name = format!("{}reload-{backend}", env::PREFIX);
     let workers = 4usize;
     let master = |ns: &mut Netns, what: &str| -> Result<()> {
         let mut c = ns.command(&opts.bin);
@@ -500,64 +776,133 @@ fn reload_under_load(
             &PathBuf::from(WORK_DIR).join(format!("reload-{backend}-{what}.log")),
         )
     };
-    master(&mut ns, "first")?;
-    wait_cluster_live(&ns, &opts.bin, &name, workers, Duration::from_secs(30))?;
-    let first_gen = status_json(&ns, &opts.bin, &name)?["generation"]
-        .as_u64()
-        .context("no generation in status")?;
-    let spec = LoadSpec {
-        target: SocketAddr::from(([127, 0, 0, 1], PUBLIC_PORT)),
-        mode: Mode::NewConnection,
-        sources: sources(32),
-        connections: 32,
-        duration: duration.max(Duration::from_secs(4)) + Duration::from_secs(4),
-    };
-    let load = {
-        let spec = spec.clone();
-        let path = PathBuf::from("/run/netns").join(&ns.name);
-        std::thread::spawn(move || -> Result<load::LoadResult> {
-            let file = fs::File::open(&path)?;
-            nix::sched::setns(
-                std::os::fd::AsFd::as_fd(&file),
-                nix::sched::CloneFlags::CLONE_NEWNET,
-            )?;
-            Ok(load::run(&spec))
+    let result = (|| -> Result<report::Reload> {
+        master(&mut ns, "first")?;
+        let first = wait_cluster_live(&ns, &opts.bin, &name, workers, Duration::from_secs(30))?;
+        let first_gen = first["generation"]
+            .as_u64()
+            .context("no generation in status")?;
+        ns.wait_port(PUBLIC_PORT, Duration::from_secs(10))?;
+        let spec = LoadSpec {
+            target: SocketAddr::from(([127, 0, 0, 1], PUBLIC_PORT)),
+            mode: Mode::NewConnection,
+            sources: sources(32),
+            connections: 32,
+            duration: Duration::from_secs(60),
+            pace,
+            band_ports: None,
+        };
+        let stop_at: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+        let give_up = Arc::new(AtomicBool::new(false));
+        let load = {
+            let (stop_at, give_up) = (Arc::clone(&stop_at), Arc::clone(&give_up));
+            ns.enter_thread(move || {
+                load::run_until(&spec, |started| {
+                    give_up.load(Ordering::Relaxed)
+                        || started.elapsed() > spec.duration
+                        || stop_at
+                            .lock()
+                            .ok()
+                            .and_then(|s| *s)
+                            .is_some_and(|t| Instant::now() >= t)
+                })
+            })?
+        };
+        std::thread::sleep(Duration::from_secs(2));
+        let reload_started = Instant::now();
+        let waited = (|| -> Result<(Duration, u64)> {
+            master(&mut ns, "second")?;
+            let deadline = reload_started + Duration::from_secs(45);
+            loop {
+                if let Ok(s) = status_json(&ns, &opts.bin, &name)
+                    && let Some(g) = s["generation"].as_u64()
+                    && g > first_gen
+                    && live_workers(&s, Some(g)) >= workers
+                    && s["table"]["services"][0]["worker_ports"]
+                        .as_array()
+                        .is_some_and(|ports| {
+                            let live: Vec<u64> = s["workers"]
+                                .as_array()
+                                .into_iter()
+                                .flatten()
+                                .filter(|w| w["generation"].as_u64() == Some(g))
+                                .filter_map(|w| w["port"].as_u64())
+                                .collect();
+                            ports
+                                .iter()
+                                .all(|p| p.as_u64().is_some_and(|p| live.contains(&p)))
+                        })
+                {
+                    return Ok((reload_started.elapsed(), g));
+                }
+                if Instant::now() > deadline {
+                    bail!("the new generation was not steered to within 45 s");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })();
+        match &waited {
+            Ok(_) => {
+                if let Ok(mut s) = stop_at.lock() {
+                    *s = Some(Instant::now() + Duration::from_secs(2));
+                }
+            }
+            Err(_) => give_up.store(true, Ordering::Relaxed),
+        }
+        let result = load
+            .join()
+            .map_err(|_| anyhow::anyhow!("load thread panicked"))?
+            .context("load thread did not run")?;
+        let (switch_time, new_gen) = waited?;
+        // Client side: when each band first answered from the new generation,
+        // and the last time any band answered from an old one.
+        let since_reload = |t: Instant| t.saturating_duration_since(reload_started);
+        let mut first_new_by_band = std::collections::BTreeMap::new();
+        let mut last_old: Option<Instant> = None;
+        for (answer, seen) in &result.seen {
+            let field = |k: &str| {
+                answer
+                    .split_whitespace()
+                    .find_map(|t| t.strip_prefix(k))
+                    .and_then(|v| v.parse::<u64>().ok())
+            };
+            let (Some(band), Some(generation)) = (field("band="), field("generation=")) else {
+                continue;
+            };
+            if generation >= new_gen {
+                let e = first_new_by_band.entry(band).or_insert(seen.first);
+                *e = (*e).min(seen.first);
+            } else {
+                last_old = Some(last_old.map_or(seen.last, |l: Instant| l.max(seen.last)));
+            }
+        }
+        let clients_switched = (first_new_by_band.len() == workers)
+            .then(|| first_new_by_band.values().map(|t| since_reload(*t)).max())
+            .flatten();
+        Ok(report::Reload {
+            backend: backend.to_owned(),
+            load: match pace {
+                Some(p) => format!(
+                    "paced, {:.0} conn/s",
+                    result.rate().min(32.0 / p.as_secs_f64())
+                ),
+                None => format!("saturating, {:.0} conn/s", result.rate()),
+            },
+            attempted: result.requests + result.failures,
+            failed: result.failures,
+            switch_time,
+            clients_switched,
+            last_old_answer: last_old.map(since_reload),
+            bands_per_source_max: result.bands_per_source_max(),
+            error_kinds: result.error_kinds.clone(),
         })
-    };
-    std::thread::sleep(Duration::from_secs(2));
-    let reload_started = Instant::now();
-    master(&mut ns, "second")?;
-    let deadline = reload_started + Duration::from_secs(60);
-    let switched = loop {
-        if let Ok(s) = status_json(&ns, &opts.bin, &name)
-            && s["generation"].as_u64().is_some_and(|g| g > first_gen)
-            && live_workers(&s, s["generation"].as_u64()) >= workers
-        {
-            break reload_started.elapsed();
-        }
-        if Instant::now() > deadline {
-            bail!("the new generation did not become live within 60 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let result = load
-        .join()
-        .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
-    let _ = ns
-        .command(&opts.bin)
-        .args(["stop", "--name", &name])
-        .output();
-    Ok(report::Reload {
-        backend: backend.to_owned(),
-        attempted: result.requests + result.failures,
-        failed: result.failures,
-        switch_time: switched,
-        unsticky: result.unsticky_sources(),
-    })
+    })();
+    stop_cluster(&ns, &opts.bin, &name);
+    result
 }
 
-/// Figures that need the library: run the `bench_scale` root test and keep its `BENCH` lines.
-fn scale_figures(opts: &BenchOptions) -> Result<Vec<String>> {
+/// Build the bench_scale test binary and return its path.
+fn build_scale_test(opts: &BenchOptions) -> Result<PathBuf> {
     let out = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()))
         .current_dir(&opts.root)
         .env("PATH", crate::setup::path_with_cargo_bin())
@@ -568,51 +913,80 @@ fn scale_figures(opts: &BenchOptions) -> Result<Vec<String>> {
             "ipcluster-tests",
             "--test",
             "bench_scale",
-            "--",
-            "--nocapture",
-            "--test-threads=1",
+            "--no-run",
+            "--message-format=json",
         ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("building the bench_scale test")?;
+    if !out.status.success() {
+        bail!("building the bench_scale test failed");
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|m| m["target"]["name"] == "bench_scale")
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo did not report the bench_scale executable")
+}
+
+/// Figures that need the library: run the `bench_scale` root test in a fresh
+/// namespace (its tc programs attach to that namespace's `lo`) and keep its
+/// `BENCH` lines.
+fn scale_figures(exe: &Path) -> Result<Vec<String>> {
+    let ns = Netns::create(&format!("{}scale", env::PREFIX))?;
+    let out = ns
+        .command(exe)
+        .args(["--nocapture", "--test-threads=1"])
         .output()
         .context("running the bench_scale test")?;
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<String> = text
         .lines()
-        .filter_map(|l| l.strip_prefix("BENCH "))
+        // The first line of a test shares its line with libtest's "test name ... ".
+        .filter_map(|l| l.split_once("BENCH ").map(|(_, rest)| rest))
         .map(str::to_owned)
         .collect();
     if !out.status.success() || lines.is_empty() {
-        bail!(
-            "bench_scale failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .rev()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join(" | ")
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let failures: Vec<&str> = text
+            .lines()
+            .chain(stderr.lines())
+            .filter(|l| l.contains("panicked") || l.contains("FAILED"))
+            .take(6)
+            .collect();
+        bail!("bench_scale failed: {}", failures.join(" | "));
     }
     Ok(lines)
 }
 
 /// The master's own CPU and RSS while it supervises 64 demo workers.
 fn master_cost(opts: &BenchOptions, watch: Duration) -> Result<String> {
-    let mut ns = Netns::create("ipcb-master64")?;
-    let name = "ipcb-master64";
+    let mut ns = Netns::create(&format!("{}master64", env::PREFIX))?;
+    let name = format!("{}master64", env::PREFIX);
     let mut c = ns.command(&opts.bin);
     c.args([
         "run",
         "--name",
-        name,
+        &name,
         "--workers",
         "64",
         "--spawn-delay",
         "20ms",
+        // 64 demo workers of ~4 MiB each must not trip the default 512 MiB budget.
+        "--cluster-memory-limit",
+        "2GiB",
     ])
     .args(["--listen", &format!("127.0.0.1:{PUBLIC_PORT}")]);
+    let spawned = Instant::now();
     ns.spawn(c, &PathBuf::from(WORK_DIR).join("master64.log"))?;
     let result = (|| -> Result<String> {
-        wait_cluster_live(&ns, &opts.bin, name, 64, Duration::from_secs(120))?;
-        let pid = master_pid(name)?;
+        let status = wait_cluster_live(&ns, &opts.bin, &name, 64, Duration::from_secs(120))?;
+        let startup = spawned.elapsed();
+        let pid = status["master_pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
+            .context("no master_pid in status")?;
         let ticks = |pid: i32| -> Result<u64> {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
             let after = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
@@ -620,50 +994,34 @@ fn master_cost(opts: &BenchOptions, watch: Duration) -> Result<String> {
             Ok(f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
                 + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
         };
+        // Let the start-up settle, then watch the steady state.
+        std::thread::sleep(Duration::from_secs(1));
         let t0 = ticks(pid)?;
         let start = Instant::now();
         std::thread::sleep(watch);
         let t1 = ticks(pid)?;
         // USER_HZ is 100: one tick is 10 ms of CPU.
         let cpu_pct = (t1 - t0) as f64 * 1000.0 / start.elapsed().as_millis().max(1) as f64;
-        let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let rss_kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0);
+        let proc_status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let kib = |key: &str| -> u64 {
+            proc_status
+                .lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+                .unwrap_or(0)
+        };
+        let after = status_json(&ns, &opts.bin, &name)?;
+        let live = live_workers(&after, None);
         Ok(format!(
-            "master_64_workers cpu_pct={cpu_pct:.2} rss_mib={:.1} watch_s={}",
-            rss_kib as f64 / 1024.0,
+            "master_64_workers cpu_pct={cpu_pct:.2} rss_mib={:.1} rss_peak_mib={:.1} \
+             cluster_rss_mib={:.0} live_after={live} startup_s={:.1} watch_s={}",
+            kib("VmRSS:") as f64 / 1024.0,
+            kib("VmHWM:") as f64 / 1024.0,
+            after["cluster_rss"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0),
+            startup.as_secs_f64(),
             watch.as_secs()
         ))
     })();
-    let _ = ns
-        .command(&opts.bin)
-        .args(["stop", "--name", name])
-        .output();
+    stop_cluster(&ns, &opts.bin, &name);
     result
-}
-
-/// The master's pid: the process whose cmdline is `ipcluster run … --name NAME`.
-fn master_pid(name: &str) -> Result<i32> {
-    for entry in fs::read_dir("/proc")?.flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmdline) = fs::read(format!("/proc/{pid}/cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|&b| b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_master = args.first().is_some_and(|a| a.ends_with("ipcluster"))
-            && args.get(1).is_some_and(|a| a == "run")
-            && args.windows(2).any(|w| w[0] == "--name" && w[1] == name);
-        if is_master {
-            return Ok(pid);
-        }
-    }
-    bail!("no master process found for cluster {name}")
 }

@@ -7,12 +7,16 @@ use anyhow::{Context as _, Result};
 use super::{PathKind, load::LoadResult};
 
 #[derive(Clone, Copy, Debug)]
-struct Sample {
-    rate: f64,
-    p50: f64,
-    p99: f64,
-    cpu_us: f64,
-    steal: f64,
+pub struct Sample {
+    pub rate: f64,
+    pub p50: f64,
+    pub p99: f64,
+    /// CPU of the path's processes (+ ksoftirqd, + the load generator) per request, µs.
+    pub cpu_us: f64,
+    /// Busy CPU of the whole machine per request, µs (BENCHMARKING.md's method).
+    pub machine_us: f64,
+    pub steal: f64,
+    pub errors: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -26,11 +30,24 @@ struct ManySample {
 #[derive(Clone, Debug)]
 pub struct Reload {
     pub backend: String,
+    /// How hard the clients pushed, e.g. "paced, 3150 conn/s".
+    pub load: String,
     pub attempted: u64,
     pub failed: u64,
+    /// From starting the new master until its status shows every band on a live
+    /// new-generation worker.
     pub switch_time: Duration,
-    pub unsticky: usize,
+    /// From starting the new master until every band had answered a client from
+    /// the new generation.
+    pub clients_switched: Option<Duration>,
+    /// The last answer from an old-generation worker, after the reload started.
+    pub last_old_answer: Option<Duration>,
+    pub bands_per_source_max: usize,
+    pub error_kinds: BTreeMap<String, u64>,
 }
+
+/// CPU µs by process role, and the requests they served.
+type Breakdown = (BTreeMap<String, f64>, f64);
 
 #[derive(Default)]
 pub struct Figures {
@@ -41,6 +58,18 @@ pub struct Figures {
     pub scale: Vec<String>,
     pub errors: Vec<String>,
     pub wall: Duration,
+    pub load_before: f64,
+    pub load_after: f64,
+    pub steal_overall: f64,
+    pub cleanup: String,
+    pub rounds: usize,
+    pub duration: Duration,
+    /// (path, new connections, many addresses) → (µs by role, requests), summed over rounds.
+    breakdown: BTreeMap<(PathKind, bool, bool), Breakdown>,
+    /// (path, many addresses) → steering counters summed over the measurements.
+    counters: BTreeMap<(PathKind, bool), BTreeMap<String, u64>>,
+    /// Over all measurements of cases 1 and 2: machine busy µs, the paths' own µs, capacity µs.
+    background: (f64, f64, f64),
 }
 
 /// Median and (min, max) of a non-empty list.
@@ -59,7 +88,9 @@ fn stats(values: impl Iterator<Item = f64>) -> Option<(f64, f64, f64)> {
     Some((median, v[0], v[v.len() - 1]))
 }
 
-fn fmt_stat(s: Option<(f64, f64, f64)>, decimals: usize) -> String {
+type Stat = Option<(f64, f64, f64)>;
+
+fn fmt_stat(s: Stat, decimals: usize) -> String {
     match s {
         None => "—".into(),
         Some((m, lo, hi)) if (hi - lo).abs() < f64::EPSILON => format!("{m:.decimals$}"),
@@ -67,44 +98,148 @@ fn fmt_stat(s: Option<(f64, f64, f64)>, decimals: usize) -> String {
     }
 }
 
-fn ratio(value: Option<(f64, f64, f64)>, base: Option<(f64, f64, f64)>) -> String {
+fn ratio_value(value: Stat, base: Stat) -> Option<f64> {
     match (value, base) {
-        (Some((v, ..)), Some((b, ..))) if b > 0.0 => format!("{:.2}", v / b),
-        _ => "—".into(),
+        (Some((v, ..)), Some((b, ..))) if b > 0.0 => Some(v / b),
+        _ => None,
     }
 }
 
+fn ratio(value: Stat, base: Stat) -> String {
+    ratio_value(value, base).map_or("—".into(), |r| format!("{r:.2}"))
+}
+
+/// `key=value` of a scale line.
+fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace()
+        .find_map(|t| t.strip_prefix(key)?.strip_prefix('='))
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.0} ms", d.as_secs_f64() * 1000.0)
+}
+
 impl Figures {
-    #[expect(clippy::too_many_arguments, reason = "one row of figures")]
-    pub fn add_single(
+    /// Add the change of the steering counters over one measurement.
+    pub fn add_counters(
+        &mut self,
+        kind: PathKind,
+        many: bool,
+        before: &Option<serde_json::Value>,
+        after: &Option<serde_json::Value>,
+    ) {
+        let (Some(before), Some(after)) = (before, after) else {
+            return;
+        };
+        let Some(fields) = after.as_object() else {
+            return;
+        };
+        let sums = self.counters.entry((kind, many)).or_default();
+        for (name, value) in fields {
+            let (Some(a), b) = (value.as_u64(), before[name].as_u64().unwrap_or(0)) else {
+                continue;
+            };
+            *sums.entry(name.clone()).or_default() += a.saturating_sub(b);
+        }
+    }
+
+    fn counters_markdown(&self, many: bool) -> String {
+        let mut md = String::new();
+        for kind in [PathKind::Ebpf, PathKind::Iptables] {
+            let Some(sums) = self.counters.get(&(kind, many)) else {
+                continue;
+            };
+            let text: Vec<String> = sums.iter().map(|(k, v)| format!("{k} {v}")).collect();
+            let _ = writeln!(
+                md,
+                "Steering counters of {} over all measurements above (`ipcluster status --json`): {}.\n",
+                kind.label(),
+                text.join(", ")
+            );
+        }
+        md
+    }
+
+    /// Account one measurement's machine-wide busy time, the path's own share
+    /// and the capacity, to report how busy the rest of the machine was.
+    pub fn add_background(&mut self, machine_us: f64, path_us: f64, capacity_us: f64) {
+        self.background.0 += machine_us;
+        self.background.1 += path_us;
+        self.background.2 += capacity_us;
+    }
+
+    pub fn add_breakdown(
         &mut self,
         kind: PathKind,
         new_conn: bool,
-        rate: f64,
-        p50: f64,
-        p99: f64,
-        cpu_us: f64,
-        steal: f64,
+        many: bool,
+        by_role: &BTreeMap<String, f64>,
+        requests: f64,
     ) {
+        let (roles, total) = self.breakdown.entry((kind, new_conn, many)).or_default();
+        for (role, us) in by_role {
+            *roles.entry(role.clone()).or_default() += us;
+        }
+        *total += requests;
+    }
+
+    fn breakdown_markdown(&self, many: bool) -> String {
+        let mut md = String::new();
+        let _ = writeln!(
+            md,
+            "Where the CPU goes (µs per request, all rounds together; kernel work is charged to the \
+             process it interrupted):\n"
+        );
+        let _ = writeln!(md, "| path | mode | by process |\n|---|---|---|");
+        for new_conn in [true, false] {
+            for kind in PathKind::ALL {
+                let Some((roles, requests)) = self.breakdown.get(&(kind, new_conn, many)) else {
+                    continue;
+                };
+                let mut parts: Vec<(&String, f64)> = roles
+                    .iter()
+                    .map(|(r, us)| (r, us / requests.max(1.0)))
+                    .filter(|(_, v)| *v >= 0.05)
+                    .collect();
+                parts.sort_by(|a, b| b.1.total_cmp(&a.1));
+                let text: Vec<String> = parts.iter().map(|(r, v)| format!("{r} {v:.1}")).collect();
+                let _ = writeln!(
+                    md,
+                    "| {} | {} | {} |",
+                    kind.label(),
+                    if new_conn { "new conn" } else { "keep-alive" },
+                    text.join(", ")
+                );
+            }
+        }
+        md.push('\n');
+        md
+    }
+
+    pub fn add_single(&mut self, kind: PathKind, new_conn: bool, sample: Sample) {
         self.single
             .entry((kind, new_conn))
             .or_default()
-            .push(Sample {
-                rate,
-                p50,
-                p99,
-                cpu_us,
-                steal,
-            });
+            .push(sample);
     }
 
-    pub fn add_many(&mut self, kind: PathKind, new_conn: bool, r: &mut LoadResult, cpu_us: f64) {
+    pub fn add_many(
+        &mut self,
+        kind: PathKind,
+        new_conn: bool,
+        r: &mut LoadResult,
+        cpu_us: f64,
+        machine_us: f64,
+        steal: f64,
+    ) {
         let sample = Sample {
             rate: r.rate(),
             p50: r.percentile_ms(0.50),
             p99: r.percentile_ms(0.99),
             cpu_us,
-            steal: 0.0,
+            machine_us,
+            steal,
+            errors: r.failures,
         };
         self.many
             .entry((kind, new_conn))
@@ -117,21 +252,11 @@ impl Figures {
             });
     }
 
-    fn single_stat(
-        &self,
-        kind: PathKind,
-        new_conn: bool,
-        f: impl Fn(&Sample) -> f64,
-    ) -> Option<(f64, f64, f64)> {
+    fn single_stat(&self, kind: PathKind, new_conn: bool, f: impl Fn(&Sample) -> f64) -> Stat {
         stats(self.single.get(&(kind, new_conn))?.iter().map(f))
     }
 
-    fn many_stat(
-        &self,
-        kind: PathKind,
-        new_conn: bool,
-        f: impl Fn(&Sample) -> f64,
-    ) -> Option<(f64, f64, f64)> {
+    fn many_stat(&self, kind: PathKind, new_conn: bool, f: impl Fn(&Sample) -> f64) -> Stat {
         stats(
             self.many
                 .get(&(kind, new_conn))?
@@ -140,34 +265,145 @@ impl Figures {
         )
     }
 
+    fn scale_line(&self, name: &str, pred: impl Fn(&str) -> bool) -> Option<&str> {
+        self.scale.iter().find_map(|l| {
+            let (n, rest) = l.split_once(' ').unwrap_or((l, ""));
+            (n == name && pred(rest)).then_some(rest)
+        })
+    }
+
+    /// The goals of issue 7, each with its verdict and margin.
+    fn goals(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        let rate = |k, nc| self.single_stat(k, nc, |s| s.rate);
+        let cpu = |k, nc| self.single_stat(k, nc, |s| s.cpu_us);
+        match (
+            ratio_value(rate(PathKind::Ebpf, true), rate(PathKind::Direct, true)),
+            ratio_value(cpu(PathKind::Ebpf, true), cpu(PathKind::Direct, true)),
+        ) {
+            (Some(r), c) => out.push(format!(
+                "eBPF keeps ≥ 97 % of the direct new-connection rate: **{}** — {:.1} % of direct \
+                 ({:+.1} points against the goal); CPU per new connection {} direct",
+                if r >= 0.97 { "met" } else { "missed" },
+                r * 100.0,
+                (r - 0.97) * 100.0,
+                c.map_or("—".into(), |c| format!("{:.2} ×", c)),
+            )),
+            _ => out.push("eBPF vs direct new-connection rate: not measured".into()),
+        }
+        for proxy in [PathKind::Haproxy, PathKind::NginxStream] {
+            let mut parts = Vec::new();
+            let mut all = true;
+            for (nc, mode) in [(true, "new connections"), (false, "keep-alive")] {
+                if let (Some(e), Some(p)) = (
+                    ratio_value(rate(PathKind::Ebpf, nc), rate(proxy, nc)),
+                    ratio_value(cpu(PathKind::Ebpf, nc), cpu(proxy, nc)),
+                ) {
+                    all &= e > 1.0 && p < 1.0;
+                    parts.push(format!(
+                        "{mode}: {:.2} × its rate at {:.2} × its CPU per request",
+                        e, p
+                    ));
+                } else {
+                    all = false;
+                    parts.push(format!("{mode}: not measured"));
+                }
+            }
+            out.push(format!(
+                "eBPF beats {}: **{}** — {}",
+                proxy.label(),
+                if all { "met" } else { "missed" },
+                parts.join("; ")
+            ));
+        }
+        if self.reloads.is_empty() {
+            out.push("zero failed connections in every reload: not measured".into());
+        } else {
+            let failed: Vec<String> = self
+                .reloads
+                .iter()
+                .map(|r| format!("{} ({}) {} of {}", r.backend, r.load, r.failed, r.attempted))
+                .collect();
+            let ok = self.reloads.iter().all(|r| r.failed == 0) && self.reloads.len() >= 2;
+            out.push(format!(
+                "zero failed connections in every reload: **{}** — failed: {}",
+                if ok { "met" } else { "missed" },
+                failed.join(", ")
+            ));
+        }
+        match self
+            .scale_line("publish_ebpf", |r| field(r, "bands") == Some("256"))
+            .and_then(|r| field(r, "median_us")?.parse::<f64>().ok())
+        {
+            Some(us) => out.push(format!(
+                "256-band publish under 1 ms: **{}** — median {:.0} µs (eBPF backend)",
+                if us < 1000.0 { "met" } else { "missed" },
+                us
+            )),
+            None => out.push("256-band publish: not measured".into()),
+        }
+        out
+    }
+
     pub fn markdown(&self, quick: bool) -> String {
         let mut md = String::new();
         let _ = writeln!(md, "# ipcluster benchmark\n");
         let _ = writeln!(
             md,
-            "{} — {}; {} mode, wall time {:.0} s. Every path runs in a fresh network namespace; paths interleaved, \
-             order reversed every other round; figures are medians with (min–max) over rounds. CPU/req = busy \
-             jiffies (user+nice+system+irq+softirq, steal and idle excluded) of the whole machine ÷ requests.\n",
+            "{} — {}; {} mode ({} rounds, {} s per measurement), wall time {:.0} s (builds not counted). \
+             Load average {:.2} before the run, {:.2} after (it counts the benchmark's own threads too). \
+             Other work on this shared machine (other engineers compiling) kept {:.0} % of its CPU busy during \
+             the measurements of cases 1 and 2 (machine busy time minus the measured paths' own); \
+             steal {:.1} % over the run.\n",
             chrono_like_now(),
             self.machine,
             if quick { "quick" } else { "full" },
-            self.wall.as_secs_f64()
+            self.rounds,
+            self.duration.as_secs(),
+            self.wall.as_secs_f64(),
+            self.load_before,
+            self.load_after,
+            (self.background.0 - self.background.1).max(0.0) * 100.0 / self.background.2.max(1.0),
+            self.steal_overall,
         );
+        let _ = writeln!(
+            md,
+            "Every path runs in a fresh network namespace (own conntrack, `tcp_max_tw_buckets=0`: no TIME_WAIT \
+             carried over); all paths are stood up at once and measured in alternation (order rotated every \
+             round, reversed every other), so that drift in the machine's background load falls on all of them \
+             alike; figures are medians with (min–max) over rounds. **CPU µs/req** = CPU time of the path's own processes (the client — wrk \
+             or the own load generator —, proxy, workers, master) plus ksoftirqd, ÷ requests: this kernel charges softirq work (loopback receive, \
+             the tc programs) to the interrupted task, so the figure includes the kernel's share and excludes \
+             other work on the shared machine. **machine µs/req** = busy jiffies of the whole machine (steal \
+             and idle excluded) ÷ requests, which also counts whatever else ran.\n"
+        );
+        let _ = writeln!(md, "## Goals\n");
+        for g in self.goals() {
+            let _ = writeln!(md, "- {g}");
+        }
+        md.push('\n');
         for (new_conn, title) in [(true, "New connection per request"), (false, "Keep-alive")] {
-            let _ = writeln!(md, "## 1. {title}: one nginx worker, wrk -t1 -c32\n");
             let _ = writeln!(
                 md,
-                "| path | req/s | × direct | p50 ms | p99 ms | CPU µs/req | × direct | steal % |"
+                "## 1. {title}: one nginx worker (1 process), wrk -t1 -c32\n"
             );
-            let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(
+                md,
+                "| path | req/s | × direct | p50 ms | p99 ms | CPU µs/req | × direct | machine µs/req | steal % | errors |"
+            );
+            let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
             let base_rate = self.single_stat(PathKind::Direct, new_conn, |s| s.rate);
             let base_cpu = self.single_stat(PathKind::Direct, new_conn, |s| s.cpu_us);
             for kind in PathKind::ALL {
                 let rate = self.single_stat(kind, new_conn, |s| s.rate);
                 let cpu = self.single_stat(kind, new_conn, |s| s.cpu_us);
+                let errors: u64 = self
+                    .single
+                    .get(&(kind, new_conn))
+                    .map_or(0, |v| v.iter().map(|s| s.errors).sum());
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {errors} |",
                     kind.label(),
                     fmt_stat(rate, 0),
                     ratio(rate, base_rate),
@@ -175,22 +411,26 @@ impl Figures {
                     fmt_stat(self.single_stat(kind, new_conn, |s| s.p99), 2),
                     fmt_stat(cpu, 1),
                     ratio(cpu, base_cpu),
+                    fmt_stat(self.single_stat(kind, new_conn, |s| s.machine_us), 1),
                     fmt_stat(self.single_stat(kind, new_conn, |s| s.steal), 0),
                 );
             }
             md.push('\n');
         }
+        md.push_str(&self.breakdown_markdown(false));
+        md.push_str(&self.counters_markdown(false));
         let _ = writeln!(
             md,
             "## 2. 64 client addresses (127.0.0.2–65), 4 workers, own load generator, 64 connections\n"
         );
         let _ = writeln!(
             md,
-            "| path | mode | req/s | × direct | p50 ms | p99 ms | CPU µs/req | failures | sources not sticky | requests per worker |"
+            "| path | mode | req/s | × direct | p50 ms | p99 ms | CPU µs/req | × direct | failures | sources not sticky | requests per worker |"
         );
-        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
         for new_conn in [true, false] {
             let base = self.many_stat(PathKind::Direct, new_conn, |s| s.rate);
+            let base_cpu = self.many_stat(PathKind::Direct, new_conn, |s| s.cpu_us);
             for kind in PathKind::ALL {
                 let Some(samples) = self.many.get(&(kind, new_conn)) else {
                     continue;
@@ -208,59 +448,210 @@ impl Figures {
                     })
                     .unwrap_or_default();
                 let rate = self.many_stat(kind, new_conn, |s| s.rate);
+                let cpu = self.many_stat(kind, new_conn, |s| s.cpu_us);
                 let _ = writeln!(
                     md,
-                    "| {} | {} | {} | {} | {} | {} | {} | {failures} | {unsticky} | {spread} |",
+                    "| {} | {} | {} | {} | {} | {} | {} | {} | {failures} | {unsticky} | {spread} |",
                     kind.label(),
                     if new_conn { "new conn" } else { "keep-alive" },
                     fmt_stat(rate, 0),
                     ratio(rate, base),
                     fmt_stat(self.many_stat(kind, new_conn, |s| s.p50), 2),
                     fmt_stat(self.many_stat(kind, new_conn, |s| s.p99), 2),
-                    fmt_stat(self.many_stat(kind, new_conn, |s| s.cpu_us), 1),
+                    fmt_stat(cpu, 1),
+                    ratio(cpu, base_cpu),
                 );
             }
         }
         let _ = writeln!(
             md,
-            "\n(\"direct\" with 64 addresses always reaches worker 0; its spread column is not a band spread.)\n"
+            "\n\"direct\": each client address connects straight to the port of its band's worker (band = low \
+             bits of the address, as ipcluster computes it) — the spread steering gives, without steering. \
+             \"requests per worker\" is the last round's. \"sources not sticky\" counts client addresses that \
+             were answered by more than one worker in one run (0 = stickiness held). The load generator runs \
+             64 blocking threads in the benchmark's own process (\"client\" below); its CPU is part of CPU µs/req.\n"
+        );
+        md.push_str(&self.breakdown_markdown(true));
+        md.push_str(&self.counters_markdown(true));
+        let _ = writeln!(
+            md,
+            "## 3. Reload under load (32 client addresses opening a new connection per request, 4 demo workers)\n"
         );
         let _ = writeln!(
             md,
-            "## 3. Reload under load (32 client addresses opening connections continuously, 4 demo workers)\n"
+            "| backend | load | connections attempted | failed | master: all bands on the new generation after | clients: every band answered by the new generation after | last old-generation answer | most bands seen by one source |"
         );
-        let _ = writeln!(
-            md,
-            "| backend | connections attempted | failed | time until every band serves the new generation | sources not sticky |"
-        );
-        let _ = writeln!(md, "|---|---|---|---|---|");
+        let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
         for r in &self.reloads {
+            let kinds = if r.error_kinds.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " ({})",
+                    r.error_kinds
+                        .iter()
+                        .map(|(k, n)| format!("{n} {k}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            };
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {:.0} ms | {} |",
+                "| {} | {} | {} | {}{kinds} | {} | {} | {} | {} |",
                 r.backend,
+                r.load,
                 r.attempted,
                 r.failed,
-                r.switch_time.as_secs_f64() * 1000.0,
-                r.unsticky
+                ms(r.switch_time),
+                r.clients_switched.map_or("—".into(), ms),
+                r.last_old_answer.map_or("—".into(), ms),
+                r.bands_per_source_max
             );
         }
         let _ = writeln!(
             md,
-            "\n(A source is \"not sticky\" here when it was answered by more than one worker port or generation; \
-             across a reload that is expected for *new* connections, which move to the new generation.)\n"
+            "\nTimes count from starting the second `ipcluster run` (which spawns the new generation band by \
+             band, 100 ms apart, waits until each listens, then publishes the whole table). The master's time \
+             comes from polling `ipcluster status --json` every 20 ms; the clients' from the demo worker's \
+             answers (`band=… generation=…`). \"most bands seen by one source\" = 1 means every client address \
+             stayed on its band across the reload. \"Paced\": each of the 32 client slots opens at most one connection \
+             per 10 ms; \"saturating\": back to back, which on 2 vCPUs also starves the new workers' start-up \
+             and so stretches the switch time.\n"
         );
-        let _ = writeln!(md, "## 4. Scale\n");
-        let _ = writeln!(md, "| measurement | figures |");
-        let _ = writeln!(md, "|---|---|");
-        for line in &self.scale {
-            let (name, rest) = line.split_once(' ').unwrap_or((line, ""));
-            let _ = writeln!(md, "| {name} | {rest} |");
-        }
+        md.push_str(&self.scale_markdown());
         if !self.errors.is_empty() {
             let _ = writeln!(md, "\n## Errors\n");
             for e in &self.errors {
                 let _ = writeln!(md, "- {e}");
+            }
+        }
+        if !self.cleanup.is_empty() {
+            let _ = writeln!(md, "\n{}", self.cleanup);
+        }
+        md
+    }
+
+    fn scale_markdown(&self) -> String {
+        let mut md = String::new();
+        let _ = writeln!(md, "## 4. Scale\n");
+        let _ = writeln!(
+            md,
+            "Table publish (one service, alternating two tables so every band changes; release build):\n"
+        );
+        let _ = writeln!(
+            md,
+            "| backend | 16 bands | 64 bands | 256 bands |\n|---|---|---|---|"
+        );
+        for kind in ["ebpf", "iptables"] {
+            let cells: Vec<String> = ["16", "64", "256"]
+                .iter()
+                .map(|b| {
+                    self.scale_line(&format!("publish_{kind}"), |r| field(r, "bands") == Some(b))
+                        .map_or("—".into(), |r| {
+                            format!(
+                                "{} µs (min {}, {} runs)",
+                                field(r, "median_us").unwrap_or("?"),
+                                field(r, "min_us").unwrap_or("?"),
+                                field(r, "runs").unwrap_or("?")
+                            )
+                        })
+                })
+                .collect();
+            let _ = writeln!(md, "| {kind} | {} |", cells.join(" | "));
+        }
+        let _ = writeln!(
+            md,
+            "\nPer-packet cost of the tc programs (`BPF_PROG_TEST_RUN`, kernel-timed):\n"
+        );
+        let _ = writeln!(md, "| packet | cost | how |\n|---|---|---|");
+        for (name, what) in [
+            (
+                "packet_ingress_new_flow",
+                "ingress: SYN to the service (new flow recorded, port rewritten)",
+            ),
+            (
+                "packet_ingress_flow_hit_rewrite",
+                "ingress: ACK of an established flow (flow hit, port rewritten)",
+            ),
+            (
+                "packet_egress_rewrite",
+                "egress: reply from the worker (public port restored)",
+            ),
+            (
+                "packet_ingress_nonservice_tcp",
+                "ingress: TCP to another port (passes untouched)",
+            ),
+            ("packet_ingress_udp", "ingress: UDP (passes untouched)"),
+        ] {
+            if let Some(r) = self.scale_line(name, |_| true) {
+                let cost = match (field(r, "median_ns"), field(r, "repeat_avg_ns")) {
+                    (Some(m), _) => format!(
+                        "{m} ns median (min {} ns)",
+                        field(r, "min_ns").unwrap_or("?")
+                    ),
+                    (None, Some(a)) => match field(r, "single_median_ns") {
+                        Some(s) => format!("{a} ns average (single runs: {s} ns median)"),
+                        None => format!("{a} ns average"),
+                    },
+                    _ => r.to_owned(),
+                };
+                let how = match field(r, "method") {
+                    Some(m) if m.starts_with("single_runs=") => {
+                        format!("{} single runs", &m["single_runs=".len()..])
+                    }
+                    Some(m) if m.starts_with("repeat=") => {
+                        format!("one run with repeat={}", &m["repeat=".len()..])
+                    }
+                    _ => String::new(),
+                };
+                let _ = writeln!(md, "| {what} | {cost} | {how} |");
+            }
+        }
+        let _ = writeln!(
+            md,
+            "\nCaveats: with `repeat` the kernel reruns the program on the same buffer, so a packet the \
+             program rewrites would, from the second run on, be addressed to the worker port and take another \
+             path; rewritten packets are therefore timed one run per syscall (median of 2000), and those \
+             figures include the test-run harness's fixed per-call overhead — compare the untouched TCP \
+             packet's single-run median with its `repeat` average to see that floor. No real socket, no cache \
+             pressure.\n"
+        );
+        let mut rows = Vec::new();
+        for l in &self.scale {
+            let (name, rest) = l.split_once(' ').unwrap_or((l, ""));
+            if let Some(program) = name.strip_prefix("verifier_") {
+                rows.push(format!(
+                    "| verifier, {program} | {} instructions processed; {} bytes translated, {} bytes JITed |",
+                    field(rest, "verified_insns").unwrap_or("?"),
+                    field(rest, "xlated_bytes").unwrap_or("?"),
+                    field(rest, "jited_bytes").unwrap_or("?")
+                ));
+            } else if name == "flow_table_memory" {
+                rows.push(format!(
+                    "| flow table memory | {} bytes per entry (kernel `memlock` of the map at {} entries); {} MiB at the default {} entries |",
+                    field(rest, "bytes_per_entry").unwrap_or("?"),
+                    field(rest, "entries_compared").unwrap_or("?"),
+                    field(rest, "default_mib").unwrap_or("?"),
+                    field(rest, "default_entries").unwrap_or("?")
+                ));
+            } else if name == "master_64_workers" {
+                rows.push(format!(
+                    "| master with 64 demo workers | {} % of one CPU over {} s (steady state); RSS {} MiB (peak {} MiB); all 64 live after {} s; workers' RSS {} MiB in total |",
+                    field(rest, "cpu_pct").unwrap_or("?"),
+                    field(rest, "watch_s").unwrap_or("?"),
+                    field(rest, "rss_mib").unwrap_or("?"),
+                    field(rest, "rss_peak_mib").unwrap_or("?"),
+                    field(rest, "startup_s").unwrap_or("?"),
+                    field(rest, "cluster_rss_mib").unwrap_or("?")
+                ));
+            } else if !name.starts_with("publish_") && !name.starts_with("packet_") {
+                rows.push(format!("| {name} | {rest} |"));
+            }
+        }
+        if !rows.is_empty() {
+            let _ = writeln!(md, "| measurement | figures |\n|---|---|");
+            for r in rows {
+                let _ = writeln!(md, "{r}");
             }
         }
         md
@@ -279,18 +670,36 @@ impl Figures {
             ("new-conn req/s", true, false, "#1f77b4"),
             ("keep-alive req/s", false, false, "#aec7e8"),
         ];
-        let (w, h, left, top, bottom) = (760.0, 380.0, 60.0, 40.0, 70.0);
+        let (w, h, left, top, bottom) = (760.0, 400.0, 60.0, 60.0, 70.0);
         let plot_h = h - top - bottom;
-        let max = 3.0_f64;
+        // The scale: the largest ratio, rounded up to a multiple of 0.5 (at least 2, at most 6).
+        let largest = kinds
+            .iter()
+            .flat_map(|k| {
+                series.iter().filter_map(move |(_, nc, cpu, _)| {
+                    let pick = |k| {
+                        if *cpu {
+                            self.single_stat(k, *nc, |s| s.cpu_us)
+                        } else {
+                            self.single_stat(k, *nc, |s| s.rate)
+                        }
+                    };
+                    ratio_value(pick(*k), pick(PathKind::Direct))
+                })
+            })
+            .fold(0.0_f64, f64::max);
+        let max = ((largest * 2.0).ceil() / 2.0).clamp(2.0, 6.0);
         let group_w = (w - left - 20.0) / kinds.len() as f64;
         let bar_w = group_w / (series.len() as f64 + 1.5);
         let mut svg = format!(
             "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n\
              <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
-             <text x=\"{left}\" y=\"20\" font-size=\"14\">Steering cost relative to a direct connection (1.0 = direct; CPU: lower is better, req/s: higher is better)</text>\n"
+             <text x=\"{left}\" y=\"20\" font-size=\"14\">Cost of each path relative to a direct connection to the worker (dashed line = direct)</text>\n\
+             <text x=\"{left}\" y=\"38\">One nginx worker, wrk -t1 -c32, medians. CPU per request: lower is better; requests/s: higher is better.</text>\n"
         );
-        for i in 0..=6 {
-            let v = max * f64::from(i) / 6.0;
+        let steps = (max * 2.0).round() as i32;
+        for i in 0..=steps {
+            let v = f64::from(i) * 0.5;
             let y = top + plot_h * (1.0 - v / max);
             let _ = writeln!(
                 svg,
@@ -327,9 +736,13 @@ impl Figures {
                 let y = top + plot_h * (1.0 - r / max);
                 let _ = writeln!(
                     svg,
-                    "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{color}\"><title>{:.2}</title></rect>",
+                    "<rect x=\"{x:.1}\" y=\"{y:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"{color}\"><title>{:.2}</title></rect>\
+                     <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\" font-size=\"9\">{:.2}</text>",
                     bar_w * 0.9,
                     top + plot_h - y,
+                    v / b,
+                    x + bar_w * 0.45,
+                    y - 3.0,
                     v / b
                 );
             }
@@ -406,6 +819,22 @@ fn parse_duration_ms(s: &str) -> Option<f64> {
     num.trim().parse::<f64>().ok().map(|n| n * factor)
 }
 
+/// Socket errors and non-2xx/3xx responses reported by wrk.
+pub fn parse_wrk_errors(text: &str) -> u64 {
+    let mut errors = 0;
+    for line in text.lines().map(str::trim) {
+        if let Some(rest) = line.strip_prefix("Socket errors:") {
+            errors += rest
+                .split(',')
+                .filter_map(|part| part.split_whitespace().last()?.parse::<u64>().ok())
+                .sum::<u64>();
+        } else if let Some(rest) = line.strip_prefix("Non-2xx or 3xx responses:") {
+            errors += rest.trim().parse::<u64>().unwrap_or(0);
+        }
+    }
+    errors
+}
+
 /// (requests/s, p50 ms, p99 ms, total requests) from `wrk --latency` output.
 pub fn parse_wrk(text: &str) -> Result<(f64, f64, f64, f64)> {
     let rate = text
@@ -442,6 +871,9 @@ mod tests {
         assert!((p99 - 2.5).abs() < 1e-9);
         assert!((n - 140000.0).abs() < 1e-9);
         assert!(parse_wrk("garbage").is_err());
+        assert_eq!(parse_wrk_errors(out), 0);
+        let bad = "  Socket errors: connect 3, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 4\n";
+        assert_eq!(parse_wrk_errors(bad), 10);
     }
 
     #[test]
