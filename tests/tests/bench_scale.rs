@@ -7,6 +7,8 @@
 //!
 //! Line format: `BENCH <name> key=value key=value…`.
 
+mod ebpf_support;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd as _, AsRawFd as _};
 use std::time::{Duration, Instant};
@@ -194,12 +196,7 @@ fn load_programs(flow_entries: u32) -> (Ebpf, SteeringMaps) {
     let table = SteeringTable::uniform(&[v4([127, 0, 0, 1], PUBLIC)], 0, &[WORKERS.to_vec()]);
     maps.publish(&table).expect("publish the table");
     for name in [program_names::INGRESS, program_names::EGRESS] {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .expect("program in the object")
-            .try_into()
-            .expect("a classifier");
-        program.load().expect("the verifier accepts the program");
+        ebpf_support::load_classifier(&mut ebpf, name);
     }
     (ebpf, maps)
 }

@@ -24,12 +24,7 @@ fn programs_attach_to_lo_and_detach() {
         (program_names::INGRESS, TcAttachType::Ingress),
         (program_names::EGRESS, TcAttachType::Egress),
     ] {
-        let program: &mut SchedClassifier = ebpf
-            .program_mut(name)
-            .expect("program in the object")
-            .try_into()
-            .expect("a classifier");
-        program.load().expect("the verifier accepts the program");
+        let program = ebpf_support::load_classifier(&mut ebpf, name);
         ids.push(program.info().expect("program info").id());
         links.push((
             name,

@@ -4,6 +4,8 @@
 //! Run as root: `cargo test -p ipcluster-tests --test ebpf_packets -- --test-threads=1`
 //! (add `--nocapture` to see the measured per-packet cost and verifier figures).
 
+mod ebpf_support;
+
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Duration;
 
@@ -252,12 +254,7 @@ impl Loaded {
         );
         maps.publish(&table).expect("publish the table");
         for name in [program_names::INGRESS, program_names::EGRESS] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .expect("program in the object")
-                .try_into()
-                .expect("a classifier");
-            program.load().expect("the verifier accepts the program");
+            ebpf_support::load_classifier(&mut ebpf, name);
         }
         Loaded { ebpf, maps, table }
     }

@@ -13,6 +13,17 @@ use ipcluster::steering::{BackendKind, Steering, SteeringConfig, backend};
 use ipcluster_common::map_names;
 
 /// The ebpf backend for `config`.
+/// Load (verify) the classifier `name` of `ebpf` into the kernel, without attaching it.
+pub fn load_classifier<'a>(ebpf: &'a mut aya::Ebpf, name: &str) -> &'a mut SchedClassifier {
+    let program: &mut SchedClassifier = ebpf
+        .program_mut(name)
+        .expect("program in the object")
+        .try_into()
+        .expect("a classifier");
+    program.load().expect("the verifier accepts the program");
+    program
+}
+
 pub fn ebpf(config: SteeringConfig) -> Box<dyn Steering> {
     backend(BackendKind::Ebpf, config).expect("build the ebpf backend")
 }
