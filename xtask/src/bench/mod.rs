@@ -254,18 +254,8 @@ fn stand_up(
             } else {
                 "iptables"
             };
-            let mut c = ns.command(&opts.bin);
+            let mut c = ipcluster_run(&ns, &opts.bin, &name, backend, workers.into());
             c.args([
-                "run",
-                "--name",
-                &name,
-                "--backend",
-                backend,
-                "--workers",
-                &workers.to_string(),
-            ])
-            .args(["--listen", &format!("127.0.0.1:{PUBLIC_PORT}")])
-            .args([
                 "--port-range",
                 &format!("{BACKEND_PORT}-{}", BACKEND_PORT + 999),
             ])
@@ -747,6 +737,16 @@ fn install_tools() -> Result<()> {
     Ok(())
 }
 
+/// `ipcluster run --name NAME --backend BACKEND --workers N --listen 127.0.0.1:PUBLIC_PORT`
+/// in the namespace; callers add their own flags and worker command.
+fn ipcluster_run(ns: &Netns, bin: &Path, name: &str, backend: &str, workers: usize) -> Command {
+    let mut c = ns.command(bin);
+    c.args(["run", "--name", name, "--backend", backend, "--workers"])
+        .arg(workers.to_string())
+        .args(["--listen", &format!("127.0.0.1:{PUBLIC_PORT}")]);
+    c
+}
+
 /// Reload a demo cluster while 32 client addresses open connections
 /// continuously: start a second `ipcluster run` with the same name, watch the
 /// switch from the master's status and from the clients' answers, keep the
@@ -760,17 +760,7 @@ fn reload_under_load(
     let name = format!("{}reload-{backend}", env::PREFIX);
     let workers = 4usize;
     let master = |ns: &mut Netns, what: &str| -> Result<()> {
-        let mut c = ns.command(&opts.bin);
-        c.args([
-            "run",
-            "--name",
-            &name,
-            "--backend",
-            backend,
-            "--workers",
-            &workers.to_string(),
-        ])
-        .args(["--listen", &format!("127.0.0.1:{PUBLIC_PORT}")]);
+        let c = ipcluster_run(ns, &opts.bin, &name, backend, workers);
         ns.spawn(
             c,
             &PathBuf::from(WORK_DIR).join(format!("reload-{backend}-{what}.log")),
@@ -964,20 +954,9 @@ fn scale_figures(exe: &Path) -> Result<Vec<String>> {
 fn master_cost(opts: &BenchOptions, watch: Duration) -> Result<String> {
     let mut ns = Netns::create(&format!("{}master64", env::PREFIX))?;
     let name = format!("{}master64", env::PREFIX);
-    let mut c = ns.command(&opts.bin);
-    c.args([
-        "run",
-        "--name",
-        &name,
-        "--workers",
-        "64",
-        "--spawn-delay",
-        "20ms",
-        // 64 demo workers of ~4 MiB each must not trip the default 512 MiB budget.
-        "--cluster-memory-limit",
-        "2GiB",
-    ])
-    .args(["--listen", &format!("127.0.0.1:{PUBLIC_PORT}")]);
+    let mut c = ipcluster_run(&ns, &opts.bin, &name, "ebpf", 64);
+    // 64 demo workers of ~4 MiB each must not trip the default 512 MiB budget.
+    c.args(["--spawn-delay", "20ms", "--cluster-memory-limit", "2GiB"]);
     let spawned = Instant::now();
     ns.spawn(c, &PathBuf::from(WORK_DIR).join("master64.log"))?;
     let result = (|| -> Result<String> {
