@@ -114,11 +114,7 @@ pub fn sticky_bands(factory: Factory) {
     assert_eq!(before, None, "a fresh cluster has no table yet");
     let table = fx.table(0, 0, 8);
     let _workers = Worker::start_all(&table.services[0].worker_ports).expect("start workers");
-    steering.publish(&table).expect("publish");
-    assert_eq!(
-        steering.read_table().expect("read_table"),
-        Some(table.clone())
-    );
+    publish_and_read_back(steering.as_mut(), &table);
     let wrong = mismatches(&table, 0, &loopback_clients(CLIENTS), ROUNDS);
     assert_none_wrong("sticky bands", &wrong);
 }
@@ -130,11 +126,7 @@ pub fn sticky_bands_with_shift(factory: Factory) {
     steering.install().expect("install");
     let table = fx.table(0, 2, 4);
     let _workers = Worker::start_all(&table.services[0].worker_ports).expect("start workers");
-    steering.publish(&table).expect("publish");
-    assert_eq!(
-        steering.read_table().expect("read_table"),
-        Some(table.clone())
-    );
+    publish_and_read_back(steering.as_mut(), &table);
     let wrong = mismatches(&table, 0, &loopback_clients(CLIENTS), ROUNDS);
     assert_none_wrong("sticky bands with shift 2", &wrong);
 }
@@ -151,14 +143,19 @@ pub fn two_services(factory: Factory) {
         &[ports[..4].to_vec(), ports[4..].to_vec()],
     );
     let _workers = Worker::start_all(&ports).expect("start workers");
-    steering.publish(&table).expect("publish");
+    publish_and_read_back(steering.as_mut(), &table);
+    let clients = loopback_clients(CLIENTS);
+    assert_none_wrong("first service", &mismatches(&table, 0, &clients, 1));
+    assert_none_wrong("second service", &mismatches(&table, 1, &clients, 1));
+}
+
+/// Publish `table` and check that the backend reads exactly it back.
+pub fn publish_and_read_back(steering: &mut dyn Steering, table: &SteeringTable) {
+    steering.publish(table).expect("publish");
     assert_eq!(
         steering.read_table().expect("read_table"),
         Some(table.clone())
     );
-    let clients = loopback_clients(CLIENTS);
-    assert_none_wrong("first service", &mismatches(&table, 0, &clients, 1));
-    assert_none_wrong("second service", &mismatches(&table, 1, &clients, 1));
 }
 
 /// Keep every connection of `open` echoing on a background thread while

@@ -298,6 +298,29 @@ fn retire_band(cluster: &Cluster, listen: SocketAddr, client: IpAddr) -> (i64, i
 /// SIGSTOP the master for the duration of `f`, SIGCONT after (even on panic):
 /// what `f` does happens between two of the master's measurements, like a
 /// memory spike faster than `--monitor-interval`.
+/// Wait until the master logs how `victim` ended (`how`: "exit status " or
+/// "killed by ") and its whole tree, `server` included, is gone; the master's
+/// log at that point. SIGKILL goes to the whole tree, and a process holding a
+/// lot of memory takes a moment to be torn down.
+fn wait_for_exit(cluster: &Cluster, victim: i64, server: i64, how: &str) -> String {
+    let logs = wait_for(
+        cluster,
+        Duration::from_secs(10),
+        "the victim's exit",
+        || {
+            let logs = cluster.logs();
+            log_line(&logs, &[&format!("worker {victim} (band "), how]).map(|_| logs)
+        },
+    );
+    wait_for(
+        cluster,
+        Duration::from_secs(5),
+        "the whole tree gone",
+        || (!running(victim) && !running(server)).then_some(()),
+    );
+    logs
+}
+
 fn with_master_frozen<T>(cluster: &Cluster, f: impl FnOnce() -> T) -> T {
     let master = master_pid(cluster);
     signal(master, libc::SIGSTOP);
@@ -561,23 +584,7 @@ fn low_watermark_asks_retired_workers_to_die() {
     with_master_frozen(cluster, || alloc_direct(port, mib));
 
     // The master reports the exit as it saw it (its own child's wait status).
-    let logs = wait_for(
-        cluster,
-        Duration::from_secs(10),
-        "the victim's exit",
-        || {
-            let logs = cluster.logs();
-            log_line(&logs, &[&format!("worker {victim} (band "), "exit status "]).map(|_| logs)
-        },
-    );
-    // SIGKILL went to the whole tree; a process with that much memory takes a
-    // moment to be torn down.
-    wait_for(
-        cluster,
-        Duration::from_secs(5),
-        "the whole tree gone",
-        || (!running(victim) && !running(server)).then_some(()),
-    );
+    let logs = wait_for_exit(cluster, victim, server, "exit status ");
     let asked = log_line(
         &logs,
         &[
@@ -637,23 +644,7 @@ fn high_watermark_kills_retired_workers() {
         .unwrap_or(0);
     with_master_frozen(cluster, || alloc_direct(port, mib));
 
-    let logs = wait_for(
-        cluster,
-        Duration::from_secs(10),
-        "the victim's exit",
-        || {
-            let logs = cluster.logs();
-            log_line(&logs, &[&format!("worker {victim} (band "), "killed by "]).map(|_| logs)
-        },
-    );
-    // SIGKILL went to the whole tree; a process with that much memory takes a
-    // moment to be torn down.
-    wait_for(
-        cluster,
-        Duration::from_secs(5),
-        "the whole tree gone",
-        || (!running(victim) && !running(server)).then_some(()),
-    );
+    let logs = wait_for_exit(cluster, victim, server, "killed by ");
     let killed = log_line(
         &logs,
         &[
