@@ -9,6 +9,7 @@
 //! - [`worker`]: a tiny threaded TCP server standing in for a worker: greets
 //!   each connection with its port, then echoes lines.
 //! - [`guard`]: run cleanup on drop, even when the test panics.
+//! - [`netns`]: network namespaces (test hosts) joined by veth pairs, removed on drop.
 //! - [`conformance`]: the backend-agnostic steering suite, run by
 //!   `tests/conformance_<backend>.rs`.
 
@@ -16,6 +17,7 @@ pub mod client;
 pub mod cluster;
 pub mod conformance;
 pub mod guard;
+pub mod netns;
 pub mod unique;
 pub mod worker;
 
