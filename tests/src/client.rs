@@ -68,6 +68,14 @@ impl Conversation {
         self.worker_port
     }
 
+    /// Ask the worker at the other end which port it serves, now (not the
+    /// greeting remembered from the start of the connection).
+    pub fn current_worker_port(&mut self) -> io::Result<u16> {
+        self.writer
+            .write_all(format!("{}\n", crate::worker::WHO_ARE_YOU).as_bytes())?;
+        parse_greeting(&read_line(&mut self.reader)?)
+    }
+
     /// Send `line` and expect the worker to echo it back.
     pub fn echo(&mut self, line: &str) -> io::Result<()> {
         self.writer.write_all(format!("{line}\n").as_bytes())?;

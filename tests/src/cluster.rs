@@ -1,14 +1,18 @@
 //! Running the real `ipcluster` binary in end-to-end tests: start a master
 //! (and more masters: reloads) for a uniquely named cluster, read
-//! `status --json`, talk HTTP to the demo worker from 127.0.0.N, and clean up
-//! on drop — `ipcluster stop`, then SIGKILL for anything of the cluster left —
-//! even when the test panics.
+//! `status --json`, talk HTTP to the demo worker from 127.0.0.N, and check
+//! that `ipcluster stop` leaves nothing behind: [`Cluster::stop`] (or the drop
+//! of a cluster the test did not stop) fails the test when a process, pin,
+//! eBPF map/program/link, iptables rule or the state directory outlives
+//! `stop`. A test that panics for another reason still cleans up (SIGKILL for
+//! anything of the cluster left) without a second panic.
 //!
 //! The binary: `$IPCLUSTER_BIN` if set, else `ipcluster` next to the test
 //! executable's `deps/` folder (`target/<profile>/ipcluster`, built by
 //! `cargo build -p ipcluster` with the same profile, which `cargo xtask test`
 //! does first).
 
+use std::collections::BTreeSet;
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -158,6 +162,11 @@ pub struct Cluster {
     /// Every master started, oldest first.
     pub masters: Vec<Child>,
     log_dir: PathBuf,
+    /// Ids of the eBPF maps seen pinned for this cluster (empty for iptables):
+    /// how its programs and links are recognised once its pins are gone.
+    map_ids: BTreeSet<u32>,
+    /// `stop` was run and checked (by [`Cluster::stop`]).
+    stopped: bool,
 }
 
 impl Cluster {
@@ -173,6 +182,8 @@ impl Cluster {
             port_range: worker_port_range(),
             masters: Vec::new(),
             log_dir,
+            map_ids: BTreeSet::new(),
+            stopped: false,
         };
         cluster.start_master();
         cluster.wait_generation_live(1, Duration::from_secs(30));
@@ -247,7 +258,19 @@ impl Cluster {
     }
 
     /// Wait until `generation` has a live worker on every band and is published.
-    pub fn wait_generation_live(&self, generation: u64, timeout: Duration) -> Value {
+    pub fn wait_generation_live(&mut self, generation: u64, timeout: Duration) -> Value {
+        let status = self.wait_generation_live_quiet(generation, timeout);
+        self.remember_kernel_objects();
+        status
+    }
+
+    /// Remember the ids of the maps pinned for this cluster now.
+    pub fn remember_kernel_objects(&mut self) {
+        self.map_ids
+            .extend(crate::bpf_objects::pinned_map_ids(&self.name));
+    }
+
+    fn wait_generation_live_quiet(&self, generation: u64, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
@@ -280,9 +303,12 @@ impl Cluster {
             .join("\n")
     }
 
-    /// `ipcluster stop`; panics if it fails.
+    /// `ipcluster stop`; panics if it fails or leaves anything of the cluster
+    /// behind (see [`Cluster::leftovers`]).
     pub fn stop(&mut self) {
-        let out = ipcluster(&["stop", "--name", &self.name], Duration::from_secs(30));
+        self.remember_kernel_objects();
+        self.stopped = true;
+        let out = ipcluster(&["stop", "--name", &self.name], Duration::from_secs(60));
         assert!(
             out.status.success(),
             "ipcluster stop failed: {}\n{}",
@@ -292,6 +318,35 @@ impl Cluster {
         for master in &mut self.masters {
             let _ = wait_child(master, Duration::from_secs(5));
         }
+        let left = self.leftovers_after_stop();
+        assert!(
+            left.is_empty(),
+            "`ipcluster stop --name {}` left behind:\n  {}\n{}",
+            self.name,
+            left.join("\n  "),
+            self.logs()
+        );
+    }
+
+    /// What of this cluster is left, waiting up to 3 s for the kernel to free
+    /// programs and maps (freed after an RCU grace period) and for the last
+    /// signalled processes to be gone.
+    fn leftovers_after_stop(&self) -> Vec<String> {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let left = self.leftovers();
+            if left.is_empty() || Instant::now() >= deadline {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Everything of this cluster that exists now: processes, state directory,
+    /// pin folder, iptables chain and jumps, and the eBPF maps, programs and
+    /// links of the maps it pinned while it ran. Empty after a good `stop`.
+    pub fn leftovers(&self) -> Vec<String> {
+        leftovers_with(&self.name, &self.map_ids)
     }
 
     /// Has master `n` (1-based) exited?
@@ -313,36 +368,54 @@ fn wait_child(child: &mut Child, timeout: Duration) -> bool {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        let panicking = std::thread::panicking();
+        if panicking {
             eprintln!("{}", self.logs());
         }
-        // Never panic here: a panic while unwinding aborts the test binary.
-        let out = Command::new(ipcluster_bin())
-            .args(["stop", "--name", &self.name])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| e.to_string())
-            .and_then(|c| try_wait_output(c, Duration::from_secs(30)));
-        match out {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => {
-                let stderr = String::from_utf8_lossy(&out.stderr);
-                if !stderr.contains("is not running") {
-                    eprintln!("cleanup: ipcluster stop --name {}: {stderr}", self.name);
-                }
+        // A test that ended without `stop`: stop here and check like `stop` does.
+        let mut failure = None;
+        if !self.stopped {
+            self.remember_kernel_objects();
+            let out = Command::new(ipcluster_bin())
+                .args(["stop", "--name", &self.name])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .map_err(|e| e.to_string())
+                .and_then(|c| try_wait_output(c, Duration::from_secs(60)));
+            for master in &mut self.masters {
+                let _ = wait_child(master, Duration::from_secs(2));
             }
-            Err(e) => eprintln!("cleanup: ipcluster stop --name {} hung: {e}", self.name),
+            let problem = match out {
+                Ok(out) if out.status.success() => {
+                    let left = self.leftovers_after_stop();
+                    (!left.is_empty()).then(|| format!("left behind:\n  {}", left.join("\n  ")))
+                }
+                Ok(out) => Some(format!("failed: {}", String::from_utf8_lossy(&out.stderr))),
+                Err(e) => Some(format!("hung: {e}")),
+            };
+            if let Some(problem) = problem {
+                let message = format!("`ipcluster stop --name {}` {problem}", self.name);
+                eprintln!("{message}");
+                failure = Some(message);
+            }
         }
+        // Whatever happened, leave nothing for the next test.
         for master in &mut self.masters {
-            if !wait_child(master, Duration::from_secs(2)) {
+            if !wait_child(master, Duration::from_millis(100)) {
                 let _ = master.kill();
                 let _ = master.wait();
             }
         }
         kill_cluster_processes(&self.name);
         let _ = std::fs::remove_dir_all(ipcluster::paths::state_dir(&self.name));
+        // Never panic while unwinding: that aborts the test binary.
+        if let Some(message) = failure
+            && !panicking
+        {
+            panic!("{message}\n{}", self.logs());
+        }
     }
 }
 
@@ -519,8 +592,15 @@ impl DemoStream {
 }
 
 /// Nothing of `cluster` is left: no state directory, no pin folder, no
-/// iptables chain, no process. Returns what is left, described.
+/// iptables chain or jump, no process, no eBPF object of the maps pinned for
+/// it now. Returns what is left, described.
 pub fn leftovers(cluster: &str) -> Vec<String> {
+    leftovers_with(cluster, &crate::bpf_objects::pinned_map_ids(cluster))
+}
+
+/// [`leftovers`], also looking for the eBPF objects of the maps `map_ids`
+/// (remembered while the cluster ran).
+pub fn leftovers_with(cluster: &str, map_ids: &BTreeSet<u32>) -> Vec<String> {
     let mut left = Vec::new();
     let state = ipcluster::paths::state_dir(cluster);
     if state.exists() {
@@ -534,7 +614,7 @@ pub fn leftovers(cluster: &str) -> Vec<String> {
     for tool in ["iptables-save", "ip6tables-save"] {
         if let Ok(out) = Command::new(tool).args(["-t", "nat"]).output() {
             let text = String::from_utf8_lossy(&out.stdout);
-            if let Some(line) = text.lines().find(|l| l.contains(&chain)) {
+            for line in text.lines().filter(|l| l.contains(&chain)) {
                 left.push(format!("{tool}: {line}"));
             }
         }
@@ -543,6 +623,7 @@ pub fn leftovers(cluster: &str) -> Vec<String> {
     if !procs.is_empty() {
         left.push(format!("processes {procs:?}"));
     }
+    left.extend(crate::bpf_objects::leftovers(map_ids));
     left
 }
 
@@ -561,4 +642,139 @@ pub fn nice_of(pid: i32) -> Option<i64> {
         .nth(16)?
         .parse()
         .ok()
+}
+
+/// One line of a watched `/stream`: when it arrived, who sent it, its sequence number.
+#[derive(Clone, Debug)]
+pub struct StreamLine {
+    pub at: Instant,
+    pub reply: DemoReply,
+    pub seq: u64,
+}
+
+/// A demo `/stream` read continuously by its own thread, every line kept,
+/// until [`StreamWatch::finish`]: what a client saw, line by line, through
+/// whatever the test does meanwhile.
+pub struct StreamWatch {
+    pub first: DemoReply,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    reader: std::thread::JoinHandle<(Vec<StreamLine>, Option<String>)>,
+}
+
+/// What a watched stream received.
+#[derive(Debug)]
+pub struct StreamRecord {
+    pub first: DemoReply,
+    pub lines: Vec<StreamLine>,
+    /// Why reading stopped before `finish`, if it did (reset, end, timeout).
+    pub error: Option<String>,
+}
+
+impl StreamWatch {
+    /// Open `/stream` from `source` and start reading it.
+    pub fn open(source: IpAddr, target: SocketAddr) -> std::io::Result<StreamWatch> {
+        let mut stream = DemoStream::open(source, target)?;
+        let first = stream.first.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let reader = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut lines = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    match stream.next_line() {
+                        Ok((reply, seq)) => lines.push(StreamLine {
+                            at: Instant::now(),
+                            reply,
+                            seq,
+                        }),
+                        Err(e) => return (lines, Some(e.to_string())),
+                    }
+                }
+                (lines, None)
+            })
+        };
+        Ok(StreamWatch {
+            first,
+            stop,
+            reader,
+        })
+    }
+
+    /// Stop reading (the connection closes) and return what was received.
+    pub fn finish(self) -> StreamRecord {
+        self.stop.store(true, Ordering::Relaxed);
+        let (lines, error) = self
+            .reader
+            .join()
+            .unwrap_or_else(|_| (Vec::new(), Some("the reader thread panicked".into())));
+        StreamRecord {
+            first: self.first,
+            lines,
+            error,
+        }
+    }
+}
+
+impl StreamRecord {
+    /// Every problem with this stream over `[since, until]`: it must not have
+    /// broken, every line must come from the worker that sent the first one
+    /// with consecutive sequence numbers, and lines must have kept arriving
+    /// after `since` up to `until` (the demo worker writes one every 100 ms;
+    /// a silence of 2 s, or none in the last second, is a stall).
+    pub fn problems(&self, since: Instant, until: Instant) -> Vec<String> {
+        let who = format!("stream from {}", self.first.client);
+        let mut problems = Vec::new();
+        if let Some(e) = &self.error {
+            problems.push(format!(
+                "{who} broke after {} lines: {e}",
+                self.lines.len()
+            ));
+        }
+        let mut previous: Option<&StreamLine> = None;
+        for line in &self.lines {
+            if line.reply.pid != self.first.pid || line.reply.generation != self.first.generation
+            {
+                problems.push(format!(
+                    "{who}: line {} came from {:?}, the stream started on pid {} generation {}",
+                    line.seq, line.reply, self.first.pid, self.first.generation
+                ));
+            }
+            if let Some(p) = previous
+                && line.seq != p.seq + 1
+            {
+                problems.push(format!("{who}: seq jumped from {} to {}", p.seq, line.seq));
+            }
+            previous = Some(line);
+        }
+        let after: Vec<Instant> = self
+            .lines
+            .iter()
+            .map(|l| l.at)
+            .filter(|&at| at > since)
+            .collect();
+        let mut checkpoints = vec![since];
+        checkpoints.extend(after.iter().copied());
+        checkpoints.push(until);
+        if let Some(gap) = checkpoints
+            .windows(2)
+            .map(|w| w[1].saturating_duration_since(w[0]))
+            .max()
+            && gap > Duration::from_secs(2)
+        {
+            problems.push(format!(
+                "{who}: no line for {gap:?} between the switch and the end ({} lines after the switch)",
+                after.len()
+            ));
+        }
+        if after
+            .last()
+            .is_none_or(|&last| until.saturating_duration_since(last) > Duration::from_secs(1))
+        {
+            problems.push(format!(
+                "{who}: nothing received in the last second before the end ({} lines after the switch)",
+                after.len()
+            ));
+        }
+        problems
+    }
 }

@@ -181,6 +181,20 @@ pub fn echo_across_publish(
                     if let Err(e) = conv.echo(&format!("round {round} from {}", conv.source())) {
                         errors.push(format!("{} round {round}: {e}", conv.source()));
                     }
+                    // After the flip, ask who answers: still the worker that
+                    // greeted the connection.
+                    if was_flipped {
+                        match conv.current_worker_port() {
+                            Ok(port) if port == conv.worker_port() => {}
+                            Ok(port) => errors.push(format!(
+                                "{} round {round}: answered by worker {port} after the flip, \
+                                 opened on worker {}",
+                                conv.source(),
+                                conv.worker_port()
+                            )),
+                            Err(e) => errors.push(format!("{} round {round}: {e}", conv.source())),
+                        }
+                    }
                 }
                 if was_flipped {
                     after_flip.fetch_add(1, Ordering::Relaxed);
@@ -249,8 +263,11 @@ pub fn flip_under_open_connections(factory: Factory) {
     for conv in open.iter_mut() {
         conv.echo("after the new connections")
             .expect("old connection still alive");
+        let now = conv
+            .current_worker_port()
+            .expect("old connection answers who serves it");
         assert_eq!(
-            Some(conv.worker_port()),
+            Some(now),
             old.worker_port_for(0, conv.source()),
             "{} stays on its old worker",
             conv.source()

@@ -8,16 +8,20 @@
 //!   like a different client host), with timeouts.
 //! - [`worker`]: a tiny threaded TCP server standing in for a worker: greets
 //!   each connection with its port, then echoes lines.
+//! - [`bpf_objects`]: a cluster's eBPF maps, programs and links, from the kernel.
 //! - [`guard`]: run cleanup on drop, even when the test panics.
+//! - [`reload`]: load during a reload, every answer kept and checked per band.
 //! - [`netns`]: network namespaces (test hosts) joined by veth pairs, removed on drop.
 //! - [`conformance`]: the backend-agnostic steering suite, run by
 //!   `tests/conformance_<backend>.rs`.
 
+pub mod bpf_objects;
 pub mod client;
 pub mod cluster;
 pub mod conformance;
 pub mod guard;
 pub mod netns;
+pub mod reload;
 pub mod unique;
 pub mod worker;
 

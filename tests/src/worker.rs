@@ -1,5 +1,6 @@
 //! A stand-in worker: a threaded TCP server on one port that greets every
-//! connection with `worker <port>\n`, then echoes each line it receives.
+//! connection with `worker <port>\n`, then echoes each line it receives
+//! (except `?who`, answered with the greeting again).
 //! Dropping it closes the listener and every open connection.
 
 use std::collections::HashMap;
@@ -12,6 +13,10 @@ use std::time::Duration;
 
 /// Start of the greeting line; the port follows.
 pub const GREETING_PREFIX: &str = "worker ";
+
+/// A line the worker answers with its greeting again instead of echoing it:
+/// which worker holds this connection *now*.
+pub const WHO_ARE_YOU: &str = "?who";
 
 pub struct Worker {
     port: u16,
@@ -133,6 +138,10 @@ fn serve(mut stream: TcpStream, port: u16) -> io::Result<()> {
         if reader.read_line(&mut line)? == 0 {
             return Ok(());
         }
-        stream.write_all(line.as_bytes())?;
+        if line.trim_end() == WHO_ARE_YOU {
+            stream.write_all(format!("{GREETING_PREFIX}{port}\n").as_bytes())?;
+        } else {
+            stream.write_all(line.as_bytes())?;
+        }
     }
 }

@@ -141,9 +141,14 @@ fn flip_under_open_connections(what: &str, flow_entries: u32) -> ipcluster::stee
     );
     for conv in open.iter_mut() {
         conv.echo("still there").expect("old connection alive");
+        let now = conv
+            .current_worker_port()
+            .expect("old connection answers who serves it");
         assert_eq!(
-            Some(conv.worker_port()),
-            old.worker_port_for(0, conv.source())
+            Some(now),
+            old.worker_port_for(0, conv.source()),
+            "{} stays on its old worker",
+            conv.source()
         );
     }
     steering.counters().expect("counters")
@@ -231,21 +236,57 @@ fn teardown_removes_links_pins_and_folder() {
         steering.publish(&cluster.table(0, 2)).expect("publish");
     }
     assert!(!leftovers(&cluster.config.cluster).is_empty());
+    // What the kernel holds for this cluster, found from its maps' ids: the
+    // checks below must see it while it is installed, or they check nothing.
+    let map_ids = ipcluster_tests::bpf_objects::pinned_map_ids(&cluster.config.cluster);
+    assert_eq!(map_ids.len(), map_names::ALL.len(), "{map_ids:?}");
+    let installed = ipcluster_tests::bpf_objects::leftovers(&map_ids);
+    let programs = programs_on_lo_using(&map_ids);
+    assert_eq!(programs.len(), 2, "ingress and egress on lo: {programs:?}");
+    assert!(
+        installed.iter().filter(|l| l.starts_with("link ")).count() >= 2,
+        "the tcx links are visible: {installed:?}"
+    );
+
     // As `ipcluster stop` does it: a fresh object.
     cluster.backend().teardown().expect("teardown");
     let left = leftovers(&cluster.config.cluster);
     assert!(left.is_empty(), "left behind: {left:?}");
     assert!(!pin_dir(&cluster.config.cluster).exists());
-    let net = Command::new("bpftool")
-        .args(["net", "show", "dev", "lo"])
-        .output()
-        .expect("run bpftool");
-    let text = String::from_utf8_lossy(&net.stdout);
-    let ids = ebpf_support::cluster_map_ids(&cluster.config.cluster);
-    assert!(!ids.is_empty());
+    // No link, program or map of the cluster left in the kernel (freed after an
+    // RCU grace period: allow a moment), and nothing attached to lo.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut kernel_left = ipcluster_tests::bpf_objects::leftovers(&map_ids);
+    while !kernel_left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        kernel_left = ipcluster_tests::bpf_objects::leftovers(&map_ids);
+    }
+    assert!(
+        kernel_left.is_empty(),
+        "teardown left in the kernel: {kernel_left:?}"
+    );
+    // (bpftool 7.1's `net show` does not list tcx programs: ask the kernel.)
+    let attached: Vec<u32> = ebpf_support::tcx_programs("lo")
+        .into_iter()
+        .map(|(_, id, _, _)| id)
+        .collect();
+    for id in &programs {
+        assert!(
+            !attached.contains(id),
+            "program {id} is still attached to lo"
+        );
+    }
     assert_eq!(cluster.backend().read_table().expect("read"), None);
     cluster.backend().teardown().expect("a second teardown");
-    println!("bpftool net show dev lo after teardown:\n{text}");
+}
+
+/// Ids of the loaded programs that use any of `map_ids`, among those attached to lo.
+fn programs_on_lo_using(map_ids: &std::collections::BTreeSet<u32>) -> Vec<u32> {
+    ebpf_support::tcx_programs("lo")
+        .into_iter()
+        .filter(|(_, _, _, maps)| maps.iter().any(|m| map_ids.contains(m)))
+        .map(|(_, id, _, _)| id)
+        .collect()
 }
 
 #[test]

@@ -7,10 +7,10 @@
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipcluster_tests::cluster::{
-    Cluster, ClusterSpec, demo_get, ipcluster, leftovers, live_workers,
+    Cluster, ClusterSpec, DemoStream, demo_get, ipcluster, leftovers, live_workers, workers_in,
 };
 use ipcluster_tests::unique::{Ports, cluster_name};
 use ipcluster_tests::{loopback_client, require_root};
@@ -114,7 +114,10 @@ fn control_socket_garbage(backend: &str) {
     let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
     let mut cluster = Cluster::start(
         &cluster_name(&format!("garbage-{backend}")),
-        ClusterSpec::demo(backend, 2, listen),
+        ClusterSpec {
+            flags: vec!["--monitor-interval".into(), "200ms".into()],
+            ..ClusterSpec::demo(backend, 2, listen)
+        },
     );
     let before = cluster.status();
     let pids: Vec<_> = live_workers(&before, Some(1))
@@ -152,7 +155,36 @@ fn control_socket_garbage(backend: &str) {
     // Half a line, then hang up.
     let _ = send(b"{\"type\":\"ping\"");
 
-    std::thread::sleep(Duration::from_millis(300));
+    // Synchronise on what the master did, not on a sleep: it logged every kind
+    // of garbage, then ran two monitor passes (each one where a retirement would
+    // be decided) — seen as a stream opened after the garbage counted in
+    // `status`, then no longer counted once closed.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let wanted = ["not JSON", "longer than", "not a process of a worker"];
+    while !wanted.iter().all(|w| cluster.master_log(1).contains(w)) {
+        assert!(
+            Instant::now() < deadline,
+            "the master did not log every kind of garbage: {wanted:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let stream = DemoStream::open(loopback_client(2), listen).expect("open /stream");
+    let worker_pid = i64::from(stream.first.pid);
+    let connections_of = |cluster: &Cluster| {
+        let status = cluster.status();
+        status["workers"]
+            .as_array()
+            .and_then(|ws| ws.iter().find(|w| w["pid"] == worker_pid).cloned())
+            .and_then(|w| w["connections"].as_u64())
+    };
+    wait_until(&cluster, "a monitor pass counts the stream", || {
+        connections_of(&cluster) == Some(1)
+    });
+    drop(stream);
+    wait_until(&cluster, "a later monitor pass sees it closed", || {
+        connections_of(&cluster) == Some(0)
+    });
     assert!(
         !cluster.master_exited(1),
         "the master died\n{}",
@@ -164,12 +196,25 @@ fn control_socket_garbage(backend: &str) {
         .map(|w| w["pid"].clone())
         .collect();
     assert_eq!(pids, pids_after, "the workers changed: {after}");
+    assert!(
+        workers_in(&after, "retired", None).is_empty(),
+        "the spoofed request_retire retired a worker: {after}"
+    );
     demo_get(loopback_client(2), listen).expect("still serving");
-    let log = cluster.master_log(1);
-    assert!(log.contains("not JSON"), "{log}");
-    assert!(log.contains("longer than"), "{log}");
-    assert!(log.contains("not a process of a worker"), "{log}");
     cluster.stop();
+}
+
+/// Poll `condition` every 20 ms for up to 10 s; panic with the logs otherwise.
+fn wait_until(cluster: &Cluster, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !condition() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within 10 s\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 ipcluster_tests::for_both_backends!(

@@ -1,32 +1,25 @@
 //! End-to-end: reload under load. Clients from 32 addresses connect
-//! continuously while a second master starts: no connection may fail; 16
-//! long-lived `/stream` connections opened before the reload keep receiving
-//! from their old worker; afterwards every band's new connections reach the
-//! new generation, the old master has exited and the old workers are reniced.
+//! continuously while a second master starts: no connection may fail, each is
+//! answered by its band's worker of the old or the new generation, and all
+//! bands switch at once (no connection reaches generation 1 after another
+//! one got generation 2); 16 long-lived `/stream` connections opened before
+//! the reload keep receiving from their old worker from the switch to the end
+//! of the test; afterwards every band's new connections reach the new
+//! generation, the old master has exited and the old workers are reniced.
 //! Root, one test thread: `cargo test -p ipcluster-tests --test master_reload -- --test-threads=1`
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ipcluster::steering::band_of;
 use ipcluster_tests::cluster::{
-    Cluster, ClusterSpec, DemoStream, demo_get, live_workers, nice_of, workers_in,
+    Cluster, ClusterSpec, StreamWatch, demo_get, live_workers, nice_of, workers_in,
 };
+use ipcluster_tests::reload::{Generation, Load, check_samples};
 use ipcluster_tests::loopback_client;
 use ipcluster_tests::unique::{Ports, cluster_name};
 
 const WORKERS: u32 = 4;
-
-#[derive(Default)]
-struct Load {
-    attempted: AtomicU64,
-    failed: AtomicU64,
-    new_generation: AtomicU64,
-    stop: AtomicBool,
-}
 
 fn reload_under_load(backend: &str) {
     let ports = Ports::reserve(1);
@@ -36,121 +29,83 @@ fn reload_under_load(backend: &str) {
         ClusterSpec::demo(backend, WORKERS, listen),
     );
     let before = cluster.status();
-    let old_pids: Vec<i64> = live_workers(&before, Some(1))
-        .iter()
-        .filter_map(|w| w["pid"].as_i64())
-        .collect();
+    let old = Generation::from_status(&before, 1, WORKERS);
+    assert_eq!(old.pid_by_band.len(), WORKERS as usize, "{before}");
 
-    // 16 long-lived streams from 127.0.0.100…115, opened before the reload.
-    let mut streams: Vec<DemoStream> = (100..116)
+    // 16 long-lived streams from 127.0.0.100…115, opened before the reload and
+    // read line by line until the end of the test.
+    let streams: Vec<StreamWatch> = (100..116)
         .map(|n| {
-            DemoStream::open(loopback_client(n), listen).unwrap_or_else(|e| {
+            StreamWatch::open(loopback_client(n), listen).unwrap_or_else(|e| {
                 panic!("open /stream from 127.0.0.{n}: {e}\n{}", cluster.logs())
             })
         })
         .collect();
-    let opened = Instant::now();
+    for s in &streams {
+        assert_eq!(s.first.generation, 1, "{:?}", s.first);
+    }
 
-    // Continuous load from 32 addresses (127.0.0.2…33), four threads.
-    let load = Arc::new(Load::default());
-    let errors = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
-    let threads: Vec<_> = (0..4u8)
-        .map(|t| {
-            let (load, errors) = (load.clone(), errors.clone());
-            std::thread::spawn(move || {
-                let mut i = 0u8;
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while !load.stop.load(Ordering::Relaxed) && Instant::now() < deadline {
-                    let client = loopback_client(2 + t * 8 + i % 8);
-                    i = i.wrapping_add(1);
-                    load.attempted.fetch_add(1, Ordering::Relaxed);
-                    match demo_get(client, listen) {
-                        Ok(reply) if reply.generation == 2 => {
-                            load.new_generation.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(_) => {}
-                        Err(e) => {
-                            load.failed.fetch_add(1, Ordering::Relaxed);
-                            if let Ok(mut errors) = errors.lock() {
-                                errors.push(format!("{client}: {e}"));
-                            }
-                        }
-                    }
-                }
-            })
-        })
-        .collect();
+    // Continuous load from 32 addresses (127.0.0.2…33), four threads; every
+    // answer is kept.
+    let clients: Vec<_> = (2..34).map(loopback_client).collect();
+    let load = Load::start(&clients, 4, listen);
     std::thread::sleep(Duration::from_millis(500));
-    let attempted_before = load.attempted.load(Ordering::Relaxed);
 
     let reload_started = Instant::now();
     cluster.start_master();
     let after = cluster.wait_generation_live(2, Duration::from_secs(30));
     let reload_time = reload_started.elapsed();
     std::thread::sleep(Duration::from_millis(1000));
-    load.stop.store(true, Ordering::Relaxed);
-    for t in threads {
-        let _ = t.join();
-    }
-    let attempted = load.attempted.load(Ordering::Relaxed);
-    let failed = load.failed.load(Ordering::Relaxed);
+    let samples = load.finish();
+    let new = Generation::from_status(&after, 2, WORKERS);
+    assert_eq!(new.pid_by_band.len(), WORKERS as usize, "{after}");
+    let verdict = check_samples(&samples, &old, &new);
+    let during = samples
+        .iter()
+        .filter(|s| s.started >= reload_started)
+        .count();
     println!(
         "reload ({backend}): generation 2 live {reload_time:?} after the second master started; \
-         {attempted} connections attempted ({} during the reload window), {failed} failed, {} reached generation 2",
-        attempted - attempted_before,
-        load.new_generation.load(Ordering::Relaxed)
+         {} connections ({during} from the reload on): {} answered by generation 1, {} by generation 2, \
+         {} problems",
+        samples.len(),
+        verdict.answered_by_old,
+        verdict.answered_by_new,
+        verdict.problems.len()
     );
-    assert_eq!(
-        failed,
-        0,
-        "connections failed during the reload: {:?}\n{}",
-        errors
-            .lock()
-            .map(|e| e.iter().take(10).cloned().collect::<Vec<_>>())
-            .unwrap_or_default(),
+    assert!(
+        verdict.problems.is_empty(),
+        "{} of {} requests went wrong during the reload, first ones:\n  {}\n{}",
+        verdict.problems.len(),
+        samples.len(),
+        verdict
+            .problems
+            .iter()
+            .take(10)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  "),
         cluster.logs()
     );
-    assert!(attempted > 100, "the load ran: {attempted} connections");
-
-    // The streams still come from their old worker, and are current.
-    for stream in &mut streams {
-        let expected_seq = (opened.elapsed().as_millis() / 100) as u64;
-        let mut last_seq = 0;
-        while last_seq + 15 < expected_seq {
-            let (reply, seq) = stream.next_line().unwrap_or_else(|e| {
-                panic!(
-                    "stream from {} broke: {e}\n{}",
-                    stream.first.client,
-                    cluster.logs()
-                )
-            });
-            assert_eq!(
-                reply.pid, stream.first.pid,
-                "a stream moved to another worker"
-            );
-            last_seq = seq;
-        }
-        assert_eq!(stream.first.generation, 1);
-    }
+    assert!(
+        verdict.answered_by_old > 0 && verdict.answered_by_new > 0,
+        "the load saw both generations: {verdict:?}"
+    );
+    let switched_at = verdict
+        .switched_at
+        .expect("some request reached generation 2");
 
     // New connections: generation 2, on every band.
-    let new_by_band: HashMap<u64, i64> = live_workers(&after, Some(2))
-        .iter()
-        .map(|w| {
-            (
-                w["band"].as_u64().unwrap_or(99),
-                w["pid"].as_i64().unwrap_or(0),
-            )
-        })
-        .collect();
-    assert_eq!(new_by_band.len(), WORKERS as usize);
     for n in 2..34 {
         let client = loopback_client(n);
         let reply = demo_get(client, listen).expect("GET / after the reload");
         assert_eq!(reply.generation, 2, "{client} after the reload: {reply:?}");
         assert_eq!(
-            i64::from(reply.pid),
-            new_by_band[&u64::from(band_of(client, 0, WORKERS))]
+            Some(reply.pid),
+            new.pid_by_band
+                .get(&band_of(client, 0, WORKERS))
+                .copied(),
+            "{client} after the reload: {reply:?}"
         );
     }
 
@@ -166,14 +121,27 @@ fn reload_under_load(backend: &str) {
     );
     let retired = workers_in(&after, "retired", Some(1));
     assert_eq!(retired.len(), WORKERS as usize, "{after}");
-    for pid in old_pids {
-        let nice = nice_of(i32::try_from(pid).unwrap_or(0));
+    for pid in old.pid_by_band.values() {
+        let nice = nice_of(*pid);
         assert!(
             nice.is_some_and(|n| n >= 1),
             "old worker {pid} has nice {nice:?}"
         );
     }
-    drop(streams);
+
+    // The streams kept flowing from their generation-1 worker from the switch
+    // to now, without a gap.
+    let end = Instant::now();
+    let problems: Vec<String> = streams
+        .into_iter()
+        .flat_map(|s| s.finish().problems(switched_at, end))
+        .collect();
+    assert!(
+        problems.is_empty(),
+        "streams opened before the reload:\n  {}\n{}",
+        problems.join("\n  "),
+        cluster.logs()
+    );
     cluster.stop();
 }
 
