@@ -402,13 +402,18 @@ fn wildcard_listen_is_steered() {
 }
 
 /// On kernels without tcx the backend attaches netlink cls_bpf filters;
-/// forced here so the path is covered on a new kernel too.
+/// forced here so the path is covered on a new kernel too. Other clusters may
+/// have filters on `lo` at the same time: this test recognises its own by the
+/// program ids that use its maps, and removes the `clsact` qdisc only if it
+/// was not there before and holds no filter at the end (nobody else's).
 #[test]
 fn netlink_fallback_attaches_adopts_and_tears_down() {
     let cluster = Cluster::new("netlink", 1, 4, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let clsact_before = qdisc_has_clsact("lo");
     let _qdisc = ipcluster_tests::guard::defer(move || {
-        if !clsact_before {
+        let unused = filter_prog_ids("lo", "ingress").is_empty()
+            && filter_prog_ids("lo", "egress").is_empty();
+        if !clsact_before && unused {
             let _ = Command::new("tc")
                 .args(["qdisc", "del", "dev", "lo", "clsact"])
                 .status();
@@ -431,15 +436,39 @@ fn netlink_fallback_attaches_adopts_and_tears_down() {
     let dir = pin_dir(&cluster.config.cluster);
     // A symlink whose target is no path: check the link itself.
     assert!(std::fs::symlink_metadata(dir.join("netlink_ingress_lo")).is_ok());
-    assert!(filters_named("lo", "ingress", "ipcluster"));
+    let map_ids = ipcluster_tests::bpf_objects::pinned_map_ids(&cluster.config.cluster);
+    let ours = |direction: &str| -> Vec<u32> {
+        let mine = programs_using(&map_ids);
+        filter_prog_ids("lo", direction)
+            .into_iter()
+            .filter(|id| mine.contains(id))
+            .collect()
+    };
+    assert_eq!(ours("ingress").len(), 1, "our ingress filter on lo");
+    assert_eq!(ours("egress").len(), 1, "our egress filter on lo");
+    assert!(
+        ebpf_support::tcx_programs("lo")
+            .iter()
+            .all(|(_, _, _, maps)| !maps.iter().any(|m| map_ids.contains(m))),
+        "netlink mode attached a tcx program too"
+    );
 
     let mut second = netlink(cluster.config.clone());
     assert_eq!(second.install().expect("adopt"), Some(table.clone()));
     assert_none_wrong("netlink, adopted", &mismatches(&table, 0, &clients, 1));
+    assert_eq!(ours("ingress").len(), 1, "adoption replaced, not added");
+    assert_eq!(ours("egress").len(), 1, "adoption replaced, not added");
     second.teardown().expect("teardown");
     assert!(!dir.exists());
-    assert!(!filters_named("lo", "ingress", "ipcluster"));
-    assert!(!filters_named("lo", "egress", "ipcluster"));
+    assert!(ours("ingress").is_empty(), "our ingress filter is left");
+    assert!(ours("egress").is_empty(), "our egress filter is left");
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut left = ipcluster_tests::bpf_objects::leftovers(&map_ids);
+    while !left.is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        left = ipcluster_tests::bpf_objects::leftovers(&map_ids);
+    }
+    assert!(left.is_empty(), "teardown left in the kernel: {left:?}");
 }
 
 fn qdisc_has_clsact(iface: &str) -> bool {
@@ -450,12 +479,52 @@ fn qdisc_has_clsact(iface: &str) -> bool {
         .unwrap_or(false)
 }
 
-fn filters_named(iface: &str, direction: &str, name: &str) -> bool {
-    Command::new("tc")
-        .args(["filter", "show", "dev", iface, direction])
+/// Ids of the loaded programs that use any of `map_ids` (attached or not).
+fn programs_using(map_ids: &std::collections::BTreeSet<u32>) -> Vec<u32> {
+    aya::programs::loaded_programs()
+        .flatten()
+        .filter(|p| {
+            p.map_ids()
+                .ok()
+                .flatten()
+                .unwrap_or_default()
+                .iter()
+                .any(|m| map_ids.contains(m))
+        })
+        .map(|p| p.id())
+        .collect()
+}
+
+/// Program ids of the tc filters on `iface` in `direction` (`tc -j filter show`).
+fn filter_prog_ids(iface: &str, direction: &str) -> Vec<u32> {
+    let Ok(out) = Command::new("tc")
+        .args(["-j", "filter", "show", "dev", iface, direction])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).contains(name))
-        .unwrap_or(false)
+    else {
+        return Vec::new();
+    };
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    let mut ids = Vec::new();
+    collect_prog_ids(&json, &mut ids);
+    ids
+}
+
+/// Every `"prog": {"id": N}` in a `tc -j` dump.
+fn collect_prog_ids(value: &serde_json::Value, ids: &mut Vec<u32>) {
+    match value {
+        serde_json::Value::Array(items) => items.iter().for_each(|v| collect_prog_ids(v, ids)),
+        serde_json::Value::Object(fields) => {
+            for (key, v) in fields {
+                if key == "prog"
+                    && let Some(id) = v["id"].as_u64().and_then(|id| u32::try_from(id).ok())
+                {
+                    ids.push(id);
+                }
+                collect_prog_ids(v, ids);
+            }
+        }
+        _ => {}
+    }
 }
 
 /// Publish time of a whole 256-band table (idle slot + flip), median of 21.
