@@ -328,6 +328,23 @@ impl Cluster {
         );
     }
 
+    /// For a test that ran `ipcluster stop` itself: check what [`Cluster::stop`]
+    /// checks (nothing left), and do not stop again on drop.
+    pub fn assert_stopped(&mut self) {
+        self.stopped = true;
+        for master in &mut self.masters {
+            let _ = wait_child(master, Duration::from_secs(5));
+        }
+        let left = self.leftovers_after_stop();
+        assert!(
+            left.is_empty(),
+            "`ipcluster stop --name {}` left behind:\n  {}\n{}",
+            self.name,
+            left.join("\n  "),
+            self.logs()
+        );
+    }
+
     /// What of this cluster is left, waiting up to 3 s for the kernel to free
     /// programs and maps (freed after an RCU grace period) and for the last
     /// signalled processes to be gone.
@@ -776,5 +793,63 @@ impl StreamRecord {
             ));
         }
         problems
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reply(pid: i32) -> DemoReply {
+        DemoReply {
+            band: 0,
+            pid,
+            generation: 1,
+            port: 0,
+            client: "127.0.0.2:40000".into(),
+        }
+    }
+
+    /// Lines every `every` ms from `t0`, seq from 0, from `pid`.
+    fn record(t0: Instant, every: u64, count: u64, pid: i32) -> StreamRecord {
+        StreamRecord {
+            first: reply(pid),
+            lines: (0..count)
+                .map(|seq| StreamLine {
+                    at: t0 + Duration::from_millis(every * seq),
+                    reply: reply(pid),
+                    seq,
+                })
+                .collect(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn a_flowing_stream_passes() {
+        let t0 = Instant::now();
+        let r = record(t0, 100, 50, 7);
+        let until = t0 + Duration::from_millis(4950);
+        assert!(r.problems(t0, until).is_empty(), "{:?}", r.problems(t0, until));
+    }
+
+    #[test]
+    fn a_stall_a_move_a_jump_and_a_break_are_caught() {
+        let t0 = Instant::now();
+        // Stalled: nothing after 1 s, the test ran 5 s.
+        let r = record(t0, 100, 10, 7);
+        assert!(!r.problems(t0, t0 + Duration::from_secs(5)).is_empty());
+        // A line from another worker.
+        let mut r = record(t0, 100, 50, 7);
+        r.lines[30].reply.pid = 8;
+        assert_eq!(r.problems(t0, t0 + Duration::from_millis(4950)).len(), 1);
+        // A sequence gap.
+        let mut r = record(t0, 100, 50, 7);
+        r.lines[30].seq = 99;
+        assert!(!r.problems(t0, t0 + Duration::from_millis(4950)).is_empty());
+        // Broken.
+        let mut r = record(t0, 100, 50, 7);
+        r.error = Some("reset".into());
+        assert_eq!(r.problems(t0, t0 + Duration::from_millis(4950)).len(), 1);
     }
 }

@@ -181,3 +181,91 @@ pub fn check_samples(samples: &[Sample], old: &Generation, new: &Generation) -> 
     }
     verdict
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn client(n: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(127, 0, 0, n))
+    }
+
+    fn generation(number: u64, pids: &[i32]) -> Generation {
+        Generation {
+            number,
+            workers: pids.len() as u32,
+            pid_by_band: pids
+                .iter()
+                .enumerate()
+                .map(|(b, &p)| (b as u32, p))
+                .collect(),
+        }
+    }
+
+    /// A request from 127.0.0.`n` started `at` ms after `t0`, lasting 1 ms,
+    /// answered by `generation`'s worker of band `band` (pid from `g`).
+    fn sample(t0: Instant, at: u64, n: u8, g: &Generation, band: u32) -> Sample {
+        let started = t0 + Duration::from_millis(at);
+        Sample {
+            client: client(n),
+            started,
+            ended: started + Duration::from_millis(1),
+            reply: Ok(DemoReply {
+                band,
+                pid: g.pid_by_band[&band],
+                generation: g.number,
+                port: 0,
+                client: format!("{}:40000", client(n)),
+            }),
+        }
+    }
+
+    #[test]
+    fn a_clean_switch_passes() {
+        let (old, new) = (generation(1, &[10, 11]), generation(2, &[20, 21]));
+        let t0 = Instant::now();
+        // 127.0.0.2 is band 0, 127.0.0.3 band 1 (of 2).
+        let samples = vec![
+            sample(t0, 0, 2, &old, 0),
+            sample(t0, 5, 3, &old, 1),
+            sample(t0, 10, 2, &new, 0),
+            sample(t0, 15, 3, &new, 1),
+        ];
+        let verdict = check_samples(&samples, &old, &new);
+        assert!(verdict.problems.is_empty(), "{verdict:?}");
+        assert_eq!((verdict.answered_by_old, verdict.answered_by_new), (2, 2));
+    }
+
+    #[test]
+    fn bands_switching_one_at_a_time_are_caught() {
+        let (old, new) = (generation(1, &[10, 11]), generation(2, &[20, 21]));
+        let t0 = Instant::now();
+        let samples = vec![
+            sample(t0, 10, 2, &new, 0),
+            // Band 1 still on generation 1, started after band 0 got generation 2.
+            sample(t0, 15, 3, &old, 1),
+        ];
+        let verdict = check_samples(&samples, &old, &new);
+        assert_eq!(verdict.problems.len(), 1, "{verdict:?}");
+        assert!(
+            verdict.problems[0].contains("did not switch at once"),
+            "{verdict:?}"
+        );
+    }
+
+    #[test]
+    fn another_bands_worker_or_a_failure_is_caught() {
+        let (old, new) = (generation(1, &[10, 11]), generation(2, &[20, 21]));
+        let t0 = Instant::now();
+        // 127.0.0.2 (band 0) answered by band 1's worker; one failure; one
+        // answer from a generation that is neither.
+        let mut wrong_band = sample(t0, 0, 2, &old, 1);
+        wrong_band.client = client(2);
+        let mut failed = sample(t0, 1, 3, &old, 1);
+        failed.reply = Err("connection reset".into());
+        let third = sample(t0, 2, 3, &generation(3, &[30, 31]), 1);
+        let verdict = check_samples(&[wrong_band, failed, third], &old, &new);
+        assert_eq!(verdict.problems.len(), 3, "{verdict:?}");
+    }
+}
