@@ -742,15 +742,11 @@ impl StreamRecord {
         let who = format!("stream from {}", self.first.client);
         let mut problems = Vec::new();
         if let Some(e) = &self.error {
-            problems.push(format!(
-                "{who} broke after {} lines: {e}",
-                self.lines.len()
-            ));
+            problems.push(format!("{who} broke after {} lines: {e}", self.lines.len()));
         }
         let mut previous: Option<&StreamLine> = None;
         for line in &self.lines {
-            if line.reply.pid != self.first.pid || line.reply.generation != self.first.generation
-            {
+            if line.reply.pid != self.first.pid || line.reply.generation != self.first.generation {
                 problems.push(format!(
                     "{who}: line {} came from {:?}, the stream started on pid {} generation {}",
                     line.seq, line.reply, self.first.pid, self.first.generation
@@ -830,7 +826,11 @@ mod tests {
         let t0 = Instant::now();
         let r = record(t0, 100, 50, 7);
         let until = t0 + Duration::from_millis(4950);
-        assert!(r.problems(t0, until).is_empty(), "{:?}", r.problems(t0, until));
+        assert!(
+            r.problems(t0, until).is_empty(),
+            "{:?}",
+            r.problems(t0, until)
+        );
     }
 
     #[test]

@@ -123,11 +123,7 @@ pub fn check_samples(samples: &[Sample], old: &Generation, new: &Generation) -> 
     let mut verdict = Verdict::default();
     verdict.switched_at = samples
         .iter()
-        .filter(|s| {
-            s.reply
-                .as_ref()
-                .is_ok_and(|r| r.generation == new.number)
-        })
+        .filter(|s| s.reply.as_ref().is_ok_and(|r| r.generation == new.number))
         .map(|s| s.ended)
         .min();
     for s in samples {

@@ -15,8 +15,8 @@ use ipcluster::steering::band_of;
 use ipcluster_tests::cluster::{
     Cluster, ClusterSpec, StreamWatch, demo_get, live_workers, nice_of, workers_in,
 };
-use ipcluster_tests::reload::{Generation, Load, check_samples};
 use ipcluster_tests::loopback_client;
+use ipcluster_tests::reload::{Generation, Load, check_samples};
 use ipcluster_tests::unique::{Ports, cluster_name};
 
 const WORKERS: u32 = 4;
@@ -102,9 +102,7 @@ fn reload_under_load(backend: &str) {
         assert_eq!(reply.generation, 2, "{client} after the reload: {reply:?}");
         assert_eq!(
             Some(reply.pid),
-            new.pid_by_band
-                .get(&band_of(client, 0, WORKERS))
-                .copied(),
+            new.pid_by_band.get(&band_of(client, 0, WORKERS)).copied(),
             "{client} after the reload: {reply:?}"
         );
     }
