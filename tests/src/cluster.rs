@@ -167,11 +167,25 @@ pub struct Cluster {
     map_ids: BTreeSet<u32>,
     /// `stop` was run and checked (by [`Cluster::stop`]).
     stopped: bool,
+    /// The network namespace every `ipcluster` command of this cluster runs
+    /// in (`nsenter --net`), if not the test's own.
+    netns: Option<PathBuf>,
 }
 
 impl Cluster {
     /// Start a master and wait until generation 1 is live on every band.
     pub fn start(name: &str, spec: ClusterSpec) -> Cluster {
+        Cluster::start_maybe_in(name, spec, None)
+    }
+
+    /// [`Cluster::start`] inside the network namespace `netns`
+    /// (`/run/netns/<name>`): the master, its workers, `status` and `stop` all
+    /// run there (through `nsenter --net`, so the bpffs pins stay shared).
+    pub fn start_in(name: &str, spec: ClusterSpec, netns: &Path) -> Cluster {
+        Cluster::start_maybe_in(name, spec, Some(netns))
+    }
+
+    fn start_maybe_in(name: &str, spec: ClusterSpec, netns: Option<&Path>) -> Cluster {
         crate::require_root();
         let log_dir = std::env::temp_dir().join("ipcluster-tests").join(name);
         let _ = std::fs::remove_dir_all(&log_dir);
@@ -184,6 +198,7 @@ impl Cluster {
             log_dir,
             map_ids: BTreeSet::new(),
             stopped: false,
+            netns: netns.map(Path::to_path_buf),
         };
         cluster.start_master();
         cluster.wait_generation_live(1, Duration::from_secs(30));
@@ -222,7 +237,8 @@ impl Cluster {
         let n = self.masters.len() + 1;
         let log =
             std::fs::File::create(self.log_dir.join(format!("master-{n}.log"))).expect("log file");
-        let child = Command::new(ipcluster_bin())
+        let child = self
+            .command()
             .args(self.run_args())
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
@@ -235,6 +251,33 @@ impl Cluster {
         pid
     }
 
+    /// The `ipcluster` binary, to run in this cluster's network namespace.
+    pub fn command(&self) -> Command {
+        match &self.netns {
+            Some(netns) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net={}", netns.display()))
+                    .arg("--")
+                    .arg(ipcluster_bin());
+                cmd
+            }
+            None => Command::new(ipcluster_bin()),
+        }
+    }
+
+    /// Run `ipcluster ARGS` in this cluster's network namespace, to completion.
+    pub fn ipcluster(&self, args: &[&str], timeout: Duration) -> Output {
+        let child = self
+            .command()
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start ipcluster");
+        wait_output(child, timeout, &format!("ipcluster {}", args.join(" ")))
+    }
+
     /// The log of master `n` (1-based).
     pub fn master_log(&self, n: usize) -> String {
         std::fs::read_to_string(self.log_dir.join(format!("master-{n}.log"))).unwrap_or_default()
@@ -242,7 +285,7 @@ impl Cluster {
 
     /// `status --json`, or the error output.
     pub fn try_status(&self) -> Result<Value, String> {
-        let out = ipcluster(
+        let out = self.ipcluster(
             &["status", "--name", &self.name, "--json"],
             Duration::from_secs(10),
         );
@@ -308,7 +351,7 @@ impl Cluster {
     pub fn stop(&mut self) {
         self.remember_kernel_objects();
         self.stopped = true;
-        let out = ipcluster(&["stop", "--name", &self.name], Duration::from_secs(60));
+        let out = self.ipcluster(&["stop", "--name", &self.name], Duration::from_secs(60));
         assert!(
             out.status.success(),
             "ipcluster stop failed: {}\n{}",
@@ -363,7 +406,7 @@ impl Cluster {
     /// pin folder, iptables chain and jumps, and the eBPF maps, programs and
     /// links of the maps it pinned while it ran. Empty after a good `stop`.
     pub fn leftovers(&self) -> Vec<String> {
-        leftovers_with(&self.name, &self.map_ids)
+        leftovers_in(&self.name, &self.map_ids, self.netns.as_deref())
     }
 
     /// Has master `n` (1-based) exited?
@@ -383,6 +426,41 @@ fn wait_child(child: &mut Child, timeout: Duration) -> bool {
     false
 }
 
+impl Cluster {
+    /// Steering that a failed test or a broken `stop` left (pins, links,
+    /// filters, the iptables chain): removed with a fresh backend object of
+    /// each kind, so no other test meets it. Errors are printed.
+    fn remove_steering_left(&self) {
+        use ipcluster::steering::{BackendKind, backend};
+        let chain = ipcluster::steering::iptables::chain_name(&self.name);
+        // In a test's own namespace, deleting the namespace removes its rules.
+        let chain_left = self.netns.is_none()
+            && leftovers_with(&self.name, &BTreeSet::new())
+                .iter()
+                .any(|l| l.contains(&chain));
+        let pins_left = ipcluster::paths::pin_dir(&self.name).exists();
+        if pins_left && self.netns.is_some() {
+            // The links live in the test's namespace: unpinning releases them,
+            // and a fresh backend here would look at the wrong interfaces.
+            let _ = std::fs::remove_dir_all(ipcluster::paths::pin_dir(&self.name));
+            return;
+        }
+        for (kind, left) in [
+            (BackendKind::Ebpf, pins_left),
+            (BackendKind::Iptables, chain_left),
+        ] {
+            if !left {
+                continue;
+            }
+            let config = crate::conformance::test_config(&self.name, self.spec.listens.clone());
+            match backend(kind, config).and_then(|mut b| b.teardown()) {
+                Ok(()) => eprintln!("cleanup: removed the {kind} steering left by {}", self.name),
+                Err(e) => eprintln!("cleanup: the {kind} steering of {}: {e}", self.name),
+            }
+        }
+    }
+}
+
 impl Drop for Cluster {
     fn drop(&mut self) {
         let panicking = std::thread::panicking();
@@ -393,7 +471,8 @@ impl Drop for Cluster {
         let mut failure = None;
         if !self.stopped {
             self.remember_kernel_objects();
-            let out = Command::new(ipcluster_bin())
+            let out = self
+                .command()
                 .args(["stop", "--name", &self.name])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
@@ -427,6 +506,7 @@ impl Drop for Cluster {
         }
         kill_cluster_processes(&self.name);
         let _ = std::fs::remove_dir_all(ipcluster::paths::state_dir(&self.name));
+        self.remove_steering_left();
         // Never panic while unwinding: that aborts the test binary.
         if let Some(message) = failure
             && !panicking
@@ -618,6 +698,12 @@ pub fn leftovers(cluster: &str) -> Vec<String> {
 /// [`leftovers`], also looking for the eBPF objects of the maps `map_ids`
 /// (remembered while the cluster ran).
 pub fn leftovers_with(cluster: &str, map_ids: &BTreeSet<u32>) -> Vec<String> {
+    leftovers_in(cluster, map_ids, None)
+}
+
+/// [`leftovers_with`], reading the iptables rules of the network namespace
+/// `netns` (`/run/netns/<name>`) instead of the test's own.
+pub fn leftovers_in(cluster: &str, map_ids: &BTreeSet<u32>, netns: Option<&Path>) -> Vec<String> {
     let mut left = Vec::new();
     let state = ipcluster::paths::state_dir(cluster);
     if state.exists() {
@@ -629,7 +715,17 @@ pub fn leftovers_with(cluster: &str, map_ids: &BTreeSet<u32>) -> Vec<String> {
     }
     let chain = ipcluster::steering::iptables::chain_name(cluster);
     for tool in ["iptables-save", "ip6tables-save"] {
-        if let Ok(out) = Command::new(tool).args(["-t", "nat"]).output() {
+        let mut cmd = match netns {
+            Some(netns) => {
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net={}", netns.display()))
+                    .arg("--")
+                    .arg(tool);
+                cmd
+            }
+            None => Command::new(tool),
+        };
+        if let Ok(out) = cmd.args(["-t", "nat"]).output() {
             let text = String::from_utf8_lossy(&out.stdout);
             for line in text.lines().filter(|l| l.contains(&chain)) {
                 left.push(format!("{tool}: {line}"));

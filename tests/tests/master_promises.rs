@@ -8,7 +8,8 @@
 //! - SIGTERM to the master leaves traffic flowing; the next `run` adopts it.
 //! - `stop` escalates to SIGKILL after `--soft-kill-timeout` for workers that
 //!   ignore SIGTERM.
-//! - Several `--listen` addresses; `--band-shift`.
+//! - Several `--listen` addresses; `--band-shift`; an IPv6 listen reached from
+//!   eight IPv6 client addresses inside a test namespace.
 //! - Aware workers: `retire` reaches them; `--retired-idle-exit` ends idle
 //!   retired workers but not one with an open connection; `busy` gets a worker
 //!   replaced; a hello claiming another band or generation does not change the
@@ -720,7 +721,8 @@ ipcluster_tests::for_both_backends!(
     sigterm_to_the_master,
     stop_escalates_to_sigkill,
     several_listen_addresses,
-    band_shift
+    band_shift,
+    ipv6_listen_with_several_client_addresses
 );
 
 mod ebpf_only {
@@ -743,4 +745,67 @@ mod ebpf_only {
     fn admin_requests_from_non_root_are_refused() {
         super::admin_requests_from_non_root_are_refused();
     }
+}
+
+// ---- IPv6 ---------------------------------------------------------------------------
+
+/// A cluster listening on an IPv6 address inside a test namespace, reached from
+/// eight IPv6 client addresses added there: each client reaches its band's
+/// worker (band from the last bytes of the address), every time.
+fn ipv6_listen_with_several_client_addresses(backend: &str) {
+    use ipcluster_tests::netns::NetNs;
+    use std::net::Ipv6Addr;
+    let host = NetNs::new("v6host");
+    let listen_ip: Ipv6Addr = "fd00:1c::1".parse().expect("an IPv6 address");
+    let clients: Vec<IpAddr> = (2..10u16)
+        .map(|i| IpAddr::V6(Ipv6Addr::new(0xfd00, 0x1c, 0, 0, 0, 0, 0, i)))
+        .collect();
+    for ip in std::iter::once(IpAddr::V6(listen_ip)).chain(clients.iter().copied()) {
+        host.ip(&[
+            "-6",
+            "addr",
+            "add",
+            &format!("{ip}/128"),
+            "dev",
+            "lo",
+            "nodad",
+        ]);
+    }
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::new(IpAddr::V6(listen_ip), ports.get(0));
+    let mut cluster = Cluster::start_in(
+        &cluster_name(&format!("v6-{backend}")),
+        ClusterSpec::demo(backend, 4, listen),
+        &host.path(),
+    );
+    let status = cluster.status();
+    let by_band = Generation::from_status(&status, 1, 4).pid_by_band;
+    let mut bands = std::collections::BTreeSet::new();
+    let replies: Vec<(IpAddr, std::io::Result<DemoReply>)> = host.run(|| {
+        clients
+            .iter()
+            .flat_map(|&c| [c, c])
+            .map(|c| (c, demo_get(c, listen)))
+            .collect()
+    });
+    for (client, reply) in replies {
+        let reply =
+            reply.unwrap_or_else(|e| panic!("GET / from [{client}]: {e}\n{}", cluster.logs()));
+        let band = band_of(client, 0, 4);
+        bands.insert(band);
+        assert_eq!(
+            (reply.band, reply.pid),
+            (band, by_band[&band]),
+            "[{client}] -> {listen}: {reply:?}"
+        );
+        assert!(
+            reply.client.contains(&client.to_string()),
+            "the worker saw [{client}] as {}",
+            reply.client
+        );
+    }
+    assert_eq!(bands.len(), 4, "the clients cover every band: {bands:?}");
+    cluster.stop();
+    drop(cluster);
+    drop(host);
 }
