@@ -120,12 +120,14 @@ pub struct Verdict {
 /// or the new generation, and nobody reaching the old generation after the
 /// first answer from the new one.
 pub fn check_samples(samples: &[Sample], old: &Generation, new: &Generation) -> Verdict {
-    let mut verdict = Verdict::default();
-    verdict.switched_at = samples
-        .iter()
-        .filter(|s| s.reply.as_ref().is_ok_and(|r| r.generation == new.number))
-        .map(|s| s.ended)
-        .min();
+    let mut verdict = Verdict {
+        switched_at: samples
+            .iter()
+            .filter(|s| s.reply.as_ref().is_ok_and(|r| r.generation == new.number))
+            .map(|s| s.ended)
+            .min(),
+        ..Verdict::default()
+    };
     for s in samples {
         let reply = match &s.reply {
             Ok(reply) => reply,
