@@ -13,7 +13,8 @@
 //! - Aware workers: `retire` reaches them; `--retired-idle-exit` ends idle
 //!   retired workers but not one with an open connection; `busy` gets a worker
 //!   replaced; a hello claiming another band or generation does not change the
-//!   master's view.
+//!   master's view; `--kill-strategy` decides which retired worker is asked to
+//!   die above the low watermark (the idle one by default, the oldest with `time`).
 //! - Admin requests (`stop`, `kill-retired`) from a non-root user are refused.
 //!
 //! Root, one test thread:
@@ -742,6 +743,11 @@ mod ebpf_only {
     }
 
     #[test]
+    fn kill_strategy_decides_who_is_asked_to_die() {
+        super::kill_strategy_decides_who_is_asked_to_die();
+    }
+
+    #[test]
     fn admin_requests_from_non_root_are_refused() {
         super::admin_requests_from_non_root_are_refused();
     }
@@ -808,4 +814,144 @@ fn ipv6_listen_with_several_client_addresses(backend: &str) {
     cluster.stop();
     drop(cluster);
     drop(host);
+}
+
+// ---- --kill-strategy ------------------------------------------------------------------
+
+/// Start time of `pid` (field 22 of /proc/<pid>/stat, clock ticks since boot).
+fn start_time(pid: i64) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(19)?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0)
+}
+
+/// Two retired workers hold 100 MiB each, which puts the cluster between the
+/// watermarks; asking one of them to die is enough. The older one has an open
+/// connection, the younger one none. `conn-rss-time` (the default) asks the
+/// younger, idle one; `time` asks the oldest, connection or not. The other one
+/// keeps running. Returns (the older one was asked, the younger one was asked).
+fn who_is_asked_to_die(strategy: Option<&str>) -> (bool, bool) {
+    const LIMIT_MIB: u64 = 256;
+    let ports = Ports::reserve(1);
+    let listen = listen_on(&ports, 0);
+    let limit = format!("{LIMIT_MIB}MiB");
+    let mut flags = vec![
+        "--cluster-memory-limit",
+        &limit,
+        "--monitor-interval",
+        "200ms",
+        "--retired-idle-exit",
+        "10m",
+    ];
+    if let Some(strategy) = strategy {
+        flags.extend(["--kill-strategy", strategy]);
+    }
+    let mut cluster = Cluster::start(
+        &cluster_name(&format!("strategy-{}", strategy.unwrap_or("default"))),
+        aware_spec("ebpf", 2, listen, &flags),
+    );
+    // Retire both generation-1 workers (they ask for it themselves).
+    let first = cluster.status();
+    let retired: Vec<(i64, u64)> = live_workers(&first, Some(1))
+        .iter()
+        .map(|w| {
+            (
+                w["pid"].as_i64().unwrap_or(0),
+                w["port"].as_u64().unwrap_or(0),
+            )
+        })
+        .collect();
+    assert_eq!(retired.len(), 2, "{first}");
+    for &(_, port) in &retired {
+        let v =
+            get_json(loopback_client(1), direct(port), "/retire?reason=test").expect("GET /retire");
+        assert_eq!(v["retire_requested"], true, "{v}");
+    }
+    wait_for(
+        &cluster,
+        Duration::from_secs(10),
+        "both retired and replaced",
+        || {
+            let status = cluster.status();
+            (workers_in(&status, "retired", Some(1)).len() == 2
+                && live_workers(&status, Some(1)).len() == 2)
+                .then_some(())
+        },
+    );
+    let (older, younger) = if start_time(retired[0].0) <= start_time(retired[1].0) {
+        (retired[0], retired[1])
+    } else {
+        (retired[1], retired[0])
+    };
+    // The older one holds an open connection.
+    let mut held = ipcluster_tests::client::connect_from(loopback_client(1), direct(older.1))
+        .expect("connect to the older retired worker");
+    write!(held, "GET /stream HTTP/1.1\r\nHost: test\r\n\r\n").expect("request");
+    let mut buf = [0u8; 256];
+    assert!(held.read(&mut buf).expect("the stream starts") > 0);
+    wait_for(
+        &cluster,
+        Duration::from_secs(5),
+        "the connection counted",
+        || (worker(&cluster.status(), older.0)?["connections"] == 1).then_some(()),
+    );
+    // 100 MiB in each retired worker: above the low watermark (80 %), below the high one.
+    for (_, port) in [older, younger] {
+        let v = get_json(loopback_client(1), direct(port), "/alloc?mb=100").expect("GET /alloc");
+        assert_eq!(v["allocated_mib"], 100, "{v}");
+    }
+    let asked = wait_for(
+        &cluster,
+        Duration::from_secs(10),
+        "one of them leaves",
+        || match (running(older.0), running(younger.0)) {
+            (false, _) => Some(older.0),
+            (_, false) => Some(younger.0),
+            _ => None,
+        },
+    );
+    // Only one was needed: the other stays, through several monitor passes.
+    std::thread::sleep(Duration::from_millis(1000));
+    let spared = if asked == older.0 { younger.0 } else { older.0 };
+    assert!(
+        running(spared),
+        "both retired workers were ended; one was enough\n{}",
+        cluster.logs()
+    );
+    let logs = cluster.logs();
+    assert!(
+        logs.contains(&format!("asking worker {asked} (band ")),
+        "{logs}"
+    );
+    assert!(!logs.contains("high watermark breach"), "{logs}");
+    println!(
+        "--kill-strategy {}: asked worker {asked} ({}) to die, spared {spared}",
+        strategy.unwrap_or("(default)"),
+        if asked == older.0 {
+            "older, with a connection"
+        } else {
+            "younger, idle"
+        }
+    );
+    drop(held);
+    cluster.stop();
+    (asked == older.0, asked == younger.0)
+}
+
+fn kill_strategy_decides_who_is_asked_to_die() {
+    let (older, _) = who_is_asked_to_die(None);
+    assert!(
+        !older,
+        "conn-rss-time asked the worker with a connection, not the idle one"
+    );
+    let (older, _) = who_is_asked_to_die(Some("time"));
+    assert!(older, "--kill-strategy time did not ask the oldest worker");
 }
