@@ -164,7 +164,7 @@ pub struct Cluster {
     log_dir: PathBuf,
     /// Ids of the eBPF maps seen pinned for this cluster (empty for iptables):
     /// how its programs and links are recognised once its pins are gone.
-    map_ids: BTreeSet<u32>,
+    map_ids: std::sync::Mutex<BTreeSet<u32>>,
     /// `stop` was run and checked (by [`Cluster::stop`]).
     stopped: bool,
     /// The network namespace every `ipcluster` command of this cluster runs
@@ -196,7 +196,7 @@ impl Cluster {
             port_range: worker_port_range(),
             masters: Vec::new(),
             log_dir,
-            map_ids: BTreeSet::new(),
+            map_ids: std::sync::Mutex::new(BTreeSet::new()),
             stopped: false,
             netns: netns.map(Path::to_path_buf),
         };
@@ -301,16 +301,19 @@ impl Cluster {
     }
 
     /// Wait until `generation` has a live worker on every band and is published.
-    pub fn wait_generation_live(&mut self, generation: u64, timeout: Duration) -> Value {
+    pub fn wait_generation_live(&self, generation: u64, timeout: Duration) -> Value {
         let status = self.wait_generation_live_quiet(generation, timeout);
         self.remember_kernel_objects();
         status
     }
 
     /// Remember the ids of the maps pinned for this cluster now.
-    pub fn remember_kernel_objects(&mut self) {
+    pub fn remember_kernel_objects(&self) {
+        let ids = crate::bpf_objects::pinned_map_ids(&self.name);
         self.map_ids
-            .extend(crate::bpf_objects::pinned_map_ids(&self.name));
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend(ids);
     }
 
     fn wait_generation_live_quiet(&self, generation: u64, timeout: Duration) -> Value {
@@ -406,7 +409,12 @@ impl Cluster {
     /// pin folder, iptables chain and jumps, and the eBPF maps, programs and
     /// links of the maps it pinned while it ran. Empty after a good `stop`.
     pub fn leftovers(&self) -> Vec<String> {
-        leftovers_in(&self.name, &self.map_ids, self.netns.as_deref())
+        let map_ids = self
+            .map_ids
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        leftovers_in(&self.name, &map_ids, self.netns.as_deref())
     }
 
     /// Has master `n` (1-based) exited?
@@ -871,7 +879,7 @@ impl StreamRecord {
             && gap > Duration::from_secs(2)
         {
             problems.push(format!(
-                "{who}: no line for {gap:?} between the switch and the end ({} lines after the switch)",
+                "{who}: no line for {gap:?} in the watched window ({} lines in it)",
                 after.len()
             ));
         }
@@ -880,7 +888,7 @@ impl StreamRecord {
             .is_none_or(|&last| until.saturating_duration_since(last) > Duration::from_secs(1))
         {
             problems.push(format!(
-                "{who}: nothing received in the last second before the end ({} lines after the switch)",
+                "{who}: nothing received in the last second of the watched window ({} lines in it)",
                 after.len()
             ));
         }
