@@ -101,7 +101,8 @@ fn bpf_linker_works() -> bool {
 }
 
 /// bpf-linker has no reachable prebuilt binaries here; build it against the
-/// libLLVM that ships inside the nightly toolchain (TOOLCHAIN.md).
+/// libLLVM that ships inside the nightly toolchain, the LLVM that emits the
+/// eBPF crate's bitcode.
 fn bpf_linker() -> Result<()> {
     if bpf_linker_works() {
         say(
