@@ -10,6 +10,8 @@
 //!   each connection with its port, then echoes lines.
 //! - [`guard`]: run cleanup on drop, even when the test panics.
 //! - [`netns`]: network namespaces (test hosts) joined by veth pairs, removed on drop.
+//! - [`multihost`]: clients, a router and two hosts each running a master, in
+//!   network namespaces (ECMP or a low-bit split in front).
 //! - [`conformance`]: the backend-agnostic steering suite, run by
 //!   `tests/conformance_<backend>.rs`.
 
@@ -17,6 +19,7 @@ pub mod client;
 pub mod cluster;
 pub mod conformance;
 pub mod guard;
+pub mod multihost;
 pub mod netns;
 pub mod unique;
 pub mod worker;
