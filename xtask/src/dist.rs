@@ -7,7 +7,7 @@
 //! which render the clap definitions. They are written under
 //! `target/release/dist/`, where `[package.metadata.deb]` of
 //! `ipcluster/Cargo.toml` picks them up (cargo-deb resolves `target/release/`
-//! to the real target folder and gzips the man pages).
+//! to the real target folder).
 
 use std::{
     fs,
@@ -81,6 +81,21 @@ fn shell_names() -> String {
     COMPLETIONS.map(|(shell, _)| shell).join(", ")
 }
 
+/// `page.1` → `page.1.gz` beside it (`gzip -9n`: no name or time stamp inside, so
+/// the package does not change when nothing else did). Debian wants man pages
+/// compressed; cargo-deb leaves files from the target folder as they are.
+fn gzip_man_pages(dir: &Path) -> Result<()> {
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let page = entry
+            .with_context(|| format!("reading {}", dir.display()))?
+            .path();
+        if page.extension().is_some_and(|x| x == "1") {
+            run_checked(Command::new("gzip").args(["-9nkf"]).arg(&page))?;
+        }
+    }
+    Ok(())
+}
+
 /// Build the Debian package from the release binary `bin` (already built):
 /// man pages and completions, then `cargo deb --no-build`. Returns the .deb.
 pub fn package(root: &Path, bin: &Path) -> Result<PathBuf> {
@@ -93,6 +108,7 @@ pub fn package(root: &Path, bin: &Path) -> Result<PathBuf> {
         );
     }
     let dist = man(bin)?;
+    gzip_man_pages(&dist.join("man"))?;
     setup::cargo_deb()?;
     let out_dir = dist.join("deb");
     if out_dir.exists() {
