@@ -95,8 +95,28 @@ the nat chain of the iptables backend
 .BR tc (8),
 .BR bpftool (8),
 .BR iptables (8).
-The documentation in /usr/share/doc/ipcluster/ (design, control protocol, operations, systemd, metrics, multi\-host).
+The documentation in /usr/share/doc/ipcluster/docs/ (design, control protocol, operations, systemd, metrics, multi\-host).
 "#;
+
+/// The pages' date, `YYYY-MM-DD`: `SOURCE_DATE_EPOCH` when set (reproducible
+/// packages), else today. An empty date would shift the other `.TH` fields.
+fn page_date() -> String {
+    let epoch = std::env::var("SOURCE_DATE_EPOCH")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    date_of(epoch)
+}
+
+fn date_of(epoch_seconds: Option<u64>) -> String {
+    let when = epoch_seconds.map_or_else(std::time::SystemTime::now, |secs| {
+        std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs)
+    });
+    humantime::format_rfc3339_seconds(when)
+        .to_string()
+        .chars()
+        .take(10)
+        .collect()
+}
 
 /// Every man page: `(file name, roff text)`, the top page first, then one per
 /// visible subcommand (`ipcluster-run.1`, …).
@@ -104,13 +124,21 @@ pub fn man_pages() -> Result<Vec<(String, Vec<u8>)>, std::io::Error> {
     let mut top = Cli::command().disable_help_subcommand(true);
     top.build();
     let mut pages = Vec::new();
-    let man = clap_mangen::Man::new(top.clone()).manual("ipcluster manual");
+    let date = page_date();
+    let source = format!("ipcluster {}", env!("CARGO_PKG_VERSION"));
+    let man = clap_mangen::Man::new(top.clone())
+        .manual("ipcluster manual")
+        .source(&source)
+        .date(&date);
     let mut text = Vec::new();
     man.render(&mut text)?;
     text.extend_from_slice(TOP_PAGE_EXTRA.as_bytes());
     pages.push((man.get_filename(), text));
     for sub in top.get_subcommands().filter(|s| !s.is_hide_set()) {
-        let man = clap_mangen::Man::new(sub.clone()).manual("ipcluster manual");
+        let man = clap_mangen::Man::new(sub.clone())
+            .manual("ipcluster manual")
+            .source(&source)
+            .date(&date);
         let mut text = Vec::new();
         man.render(&mut text)?;
         writeln!(text, ".SH \"SEE ALSO\"\n.BR ipcluster (1)")?;
@@ -237,6 +265,25 @@ mod tests {
         let top = page("ipcluster.1");
         assert!(top.contains("IPCLUSTER_CONTROL") && top.contains("/run/ipcluster/"));
         assert!(!top.contains("demo-worker"), "hidden subcommands stay out");
+    }
+
+    #[test]
+    fn title_line_has_every_field() {
+        assert_eq!(date_of(Some(0)), "1970-01-01");
+        assert_eq!(date_of(Some(1_764_547_200)), "2025-12-01");
+        let run = page("ipcluster-run.1");
+        let th = run
+            .lines()
+            .find(|l| l.starts_with(".TH "))
+            .expect("a .TH line");
+        let date = page_date();
+        assert_eq!(
+            th,
+            format!(
+                ".TH ipcluster-run 1 {date} \"ipcluster {}\" \"ipcluster manual\"",
+                env!("CARGO_PKG_VERSION")
+            )
+        );
     }
 
     #[test]
