@@ -275,13 +275,33 @@ impl Drop for HostCluster {
             eprintln!("---- master log of {} ----\n{}", self.name, self.log());
         }
         // Never panic here: a panic while unwinding aborts the test binary.
-        match self.command(&["stop", "--name", &self.name]).output() {
-            Ok(out) if out.status.success() => {}
-            Ok(out) => eprintln!(
-                "cleanup: ipcluster stop --name {}: {}",
-                self.name,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ),
+        // `stop` gets 30 s; its messages go to the test's stderr.
+        let stop = self
+            .command(&["stop", "--name", &self.name])
+            .stdout(Stdio::null())
+            .spawn();
+        match stop {
+            Ok(mut child) => {
+                let deadline = Instant::now() + Duration::from_secs(30);
+                loop {
+                    match child.try_wait() {
+                        Ok(Some(status)) if status.success() => break,
+                        Ok(Some(status)) => {
+                            eprintln!("cleanup: ipcluster stop --name {}: {status}", self.name);
+                            break;
+                        }
+                        Ok(None) if Instant::now() < deadline => {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                        _ => {
+                            eprintln!("cleanup: ipcluster stop --name {} hung", self.name);
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            break;
+                        }
+                    }
+                }
+            }
             Err(e) => eprintln!("cleanup: running ipcluster stop --name {}: {e}", self.name),
         }
         let deadline = Instant::now() + Duration::from_secs(5);
