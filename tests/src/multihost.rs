@@ -160,7 +160,11 @@ pub struct HostCluster {
     pub name: String,
     pub workers: u32,
     netns: PathBuf,
-    master: Child,
+    /// The `run` arguments; a reload runs them again.
+    run_args: Vec<String>,
+    /// Every master started, oldest first.
+    masters: Vec<Child>,
+    /// All masters log here, one after the other.
     log: PathBuf,
 }
 
@@ -177,30 +181,62 @@ impl HostCluster {
         let log_dir = std::env::temp_dir().join("ipcluster-tests").join(name);
         let _ = std::fs::remove_dir_all(&log_dir);
         std::fs::create_dir_all(&log_dir).expect("log dir");
-        let log = log_dir.join("master.log");
-        let log_file = std::fs::File::create(&log).expect("log file");
         let (first, last) = worker_port_range();
-        let mut cmd = host.command(&ipcluster_bin().to_string_lossy());
-        cmd.args(["run", "--name", name, "--backend", "ebpf"])
-            .args(["--workers", &workers.to_string()])
-            .args(["--listen", &listen.to_string()])
-            .args(["--port-range", &format!("{first}-{last}")])
-            .args(["--spawn-delay", "20ms"])
-            .args(flags)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(log_file.try_clone().expect("log file"))
-            .stderr(log_file);
-        let master = cmd.spawn().expect("start the ipcluster master in its host");
-        let cluster = HostCluster {
+        let mut run_args: Vec<String> = [
+            "run",
+            "--name",
+            name,
+            "--backend",
+            "ebpf",
+            "--workers",
+            &workers.to_string(),
+            "--listen",
+            &listen.to_string(),
+            "--port-range",
+            &format!("{first}-{last}"),
+            "--spawn-delay",
+            "20ms",
+        ]
+        .map(String::from)
+        .to_vec();
+        run_args.extend(flags.iter().map(|f| (*f).to_owned()));
+        let mut cluster = HostCluster {
             name: name.to_owned(),
             workers,
             netns: host.path(),
-            master,
-            log,
+            run_args,
+            masters: Vec::new(),
+            log: log_dir.join("master.log"),
         };
-        cluster.wait_live(Duration::from_secs(30));
+        cluster.start_master();
+        cluster.wait_live(1, Duration::from_secs(30));
         cluster
+    }
+
+    /// Start one more master with the same arguments (the first, or a reload).
+    fn start_master(&mut self) {
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("log file");
+        let args: Vec<&str> = self.run_args.iter().map(String::as_str).collect();
+        let master = self
+            .command(&args)
+            .env("RUST_LOG", "info")
+            .stdout(log_file.try_clone().expect("log file"))
+            .stderr(log_file)
+            .spawn()
+            .expect("start the ipcluster master in its host");
+        self.masters.push(master);
+    }
+
+    /// Reload: run the same command again and wait until the next generation
+    /// is live on every band.
+    pub fn reload(&mut self) {
+        self.start_master();
+        let generation = self.masters.len() as u64;
+        self.wait_live(generation, Duration::from_secs(30));
     }
 
     /// `ipcluster ARGS` inside this host's namespace.
@@ -230,12 +266,14 @@ impl HostCluster {
         serde_json::from_slice(&out.stdout).map_err(|e| format!("status is not JSON: {e}"))
     }
 
-    fn wait_live(&self, timeout: Duration) -> Value {
+    fn wait_live(&self, generation: u64, timeout: Duration) -> Value {
         let deadline = Instant::now() + timeout;
         let mut last = String::new();
         while Instant::now() < deadline {
             match self.try_status() {
-                Ok(status) if live_workers(&status, Some(1)).len() == self.workers as usize => {
+                Ok(status)
+                    if live_workers(&status, Some(generation)).len() == self.workers as usize =>
+                {
                     return status;
                 }
                 Ok(status) => last = status.to_string(),
@@ -244,7 +282,7 @@ impl HostCluster {
             std::thread::sleep(Duration::from_millis(50));
         }
         panic!(
-            "{} not live within {timeout:?}; last status: {last}\n---- master log ----\n{}",
+            "generation {generation} of {} not live within {timeout:?}; last status: {last}\n---- master log ----\n{}",
             self.name,
             self.log()
         );
@@ -305,11 +343,13 @@ impl Drop for HostCluster {
             Err(e) => eprintln!("cleanup: running ipcluster stop --name {}: {e}", self.name),
         }
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !matches!(self.master.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+        for master in &mut self.masters {
+            while !matches!(master.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = master.kill();
+            let _ = master.wait();
         }
-        let _ = self.master.kill();
-        let _ = self.master.wait();
         cluster::kill_cluster_processes(&self.name);
         let _ = std::fs::remove_dir_all(ipcluster::paths::state_dir(&self.name));
     }

@@ -4,7 +4,8 @@
 //! TCP connections from many client addresses:
 //!
 //! - behind an ECMP route with the L3 hash, every client stays on one host and
-//!   one worker, and each host's clients spread over all of its bands;
+//!   one worker, and each host's clients spread over all of its bands, also
+//!   across a reload of one host;
 //! - behind a front that splits clients by the lowest address bit, each host
 //!   serves a single band without `--band-shift` (the failure mode), and all
 //!   of its bands with `--band-shift 1`.
@@ -133,7 +134,7 @@ fn ecmp_keeps_each_client_on_one_host_and_one_worker() {
     let topology = Topology::new(Front::EcmpL3Hash, 64);
     let ports = Ports::reserve(1);
     let listen = SocketAddr::new(IpAddr::V4(SERVICE_ADDR), ports.get(0));
-    let hosts = start_hosts(&topology, listen, 4, &[]);
+    let mut hosts = start_hosts(&topology, listen, 4, &[]);
 
     let landings = survey(&topology, listen, &hosts, 0);
     assert_eq!(landings.len(), 64);
@@ -158,6 +159,24 @@ fn ecmp_keeps_each_client_on_one_host_and_one_worker() {
             (first.client, first.host, first.band),
             (second.client, second.host, second.band),
             "a client moved"
+        );
+    }
+
+    // Reloading host A changes its workers, not the hosts' clients: the front
+    // never sees a reload. New connections reach generation 2 of host A.
+    let before = hosts[0].live_pids();
+    hosts[0].reload();
+    let after_pids = hosts[0].live_pids();
+    assert!(
+        before.iter().all(|p| !after_pids.contains(p)),
+        "host A's live workers are new after the reload: {before:?} → {after_pids:?}"
+    );
+    let after = survey(&topology, listen, &hosts, 0);
+    for (first, later) in landings.iter().zip(&after) {
+        assert_eq!(
+            (first.client, first.host, first.band),
+            (later.client, later.host, later.band),
+            "a client moved when host A was reloaded"
         );
     }
 }
