@@ -187,9 +187,10 @@ pub fn man_command(args: &ManArgs) -> anyhow::Result<()> {
 
 /// `ipcluster completions SHELL`: the script on stdout.
 pub fn completions_command(args: &CompletionsArgs) -> anyhow::Result<()> {
+    use anyhow::Context as _;
     std::io::stdout()
         .write_all(&completions(args.shell))
-        .map_err(|e| anyhow::anyhow!("writing the {} completion script: {e}", args.shell))
+        .with_context(|| format!("writing the {} completion script to stdout", args.shell))
 }
 
 /// Long flags (`--band-shift`, …) and value names of the positional arguments
