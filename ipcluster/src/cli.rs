@@ -1,4 +1,4 @@
-//! The command line (DESIGN.md "CLI"). Parsing and validation only: every bad
+//! The command line (docs/design.md, "Contracts"). Parsing and validation only: every bad
 //! value is rejected here with a message that names it and says what is allowed.
 
 use std::{net::SocketAddr, ops::RangeInclusive, time::Duration};
@@ -41,6 +41,12 @@ pub enum Command {
     /// The built-in demo worker (what `run` starts without a command).
     #[command(hide = true)]
     DemoWorker,
+    /// Write the man pages into a folder (`cargo xtask man` and `dist` run it).
+    #[command(hide = true)]
+    Man(crate::docgen::ManArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    #[command(hide = true)]
+    Completions(crate::docgen::CompletionsArgs),
 }
 
 #[derive(Debug, Args, Clone)]

@@ -9,9 +9,11 @@
 //! - [`master`]: the master: spawning, readiness, generations, adoption, reload,
 //!   the control socket, `status`/`stop`/`kill-retired`.
 //! - [`demo`]: the built-in demo worker (`run` without a command).
+//! - [`docgen`]: man pages and shell completions from the clap definitions.
 
 pub mod cli;
 pub mod demo;
+pub mod docgen;
 pub mod master;
 pub mod paths;
 pub mod policy;

@@ -11,5 +11,7 @@ fn main() -> Result<()> {
         Command::Stop(name) => ipcluster::master::client::stop_command(&name.name),
         Command::KillRetired(name) => ipcluster::master::client::kill_retired_command(&name.name),
         Command::DemoWorker => ipcluster::demo::run(),
+        Command::Man(args) => ipcluster::docgen::man_command(&args),
+        Command::Completions(args) => ipcluster::docgen::completions_command(&args),
     }
 }

@@ -1,4 +1,4 @@
-//! Where a cluster keeps its state. The names are part of the contract (DESIGN.md).
+//! Where a cluster keeps its state. The names are part of the contract (docs/design.md).
 
 use std::path::PathBuf;
 

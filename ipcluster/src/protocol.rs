@@ -146,7 +146,7 @@ pub struct MemoryLimits {
     pub high_watermark: u64,
 }
 
-/// `ipcluster status --json` (field names are a contract, DESIGN.md).
+/// `ipcluster status --json` (field names are a contract, docs/design.md).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct StatusReport {
     pub name: String,

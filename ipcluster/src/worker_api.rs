@@ -81,7 +81,7 @@ pub enum WorkerApiError {
     NotStarted,
 }
 
-/// What ipcluster tells a worker through its environment (DESIGN.md "Workers").
+/// What ipcluster tells a worker through its environment (docs/design.md, "A worker's environment").
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerEnv {
     /// `IPCLUSTER_CONTROL`: the master's control socket.

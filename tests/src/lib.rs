@@ -12,6 +12,8 @@
 //! - [`guard`]: run cleanup on drop, even when the test panics.
 //! - [`reload`]: load during a reload, every answer kept and checked per band.
 //! - [`netns`]: network namespaces (test hosts) joined by veth pairs, removed on drop.
+//! - [`multihost`]: clients, a router and two hosts each running a master, in
+//!   network namespaces (ECMP or a low-bit split in front).
 //! - [`conformance`]: the backend-agnostic steering suite, run by
 //!   `tests/conformance_<backend>.rs`.
 
@@ -20,6 +22,7 @@ pub mod client;
 pub mod cluster;
 pub mod conformance;
 pub mod guard;
+pub mod multihost;
 pub mod netns;
 pub mod reload;
 pub mod unique;

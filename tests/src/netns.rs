@@ -62,6 +62,36 @@ impl NetNs {
         run_ok(self.command("ip").args(args))
     }
 
+    /// Run many `ip` commands in one process (`ip -batch -`), e.g. dozens of
+    /// `addr add` lines; panic with its stderr if one fails.
+    pub fn ip_batch(&self, lines: &[String]) -> Output {
+        use std::io::Write as _;
+        let mut child = self
+            .command("ip")
+            .args(["-batch", "-"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("running ip -batch in {}: {e}", self.name));
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(lines.join("\n").as_bytes())
+                .unwrap_or_else(|e| panic!("writing to ip -batch in {}: {e}", self.name));
+        }
+        let out = child
+            .wait_with_output()
+            .unwrap_or_else(|e| panic!("waiting for ip -batch in {}: {e}", self.name));
+        assert!(
+            out.status.success(),
+            "ip -batch in {} failed ({}): {}",
+            self.name,
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        out
+    }
+
     /// Run `sysctl -qw KEY=VALUE` inside this namespace.
     pub fn sysctl(&self, key: &str, value: &str) {
         run_ok(

@@ -1,8 +1,9 @@
-//! Developer tasks: `cargo xtask setup | build | run | test | bench`.
+//! Developer tasks: `cargo xtask setup | build | run | test | bench | man | dist`.
 //! Compiling the eBPF object is not done here: `ipcluster/build.rs` does it
 //! through aya-build; xtask only makes sure the toolchain pieces exist.
 
 mod bench;
+mod dist;
 mod setup;
 
 use std::{
@@ -47,8 +48,14 @@ enum Task {
         #[arg(long, value_delimiter = ',')]
         paths: Vec<String>,
     },
-    /// Setup, then the whole suite: fmt and clippy checks, unit tests, then the root
-    /// tests (kernel, iptables, end-to-end) on one thread.
+    /// Build, then write the man pages and shell completions (generated from the clap
+    /// definitions) into target/release/dist/.
+    Man,
+    /// Build, then the Debian package (cargo-deb, installed when missing): the binary,
+    /// the systemd unit, the man pages and completions, in target/release/dist/deb/.
+    Dist,
+    /// Setup, then the whole suite: fmt and clippy checks, unit tests, the Debian
+    /// package, then the root tests (kernel, iptables, end-to-end) on one thread.
     Test {
         /// Skip `cargo fmt --check` and clippy.
         #[arg(long)]
@@ -119,13 +126,15 @@ fn build(root: &Path) -> Result<PathBuf> {
 
 /// With no subcommand among the arguments, `run` is implied.
 fn ipcluster_args(args: Vec<OsString>) -> Vec<OsString> {
-    const SUBCOMMANDS: [&str; 6] = [
+    const SUBCOMMANDS: [&str; 8] = [
         "run",
         "status",
         "stop",
         "kill-retired",
         "help",
         "demo-worker",
+        "man",
+        "completions",
     ];
     let first = args.first().and_then(|a| a.to_str());
     let has_subcommand = first.is_some_and(|a| SUBCOMMANDS.contains(&a));
@@ -183,6 +192,16 @@ fn test(root: &Path, no_lint: bool, filter: Option<String>) -> Result<()> {
         "ipcluster-ebpf",
     ]))?;
     let bin = build(root)?;
+    // The package test (tests/tests/dist_package.rs) installs this .deb; it is
+    // built only when the filter selects that test.
+    let deb = if filter
+        .as_deref()
+        .is_none_or(|f| dist::PACKAGE_TEST.contains(f))
+    {
+        Some(dist::package(root, &bin)?)
+    } else {
+        None
+    };
     say(
         "test",
         "root tests (kernel, iptables, end-to-end), one thread",
@@ -206,6 +225,9 @@ fn test(root: &Path, no_lint: bool, filter: Option<String>) -> Result<()> {
     cmd.arg("--test-threads=1")
         .env("IPCLUSTER_BIN", &bin)
         .env("IPCLUSTER_EXAMPLES", &examples);
+    if let Some(deb) = deb {
+        cmd.env("IPCLUSTER_DEB", deb);
+    }
     run_checked(&mut cmd)
 }
 
@@ -217,6 +239,18 @@ fn main() -> Result<()> {
         Task::Build => build(&root).map(|bin| say("build", &format!("built {}", bin.display()))),
         Task::Run { args } => run(&root, args),
         Task::Test { no_lint, filter } => test(&root, no_lint, filter),
+        Task::Man => {
+            let bin = build(&root)?;
+            let dist = dist::man(&bin)?;
+            say("man", &format!("done: {}", dist.display()));
+            Ok(())
+        }
+        Task::Dist => {
+            let bin = build(&root)?;
+            let deb = dist::package(&root, &bin)?;
+            say("dist", &format!("built {}", deb.display()));
+            Ok(())
+        }
         Task::Bench { quick, paths } => {
             let paths = bench::parse_paths(&paths)?;
             let bin = build(&root)?;

@@ -101,7 +101,8 @@ fn bpf_linker_works() -> bool {
 }
 
 /// bpf-linker has no reachable prebuilt binaries here; build it against the
-/// libLLVM that ships inside the nightly toolchain (TOOLCHAIN.md).
+/// libLLVM that ships inside the nightly toolchain, the LLVM that emits the
+/// eBPF crate's bitcode.
 fn bpf_linker() -> Result<()> {
     if bpf_linker_works() {
         say(
@@ -219,13 +220,20 @@ fn debian_tools() -> Result<()> {
         ("bpftool", "bpftool"),
         ("curl", "curl"),
     ];
+    install_missing(&wanted)
+}
+
+/// Install, with apt-get, the Debian package of every `(program, package)` of
+/// `wanted` whose program is not found (or say how to, when not root on Debian).
+pub fn install_missing(wanted: &[(&str, &str)]) -> Result<()> {
+    let programs: Vec<&str> = wanted.iter().map(|(bin, _)| *bin).collect();
     let missing: Vec<&str> = wanted
         .iter()
         .filter(|(bin, _)| !found_in_path(bin))
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        say("setup", "iptables, bpftool, curl: present");
+        say("setup", &format!("{}: present", programs.join(", ")));
         return Ok(());
     }
     let debian = Path::new("/etc/debian_version").exists();
@@ -251,4 +259,36 @@ fn debian_tools() -> Result<()> {
             .args(&missing)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
+}
+
+/// The cargo-deb release `cargo xtask dist` uses.
+const CARGO_DEB_VERSION: &str = "3.8.0";
+
+/// cargo-deb (for `cargo xtask dist`), installed with `cargo install` when
+/// missing, and the Debian tools it calls (dpkg-shlibdeps for the
+/// dependencies, strip).
+pub fn cargo_deb() -> Result<()> {
+    install_missing(&[("dpkg-shlibdeps", "dpkg-dev"), ("strip", "binutils")])?;
+    let works = Command::new("cargo")
+        .args(["deb", "--version"])
+        .env("PATH", path_with_cargo_bin())
+        .output()
+        .is_ok_and(|o| {
+            o.status.success() && String::from_utf8_lossy(&o.stdout).contains(CARGO_DEB_VERSION)
+        });
+    if works {
+        say("setup", &format!("cargo-deb {CARGO_DEB_VERSION}: present"));
+        return Ok(());
+    }
+    say(
+        "setup",
+        &format!(
+            "cargo-deb {CARGO_DEB_VERSION}: installing (cargo install, a few minutes the first time)"
+        ),
+    );
+    run_checked(Command::new("cargo").args([
+        "install",
+        &format!("cargo-deb@{CARGO_DEB_VERSION}"),
+        "--locked",
+    ]))
 }

@@ -1,4 +1,4 @@
-//! The master (DESIGN.md "Lifecycle of a master"): take the cluster lock and
+//! The master (docs/design.md, "Lifecycle of a master"): take the cluster lock and
 //! stop the previous master, adopt its workers, install or re-open the
 //! steering, spawn a new generation band by band, publish its table once the
 //! bands are ready, retire the old generation, then supervise: readiness,

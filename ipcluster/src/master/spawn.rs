@@ -1,5 +1,5 @@
 //! Starting a worker: its command line (`{port}`, `{band}` replaced), its
-//! environment (DESIGN.md "Workers"), its own session (so it outlives the
+//! environment (docs/design.md, "A worker's environment"), its own session (so it outlives the
 //! master), its user (groups, then gid, then uid), and free ports for it.
 
 use std::collections::HashSet;
@@ -149,7 +149,7 @@ pub struct WorkerSpec {
 }
 
 impl WorkerSpec {
-    /// The worker's environment (DESIGN.md "Workers").
+    /// The worker's environment (docs/design.md, "A worker's environment").
     pub fn environment(&self) -> Vec<(String, String)> {
         let mut env = Vec::new();
         if let Some((_, first)) = self.ports.first() {

@@ -62,7 +62,7 @@ impl Netns {
         };
         ns.run(&["ip", "link", "set", "lo", "up"])?;
         // One-request-per-connection runs leave TIME_WAIT sockets whose reuse makes
-        // SYNs collide; none are kept in this namespace (BENCHMARKING.md).
+        // SYNs collide; none are kept in this namespace (docs/benchmarks.md).
         ns.run(&["sysctl", "-q", "-w", "net.ipv4.tcp_max_tw_buckets=0"])?;
         Ok(ns)
     }

@@ -13,7 +13,7 @@ pub struct Sample {
     pub p99: f64,
     /// CPU of the path's processes (+ ksoftirqd, + the load generator) per request, µs.
     pub cpu_us: f64,
-    /// Busy CPU of the whole machine per request, µs (BENCHMARKING.md's method).
+    /// Busy CPU of the whole machine per request, µs (docs/benchmarks.md).
     pub machine_us: f64,
     pub steal: f64,
     pub errors: u64,
