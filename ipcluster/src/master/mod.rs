@@ -23,6 +23,7 @@ pub mod client;
 pub mod control;
 pub mod generation;
 pub mod kill;
+mod listeners;
 pub mod lock;
 pub mod pidfd;
 pub mod process_tree;
@@ -807,13 +808,22 @@ impl Master {
             let Some(w) = self.workers.get(&pid) else {
                 continue;
             };
-            let m = process_tree::measure(&processes, &sockets, pid, &w.ports);
-            if m.listening {
+            let m = process_tree::measure(&processes, &sockets, pid, &w.ports, &self.cfg.publics);
+            let started_at = w.started_at;
+            if m.listening
+                && let Err(e) = self.register_listeners(pid, &processes, &sockets)
+            {
+                // Not ready for steering yet; the connect timeout still applies.
+                log::error!("{e}");
+            } else if m.listening {
                 if let Some(w) = self.workers.get_mut(&pid) {
                     (w.rss, w.connections, w.nice) = (m.rss, m.connections, m.nice);
                 }
                 self.mark_ready(pid, "listening");
-            } else if now.duration_since(w.started_at) > self.cfg.connect_timeout {
+            } else if now.duration_since(started_at) > self.cfg.connect_timeout {
+                let Some(w) = self.workers.get(&pid) else {
+                    continue;
+                };
                 let band = w.band;
                 log::warn!(
                     "worker {pid} (band {band}) is not listening on port {} after {:?}: killing it",
@@ -1203,7 +1213,7 @@ impl Master {
         };
         let mut gone = Vec::new();
         for w in self.workers.values_mut() {
-            let m = process_tree::measure(&processes, &sockets, w.pid, &w.ports);
+            let m = process_tree::measure(&processes, &sockets, w.pid, &w.ports, &self.cfg.publics);
             if !m.alive {
                 gone.push(w.pid);
                 continue;
@@ -1217,6 +1227,7 @@ impl Master {
                 w.idle_since = None;
             }
         }
+        self.reregister_listeners(&processes, &sockets);
         // A pidfd that could not be opened never fires: /proc has the last word.
         for pid in gone {
             if !kill::is_running(pid) {

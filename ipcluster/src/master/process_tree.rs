@@ -192,6 +192,15 @@ impl SocketTable {
             .any(|s| s.listening && s.local_port == port && inodes.contains(&s.inode))
     }
 
+    /// Inodes of the sockets in `inodes` that listen on `port`.
+    pub fn listening_inodes(&self, inodes: &HashSet<u64>, port: u16) -> Vec<u64> {
+        self.sockets
+            .iter()
+            .filter(|s| s.listening && s.local_port == port && inodes.contains(&s.inode))
+            .map(|s| s.inode)
+            .collect()
+    }
+
     /// Established sockets in `inodes` whose local port is one of `ports`.
     pub fn established(&self, inodes: &HashSet<u64>, ports: &[u16]) -> u32 {
         let count = self
@@ -218,12 +227,15 @@ pub struct TreeMeasurement {
     pub alive: bool,
 }
 
-/// Measure the tree of worker `pid` serving `ports`.
+/// Measure the tree of worker `pid` serving `ports` for the public ports
+/// `publics`. Connections are counted on both: a connection handed to the
+/// worker's own socket by sk_lookup has the public port as its local port.
 pub fn measure(
     processes: &ProcessTable,
     sockets: &SocketTable,
     pid: i32,
     ports: &[u16],
+    publics: &[u16],
 ) -> TreeMeasurement {
     let tree = processes.tree(pid);
     if tree.is_empty() {
@@ -232,7 +244,10 @@ pub fn measure(
     let inodes = socket_inodes(&tree);
     TreeMeasurement {
         rss: processes.rss(&tree),
-        connections: sockets.established(&inodes, ports),
+        connections: sockets.established(
+            &inodes,
+            &ports.iter().chain(publics).copied().collect::<Vec<u16>>(),
+        ),
         listening: !ports.is_empty() && ports.iter().all(|&p| sockets.listens(&inodes, p)),
         nice: processes.get(pid).map_or(0, |p| p.nice),
         alive: true,

@@ -145,7 +145,7 @@ pub fn offline_report(state: &ClusterState) -> Result<StatusReport> {
     let mut workers = Vec::new();
     for found in find_workers(&state.name, &processes, &[]) {
         let ports: Vec<u16> = publics.iter().map(|&p| found.port_for(p)).collect();
-        let m = process_tree::measure(&processes, &sockets, found.pid, &ports);
+        let m = process_tree::measure(&processes, &sockets, found.pid, &ports, &publics);
         let state = if live_ports.contains(&found.port) {
             WorkerState::Live
         } else {

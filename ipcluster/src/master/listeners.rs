@@ -1,0 +1,59 @@
+//! Handing workers' listening sockets to the steering backend (sk-lookup
+//! takes them; the other backends do nothing), at readiness and again on
+//! every monitor pass, so that a listener that disappeared from the kernel's
+//! map (the worker re-created it) is registered again.
+
+use super::process_tree::{self, ProcessTable, SocketTable};
+use super::{Master, WorkerState};
+use crate::steering::{SteeringError, WorkerListener};
+
+impl Master {
+    /// Register every LISTEN socket of worker `pid` on its ports.
+    pub(super) fn register_listeners(
+        &mut self,
+        pid: i32,
+        processes: &ProcessTable,
+        sockets: &SocketTable,
+    ) -> Result<(), SteeringError> {
+        let Some(w) = self.workers.get(&pid) else {
+            return Ok(());
+        };
+        let holders = processes.tree(pid);
+        let inodes = process_tree::socket_inodes(&holders);
+        let ports = w.ports.clone();
+        for port in ports {
+            let listening = sockets.listening_inodes(&inodes, port);
+            if listening.is_empty() {
+                // Not listening (yet, or any more): readiness decides.
+                continue;
+            }
+            let listener = WorkerListener {
+                pid,
+                holders: holders.clone(),
+                port,
+                inodes: listening,
+            };
+            self.steering.register_listener(&listener)?;
+        }
+        Ok(())
+    }
+
+    /// Re-register the listeners of every worker that may be steered to
+    /// (ready, live, or retired but still in the previous slot).
+    pub(super) fn reregister_listeners(&mut self, processes: &ProcessTable, sockets: &SocketTable) {
+        let pids: Vec<i32> = self
+            .workers
+            .values()
+            .filter(|w| {
+                !w.killed
+                    && (w.ready || matches!(w.state, WorkerState::Live | WorkerState::Retired))
+            })
+            .map(|w| w.pid)
+            .collect();
+        for pid in pids {
+            if let Err(e) = self.register_listeners(pid, processes, sockets) {
+                log::warn!("{e}");
+            }
+        }
+    }
+}
