@@ -172,7 +172,7 @@ fn control_socket_garbage(backend: &str) {
     cluster.stop();
 }
 
-ipcluster_tests::for_both_backends!(
+ipcluster_tests::for_each_backend!(
     bad_input,
     unknown_backend,
     missing_cluster,
