@@ -94,7 +94,15 @@ pub fn render(report: &StatusReport) -> String {
             let _ = writeln!(out, "\nsteering table: none published yet");
         }
     }
-    if let Some(c) = &report.counters {
+    if let Some(c) = &report.counters
+        && report.backend == crate::steering::BackendKind::SkLookup
+    {
+        let _ = writeln!(
+            out,
+            "counters: assigned {}  fallbacks {}  misses {}",
+            c.assigned, c.fallbacks, c.misses
+        );
+    } else if let Some(c) = &report.counters {
         let _ = writeln!(
             out,
             "counters: steered {}  new flows {}  flow hits {}  table misses {}  egress rewrites {}  passed {}",

@@ -480,3 +480,46 @@ impl Steering for SkLookupSteering {
         Ok(true)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_name_on_the_command_line_and_in_json() {
+        use clap::ValueEnum as _;
+        assert_eq!(
+            BackendKind::from_str("sk-lookup", false),
+            Ok(BackendKind::SkLookup)
+        );
+        assert_eq!(
+            serde_json::to_string(&BackendKind::SkLookup).expect("json"),
+            "\"sk-lookup\""
+        );
+        assert_eq!(
+            serde_json::from_str::<BackendKind>("\"sk-lookup\"").expect("json"),
+            BackendKind::SkLookup
+        );
+        assert_eq!(BackendKind::SkLookup.to_string(), "sk-lookup");
+    }
+
+    #[test]
+    fn pinned_maps_are_the_shared_table_plus_sockets_and_counters() {
+        let names: Vec<&str> = expected_maps().iter().map(|m| m.0).collect();
+        assert_eq!(names, sk::MAPS.to_vec());
+        assert!(!names.contains(&ipcluster_common::map_names::FLOWS));
+    }
+
+    #[test]
+    fn cluster_names_that_cannot_name_a_pin_folder_are_refused() {
+        for bad in ["", "a.b", "a/b", "~x"] {
+            let config = SteeringConfig {
+                cluster: bad.into(),
+                services: Vec::new(),
+                interfaces: Vec::new(),
+                flow_entries: 1,
+            };
+            assert!(SkLookupSteering::new(config).is_err(), "{bad:?}");
+        }
+    }
+}
