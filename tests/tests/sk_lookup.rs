@@ -265,3 +265,37 @@ fn reinstall_replaces_the_program_without_a_gap() {
     let links_after = attached_links(&config.cluster);
     assert_ne!(links, links_after, "a re-install attaches a new link");
 }
+
+#[test]
+fn ipv6_and_wildcard_services() {
+    require_root();
+    let ports = Ports::reserve(4);
+    let v6 = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), ports.get(0));
+    let wildcard = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(1));
+    let config = test_config(&cluster_name("skv6"), vec![v6, wildcard]);
+    let _guard = teardown_guard(&plain, &config);
+    let mut steering = sk_lookup(config.clone());
+    steering.install().expect("install");
+    let _v6_worker = Worker::start_on(SocketAddr::new(v6.ip(), ports.get(2))).expect("v6 worker");
+    let _v4_worker = Worker::start(ports.get(3)).expect("v4 worker");
+    let table = SteeringTable::uniform(
+        &[v6, wildcard],
+        0,
+        &[vec![ports.get(2)], vec![ports.get(3)]],
+    );
+    steering.publish(&table).expect("publish");
+    assert_eq!(
+        worker_port_from(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), v6).expect("IPv6 client"),
+        ports.get(2)
+    );
+    // The wildcard service is served on any local address, e.g. 127.0.0.9.
+    let local = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 9)), ports.get(1));
+    for client in loopback_clients(4) {
+        assert_eq!(
+            worker_port_from(client, local).expect("IPv4 client"),
+            ports.get(3)
+        );
+    }
+    let counters = steering.counters().expect("counters");
+    assert!(counters.assigned >= 5, "{counters:?}");
+}

@@ -18,9 +18,14 @@ impl Master {
         let Some(w) = self.workers.get(&pid) else {
             return Ok(());
         };
+        // Only sk-lookup takes listeners, and only those not registered yet:
+        // no /proc scan otherwise.
+        let ports = self.steering.unregistered_ports(&w.ports);
+        if ports.is_empty() {
+            return Ok(());
+        }
         let holders = processes.tree(pid);
         let inodes = process_tree::socket_inodes(&holders);
-        let ports = w.ports.clone();
         for port in ports {
             let listening = sockets.listening_inodes(&inodes, port);
             if listening.is_empty() {

@@ -198,6 +198,14 @@ pub trait Steering: Send {
         let _ = listener;
         Ok(false)
     }
+
+    /// Which of `ports` have no listener registered yet, so that a caller
+    /// only looks for the sockets it must hand over (always empty for the
+    /// backends that take no listeners).
+    fn unregistered_ports(&self, ports: &[u16]) -> Vec<u16> {
+        let _ = ports;
+        Vec::new()
+    }
 }
 
 /// A worker's LISTEN socket on one of its ports, as readiness found it.

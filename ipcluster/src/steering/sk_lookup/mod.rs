@@ -456,6 +456,18 @@ impl Steering for SkLookupSteering {
         Ok(())
     }
 
+    fn unregistered_ports(&self, ports: &[u16]) -> Vec<u16> {
+        match self.registered_ports() {
+            Ok(registered) => ports
+                .iter()
+                .copied()
+                .filter(|p| !registered.contains(p))
+                .collect(),
+            // Unreadable map: let register_listener report the error.
+            Err(_) => ports.to_vec(),
+        }
+    }
+
     fn register_listener(&mut self, l: &WorkerListener) -> Result<bool, SteeringError> {
         let maps = self.maps_mut()?;
         if maps.registered_ports().contains(&l.port) {
