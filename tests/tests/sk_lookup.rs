@@ -299,3 +299,49 @@ fn ipv6_and_wildcard_services() {
     let counters = steering.counters().expect("counters");
     assert!(counters.assigned >= 5, "{counters:?}");
 }
+
+#[test]
+fn other_traffic_is_untouched() {
+    let (_, ports) = setup("skother", 2);
+    // The public port is one this UDP socket holds (the reserved ports are
+    // held by the reservation's own UDP sockets).
+    let server = UdpSocket::bind("127.0.0.1:0").expect("udp server");
+    let public = server.local_addr().expect("udp address");
+    let config = test_config(&cluster_name("skother"), vec![public]);
+    let _guard = teardown_guard(&plain, &config);
+    let mut steering = sk_lookup(config.clone());
+    steering.install().expect("install");
+    let _workers = Worker::start_all(&ports.slice(1..3)).expect("workers");
+    let table = SteeringTable::uniform(&config.services, 0, &[ports.slice(1..3)]);
+    steering.publish(&table).expect("publish");
+    assert_eq!(
+        worker_port_from(loopback_clients(1)[0], public)
+            .map(|p| table.services[0].worker_ports.contains(&p))
+            .ok(),
+        Some(true),
+        "TCP to the public port is steered"
+    );
+    let before = steering.counters().expect("counters");
+
+    // UDP to the public port reaches the UDP socket bound there.
+    server
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .expect("timeout");
+    let client = UdpSocket::bind("127.0.0.2:0").expect("udp client");
+    client.send_to(b"ping", public).expect("send");
+    let mut buf = [0u8; 16];
+    let (n, from) = server.recv_from(&mut buf).expect("the datagram arrives");
+    assert_eq!(&buf[..n], b"ping");
+    assert_eq!(from.ip(), IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2)));
+
+    // A direct connection to a worker port (a health check) reaches that worker.
+    for client in loopback_clients(4) {
+        let direct = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.get(2));
+        assert_eq!(
+            worker_port_from(client, direct).expect("direct"),
+            ports.get(2)
+        );
+    }
+    let after = steering.counters().expect("counters");
+    assert_eq!(after, before, "nothing of this counted as steering");
+}
