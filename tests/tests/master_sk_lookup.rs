@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 
 use ipcluster::steering::band_of;
 use ipcluster_tests::cluster::{
-    Cluster, ClusterSpec, DemoStream, demo_get, http_get, leftovers, workers_in,
+    Cluster, ClusterSpec, DemoStream, demo_get, http_get, ipcluster, kill_cluster_processes,
+    leftovers, worker_port_range, workers_in,
 };
+use ipcluster_tests::guard::defer;
 use ipcluster_tests::loopback_clients;
+use ipcluster_tests::netns::NetNs;
 use ipcluster_tests::unique::{Ports, cluster_name};
 
 fn listen(ports: &Ports) -> SocketAddr {
@@ -181,4 +184,56 @@ fn recreated_listener_is_registered_again() {
         "the listener was registered again after each re-creation ({registrations}):\n{log}"
     );
     cluster.stop();
+}
+
+/// Workers started in another network namespace listen where the master
+/// cannot steer: the start fails with an error that says so.
+#[test]
+fn worker_in_another_netns_is_named() {
+    ipcluster_tests::require_root();
+    let ports = Ports::reserve(1);
+    let name = cluster_name("sknetns");
+    let ns = NetNs::new("skworkers");
+    let _cleanup = defer(|| {
+        kill_cluster_processes(&name);
+        let _ = ipcluster(&["stop", "--name", &name], Duration::from_secs(20));
+    });
+    let (first, last) = worker_port_range();
+    let netns = format!("--net={}", ns.path().display());
+    let listen = listen(&ports).to_string();
+    let range = format!("{first}-{last}");
+    let out = ipcluster(
+        &[
+            "run",
+            "--name",
+            &name,
+            "--backend",
+            "sk-lookup",
+            "--workers",
+            "1",
+            "--listen",
+            &listen,
+            "--port-range",
+            &range,
+            "--connect-timeout",
+            "1s",
+            "--",
+            "nsenter",
+            &netns,
+            "--",
+            "python3",
+            "-m",
+            "http.server",
+            "{port}",
+        ],
+        Duration::from_secs(60),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the start must fail:\n{stderr}");
+    assert!(
+        stderr.contains("another network namespace"),
+        "the error names the cause:\n{stderr}"
+    );
+    let left = leftovers(&name);
+    assert!(left.is_empty(), "a failed start left: {left:?}");
 }

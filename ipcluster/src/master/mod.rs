@@ -825,8 +825,17 @@ impl Master {
                     continue;
                 };
                 let band = w.band;
+                // A worker in another network namespace listens where the
+                // master can neither see nor steer to: say so.
+                let why = match process_tree::foreign_netns(&processes.tree(pid)) {
+                    Some(ns) => format!(
+                        "it runs in another network namespace (net:[{ns}]); \
+                         start workers in the master's network namespace"
+                    ),
+                    None => "not ready in time".to_owned(),
+                };
                 log::warn!(
-                    "worker {pid} (band {band}) is not listening on port {} after {:?}: killing it",
+                    "worker {pid} (band {band}) is not listening on port {} after {:?} ({why}): killing it",
                     w.ports[0],
                     self.cfg.connect_timeout
                 );
@@ -834,7 +843,7 @@ impl Master {
                     w.killed = true;
                 }
                 kill::signal_worker(pid, Signal::SIGKILL);
-                self.band_failed(band, now, "not ready in time");
+                self.band_failed(band, now, &why);
             }
         }
     }

@@ -254,6 +254,18 @@ pub fn measure(
     }
 }
 
+/// The network namespace (inode of `/proc/<pid>/ns/net`) of the first
+/// process of `pids` that is not in this process's namespace, if any. Its
+/// listeners are invisible to the master and cannot be steered to.
+pub fn foreign_netns(pids: &[i32]) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ours = std::fs::metadata("/proc/self/ns/net").ok()?.ino();
+    pids.iter()
+        .filter_map(|pid| std::fs::metadata(format!("/proc/{pid}/ns/net")).ok())
+        .map(|m| m.ino())
+        .find(|&ino| ino != ours)
+}
+
 /// The socket inodes that the processes `pids` hold open.
 pub fn socket_inodes(pids: &[i32]) -> HashSet<u64> {
     let mut inodes = HashSet::new();
