@@ -46,15 +46,25 @@ impl Master {
     /// Re-register the listeners of every worker that may be steered to
     /// (ready, live, or retired but still in the previous slot).
     pub(super) fn reregister_listeners(&mut self, processes: &ProcessTable, sockets: &SocketTable) {
-        let pids: Vec<i32> = self
+        let candidates: Vec<(i32, Vec<u16>)> = self
             .workers
             .values()
             .filter(|w| {
                 !w.killed
                     && (w.ready || matches!(w.state, WorkerState::Live | WorkerState::Retired))
             })
-            .map(|w| w.pid)
+            .map(|w| (w.pid, w.ports.clone()))
             .collect();
+        // One look at the map for every worker's ports together.
+        let all: Vec<u16> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
+        let missing = self.steering.unregistered_ports(&all);
+        if missing.is_empty() {
+            return;
+        }
+        let pids = candidates
+            .into_iter()
+            .filter(|(_, ports)| ports.iter().any(|p| missing.contains(p)))
+            .map(|(pid, _)| pid);
         for pid in pids {
             if let Err(e) = self.register_listeners(pid, processes, sockets) {
                 log::warn!("{e}");
