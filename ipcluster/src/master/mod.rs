@@ -814,10 +814,18 @@ impl Master {
                 && let Err(e) = self.register_listeners(pid, &processes, &sockets)
             {
                 // Not ready for steering yet; the connect timeout still applies.
-                log::error!("{e}");
+                // The cause is kept (and logged once) for status and the timeout.
+                let cause = e.to_string();
+                if let Some(w) = self.workers.get_mut(&pid)
+                    && w.reason.as_deref() != Some(cause.as_str())
+                {
+                    log::error!("{cause}");
+                    w.reason = Some(cause);
+                }
             } else if m.listening {
                 if let Some(w) = self.workers.get_mut(&pid) {
                     (w.rss, w.connections, w.nice) = (m.rss, m.connections, m.nice);
+                    w.reason = None;
                 }
                 self.mark_ready(pid, "listening");
             } else if now.duration_since(started_at) > self.cfg.connect_timeout {
@@ -832,7 +840,10 @@ impl Master {
                         "it runs in another network namespace (net:[{ns}]); \
                          start workers in the master's network namespace"
                     ),
-                    None => "not ready in time".to_owned(),
+                    None => w
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "not ready in time".to_owned()),
                 };
                 log::warn!(
                     "worker {pid} (band {band}) is not listening on port {} after {:?} ({why}): killing it",
