@@ -396,5 +396,20 @@ mod tests {
         assert!(!sockets.listens(&mine, 20001));
         assert_eq!(sockets.established(&mine, &[20000]), 1);
         assert_eq!(sockets.established(&HashSet::from([2, 3]), &[20000]), 2);
+        // Inode 5 is an accepted connection on public port 40000 (sk-lookup).
+        assert_eq!(sockets.established(&mine, &[20000, 40000]), 2);
+        assert_eq!(sockets.listening_inodes(&mine, 20000), vec![1]);
+        assert!(sockets.listening_inodes(&mine, 20001).is_empty());
+        assert_eq!(
+            sockets.listening_inodes(&HashSet::from([1, 4]), 20001),
+            vec![4]
+        );
+    }
+
+    #[test]
+    fn own_process_is_in_our_network_namespace() {
+        assert_eq!(foreign_netns(&[std::process::id() as i32]), None);
+        // A pid that does not exist is skipped.
+        assert_eq!(foreign_netns(&[i32::MAX]), None);
     }
 }
