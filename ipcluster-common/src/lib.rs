@@ -56,6 +56,56 @@ pub mod map_names {
 pub mod program_names {
     pub const INGRESS: &str = "ipcluster_ingress";
     pub const EGRESS: &str = "ipcluster_egress";
+    /// The sk_lookup program (its own object, see [`crate::sk_lookup`]).
+    pub const SK_LOOKUP: &str = "ipcluster_sk_lookup";
+}
+
+/// The sk-lookup backend's object: an `sk_lookup` program that assigns a new
+/// connection to its band's worker's own listening socket. It shares `meta`,
+/// `services`, `steering` and `active` with the tc object's layout (not its
+/// flow table) and adds the maps named here.
+pub mod sk_lookup {
+    /// SOCKHASH of the workers' listening sockets, keyed by worker port (`u32`).
+    pub const SOCKETS: &str = "sockets";
+    /// Per-CPU counters, indexed by [`SkCounter`].
+    pub const COUNTERS: &str = "sk_counters";
+    /// Every pinned map of the sk-lookup backend.
+    pub const MAPS: [&str; 6] = [
+        super::map_names::META,
+        super::map_names::SERVICES,
+        super::map_names::STEERING,
+        super::map_names::ACTIVE,
+        SOCKETS,
+        COUNTERS,
+    ];
+    /// Pin name of the program's link (attached to the network namespace).
+    pub const LINK: &str = "sk_lookup_link";
+    /// Pin name of a new link while it replaces the old one.
+    pub const NEXT_LINK: &str = "sk_lookup_link_next";
+    /// Listening sockets the SOCKHASH holds (worker ports of every generation).
+    pub const MAX_SOCKETS: u32 = 16_384;
+
+    /// Indices of the per-CPU `sk_counters` array.
+    #[repr(u32)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub enum SkCounter {
+        /// New connections given to the active slot's worker.
+        Assigned = 0,
+        /// New connections given to the previous slot's worker, because the
+        /// active slot's worker has no listening socket in the map.
+        Fallbacks = 1,
+        /// New connections to a service whose band has no socket in either
+        /// slot: the kernel's own lookup goes on (as with no listener).
+        Misses = 2,
+    }
+
+    /// Number of entries of the `sk_counters` array.
+    pub const COUNTER_COUNT: u32 = 3;
+
+    impl SkCounter {
+        pub const ALL: [SkCounter; COUNTER_COUNT as usize] =
+            [SkCounter::Assigned, SkCounter::Fallbacks, SkCounter::Misses];
+    }
 }
 
 /// Index of the only entry of the `meta` array.

@@ -5,6 +5,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod steer;
+#[cfg(target_arch = "bpf")]
+mod table;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

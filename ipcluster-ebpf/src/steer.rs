@@ -22,25 +22,17 @@ use core::ffi::c_void;
 
 use aya_ebpf::{
     bindings::{BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_sock_tuple},
-    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{HashMap, LruHashMap, PerCpuArray},
     helpers::{bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use ipcluster_common::{
     COUNTER_COUNT, Counter, DEFAULT_FLOW_ENTRIES, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue,
-    MAX_BANDS, MAX_SERVICES, MAX_WORKER_PORTS, Meta, SLOTS, STEERING_ENTRIES, ServiceKey,
-    ServiceValue, WorkerPortValue, steering_index,
+    MAX_WORKER_PORTS, ServiceValue, WorkerPortValue,
 };
 
-#[btf_map(name = "meta")]
-static META: Array<Meta, 1> = Array::new();
-#[btf_map(name = "services")]
-static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
-#[btf_map(name = "steering")]
-static STEERING: Array<u32, { STEERING_ENTRIES as usize }> = Array::new();
-#[btf_map(name = "active")]
-static ACTIVE: Array<u32, 1> = Array::new();
+use crate::table::{self, slot_port};
 #[btf_map(name = "flows")]
 static FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOW_ENTRIES as usize }> = LruHashMap::new();
 #[btf_map(name = "worker_ports")]
@@ -87,11 +79,7 @@ impl Tcp {
     /// The low 32 bits of the source address, the band's input.
     #[inline(always)]
     fn src_low32(&self) -> u32 {
-        if self.family == FAMILY_V4 {
-            u32::from_be_bytes([self.src[0], self.src[1], self.src[2], self.src[3]])
-        } else {
-            u32::from_be_bytes([self.src[12], self.src[13], self.src[14], self.src[15]])
-        }
+        table::low32(self.family, &self.src)
     }
 
     #[inline(always)]
@@ -194,53 +182,10 @@ fn parse_ipv6(ctx: &TcContext) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
     Some((FAMILY_V6, src, dst, offset))
 }
 
-/// The service a packet is addressed to: the exact (address, port) entry,
-/// else the wildcard of its family, else (IPv4) the IPv6 wildcard, which a
-/// dual-stack `[::]` listener also serves.
+/// The service a packet is addressed to (see [`table::find_service`]).
 #[inline(always)]
 fn find_service(pkt: &Tcp) -> Option<ServiceValue> {
-    let mut key = ServiceKey {
-        addr: pkt.dst,
-        port: pkt.dport,
-        family: pkt.family,
-    };
-    if let Some(v) = SERVICES.get_ptr(key) {
-        // SAFETY: a valid map value pointer; we copy it out.
-        return Some(unsafe { *v });
-    }
-    key.addr = [0; 16];
-    if let Some(v) = SERVICES.get_ptr(key) {
-        // SAFETY: as above.
-        return Some(unsafe { *v });
-    }
-    if pkt.family == FAMILY_V4 {
-        key.family = FAMILY_V6;
-        if let Some(v) = SERVICES.get_ptr(key) {
-            // SAFETY: as above.
-            return Some(unsafe { *v });
-        }
-    }
-    None
-}
-
-/// The worker port of the client's band in `slot`, 0 when the service is not
-/// in that slot's table or the band is empty.
-#[inline(always)]
-fn slot_port(service: &ServiceValue, slot: u32, low32: u32) -> u16 {
-    let shape = if slot == 0 {
-        service.shapes[0]
-    } else {
-        service.shapes[1]
-    };
-    if shape.present == 0 {
-        return 0;
-    }
-    let band = (low32.checked_shr(shape.band_shift).unwrap_or(0) & shape.band_mask) % MAX_BANDS;
-    let index = steering_index(slot % SLOTS, service.index % MAX_SERVICES, band);
-    match STEERING.get(index) {
-        Some(port) => *port as u16,
-        None => 0,
-    }
+    table::find_service(pkt.family, pkt.dst, pkt.dport)
 }
 
 /// Whether the kernel has a non-listening socket (established, SYN-received,
@@ -345,10 +290,7 @@ fn ingress(ctx: &TcContext) {
         family: pkt.family,
         _pad: 0,
     };
-    let active = match ACTIVE.get(0) {
-        Some(a) => *a & 1,
-        None => 0,
-    };
+    let active = table::active_slot();
     let low32 = pkt.src_low32();
 
     let worker_port = if pkt.is_new_connection() {

@@ -83,7 +83,8 @@ pub struct RunArgs {
     #[command(flatten)]
     pub name: NameArg,
 
-    /// Steering backend: `ebpf` (tc programs and BPF maps) or `iptables` (nat REDIRECT rules).
+    /// Steering backend: `ebpf` (tc programs and BPF maps), `iptables` (nat REDIRECT rules) or
+    /// `sk-lookup` (an sk_lookup program hands connections to the workers' own sockets).
     #[arg(long, value_enum, default_value_t = BackendKind::Ebpf)]
     pub backend: BackendKind,
 

@@ -24,7 +24,7 @@ pub fn lock_file(cluster: &str) -> PathBuf {
     state_dir(cluster).join("master.lock")
 }
 
-/// `/sys/fs/bpf/ipcluster/<name>/`: pinned maps and links of the ebpf backend.
+/// `/sys/fs/bpf/ipcluster/<name>/`: pinned maps and links of the ebpf and sk-lookup backends.
 pub fn pin_dir(cluster: &str) -> PathBuf {
     PathBuf::from(PIN_ROOT).join(cluster)
 }

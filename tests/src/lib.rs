@@ -66,3 +66,15 @@ macro_rules! for_both_backends {
         }
     };
 }
+
+/// Like [`for_both_backends!`], plus `mod sk_lookup { fn name() }` running
+/// `name("sk-lookup")`: for the tests that apply to every backend.
+#[macro_export]
+macro_rules! for_each_backend {
+    ($($test:ident),* $(,)?) => {
+        $crate::for_both_backends!($($test),*);
+        mod sk_lookup {
+            $(#[test] fn $test() { super::$test("sk-lookup") })*
+        }
+    };
+}

@@ -217,7 +217,7 @@ fn wait_until(cluster: &Cluster, what: &str, mut condition: impl FnMut() -> bool
     }
 }
 
-ipcluster_tests::for_both_backends!(
+ipcluster_tests::for_each_backend!(
     bad_input,
     unknown_backend,
     missing_cluster,

@@ -156,4 +156,4 @@ fn sigkill_master(backend: &str) {
     cluster.stop();
 }
 
-ipcluster_tests::for_both_backends!(sigkill_live_worker, sigkill_master);
+ipcluster_tests::for_each_backend!(sigkill_live_worker, sigkill_master);

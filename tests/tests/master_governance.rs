@@ -1054,7 +1054,7 @@ fn master_supervising_64_workers() {
     assert!(workers_in(&status, "retired", None).is_empty(), "{status}");
 }
 
-ipcluster_tests::for_both_backends!(rss_limit_replaces_the_worker);
+ipcluster_tests::for_each_backend!(rss_limit_replaces_the_worker);
 
 mod ebpf_only {
     #[test]

@@ -279,7 +279,7 @@ fn failed_band_keeps_old_worker(backend: &str) {
     cluster.stop();
 }
 
-ipcluster_tests::for_both_backends!(
+ipcluster_tests::for_each_backend!(
     reload_under_load,
     reload_twice,
     failed_band_keeps_old_worker

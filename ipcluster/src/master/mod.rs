@@ -23,6 +23,7 @@ pub mod client;
 pub mod control;
 pub mod generation;
 pub mod kill;
+mod listeners;
 pub mod lock;
 pub mod pidfd;
 pub mod process_tree;
@@ -807,16 +808,45 @@ impl Master {
             let Some(w) = self.workers.get(&pid) else {
                 continue;
             };
-            let m = process_tree::measure(&processes, &sockets, pid, &w.ports);
-            if m.listening {
+            let m = process_tree::measure(&processes, &sockets, pid, &w.ports, &self.cfg.publics);
+            let started_at = w.started_at;
+            if m.listening
+                && let Err(e) = self.register_listeners(pid, &processes, &sockets)
+            {
+                // Not ready for steering yet; the connect timeout still applies.
+                // The cause is kept (and logged once) for status and the timeout.
+                let cause = e.to_string();
+                if let Some(w) = self.workers.get_mut(&pid)
+                    && w.reason.as_deref() != Some(cause.as_str())
+                {
+                    log::error!("{cause}");
+                    w.reason = Some(cause);
+                }
+            } else if m.listening {
                 if let Some(w) = self.workers.get_mut(&pid) {
                     (w.rss, w.connections, w.nice) = (m.rss, m.connections, m.nice);
+                    w.reason = None;
                 }
                 self.mark_ready(pid, "listening");
-            } else if now.duration_since(w.started_at) > self.cfg.connect_timeout {
+            } else if now.duration_since(started_at) > self.cfg.connect_timeout {
+                let Some(w) = self.workers.get(&pid) else {
+                    continue;
+                };
                 let band = w.band;
+                // A worker in another network namespace listens where the
+                // master can neither see nor steer to: say so.
+                let why = match process_tree::foreign_netns(&processes.tree(pid)) {
+                    Some(ns) => format!(
+                        "it runs in another network namespace (net:[{ns}]); \
+                         start workers in the master's network namespace"
+                    ),
+                    None => w
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| "not ready in time".to_owned()),
+                };
                 log::warn!(
-                    "worker {pid} (band {band}) is not listening on port {} after {:?}: killing it",
+                    "worker {pid} (band {band}) is not listening on port {} after {:?} ({why}): killing it",
                     w.ports[0],
                     self.cfg.connect_timeout
                 );
@@ -824,7 +854,7 @@ impl Master {
                     w.killed = true;
                 }
                 kill::signal_worker(pid, Signal::SIGKILL);
-                self.band_failed(band, now, "not ready in time");
+                self.band_failed(band, now, &why);
             }
         }
     }
@@ -1203,7 +1233,7 @@ impl Master {
         };
         let mut gone = Vec::new();
         for w in self.workers.values_mut() {
-            let m = process_tree::measure(&processes, &sockets, w.pid, &w.ports);
+            let m = process_tree::measure(&processes, &sockets, w.pid, &w.ports, &self.cfg.publics);
             if !m.alive {
                 gone.push(w.pid);
                 continue;
@@ -1217,6 +1247,7 @@ impl Master {
                 w.idle_since = None;
             }
         }
+        self.reregister_listeners(&processes, &sockets);
         // A pidfd that could not be opened never fires: /proc has the last word.
         for pid in gone {
             if !kill::is_running(pid) {

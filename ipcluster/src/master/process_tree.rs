@@ -192,6 +192,15 @@ impl SocketTable {
             .any(|s| s.listening && s.local_port == port && inodes.contains(&s.inode))
     }
 
+    /// Inodes of the sockets in `inodes` that listen on `port`.
+    pub fn listening_inodes(&self, inodes: &HashSet<u64>, port: u16) -> Vec<u64> {
+        self.sockets
+            .iter()
+            .filter(|s| s.listening && s.local_port == port && inodes.contains(&s.inode))
+            .map(|s| s.inode)
+            .collect()
+    }
+
     /// Established sockets in `inodes` whose local port is one of `ports`.
     pub fn established(&self, inodes: &HashSet<u64>, ports: &[u16]) -> u32 {
         let count = self
@@ -218,12 +227,15 @@ pub struct TreeMeasurement {
     pub alive: bool,
 }
 
-/// Measure the tree of worker `pid` serving `ports`.
+/// Measure the tree of worker `pid` serving `ports` for the public ports
+/// `publics`. Connections are counted on both: a connection handed to the
+/// worker's own socket by sk_lookup has the public port as its local port.
 pub fn measure(
     processes: &ProcessTable,
     sockets: &SocketTable,
     pid: i32,
     ports: &[u16],
+    publics: &[u16],
 ) -> TreeMeasurement {
     let tree = processes.tree(pid);
     if tree.is_empty() {
@@ -232,11 +244,26 @@ pub fn measure(
     let inodes = socket_inodes(&tree);
     TreeMeasurement {
         rss: processes.rss(&tree),
-        connections: sockets.established(&inodes, ports),
+        connections: sockets.established(
+            &inodes,
+            &ports.iter().chain(publics).copied().collect::<Vec<u16>>(),
+        ),
         listening: !ports.is_empty() && ports.iter().all(|&p| sockets.listens(&inodes, p)),
         nice: processes.get(pid).map_or(0, |p| p.nice),
         alive: true,
     }
+}
+
+/// The network namespace (inode of `/proc/<pid>/ns/net`) of the first
+/// process of `pids` that is not in this process's namespace, if any. Its
+/// listeners are invisible to the master and cannot be steered to.
+pub fn foreign_netns(pids: &[i32]) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let ours = std::fs::metadata("/proc/self/ns/net").ok()?.ino();
+    pids.iter()
+        .filter_map(|pid| std::fs::metadata(format!("/proc/{pid}/ns/net")).ok())
+        .map(|m| m.ino())
+        .find(|&ino| ino != ours)
 }
 
 /// The socket inodes that the processes `pids` hold open.
@@ -369,5 +396,20 @@ mod tests {
         assert!(!sockets.listens(&mine, 20001));
         assert_eq!(sockets.established(&mine, &[20000]), 1);
         assert_eq!(sockets.established(&HashSet::from([2, 3]), &[20000]), 2);
+        // Inode 5 is an accepted connection on public port 40000 (sk-lookup).
+        assert_eq!(sockets.established(&mine, &[20000, 40000]), 2);
+        assert_eq!(sockets.listening_inodes(&mine, 20000), vec![1]);
+        assert!(sockets.listening_inodes(&mine, 20001).is_empty());
+        assert_eq!(
+            sockets.listening_inodes(&HashSet::from([1, 4]), 20001),
+            vec![4]
+        );
+    }
+
+    #[test]
+    fn own_process_is_in_our_network_namespace() {
+        assert_eq!(foreign_netns(&[std::process::id() as i32]), None);
+        // A pid that does not exist is skipped.
+        assert_eq!(foreign_netns(&[i32::MAX]), None);
     }
 }

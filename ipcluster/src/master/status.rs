@@ -94,7 +94,15 @@ pub fn render(report: &StatusReport) -> String {
             let _ = writeln!(out, "\nsteering table: none published yet");
         }
     }
-    if let Some(c) = &report.counters {
+    if let Some(c) = &report.counters
+        && report.backend == crate::steering::BackendKind::SkLookup
+    {
+        let _ = writeln!(
+            out,
+            "counters: assigned {}  fallbacks {}  misses {}",
+            c.assigned, c.fallbacks, c.misses
+        );
+    } else if let Some(c) = &report.counters {
         let _ = writeln!(
             out,
             "counters: steered {}  new flows {}  flow hits {}  table misses {}  egress rewrites {}  passed {}",
@@ -145,7 +153,7 @@ pub fn offline_report(state: &ClusterState) -> Result<StatusReport> {
     let mut workers = Vec::new();
     for found in find_workers(&state.name, &processes, &[]) {
         let ports: Vec<u16> = publics.iter().map(|&p| found.port_for(p)).collect();
-        let m = process_tree::measure(&processes, &sockets, found.pid, &ports);
+        let m = process_tree::measure(&processes, &sockets, found.pid, &ports, &publics);
         let state = if live_ports.contains(&found.port) {
             WorkerState::Live
         } else {

@@ -1,9 +1,10 @@
 //! Steering: how a new connection to a public port reaches the worker of its
-//! client's band. One trait, two backends (`ebpf`, `iptables`); nothing outside
+//! client's band. One trait, three backends (`ebpf`, `iptables`, `sk-lookup`); nothing outside
 //! this module names a BPF map or an iptables rule.
 
 pub mod ebpf;
 pub mod iptables;
+pub mod sk_lookup;
 pub mod table;
 
 use std::net::SocketAddr;
@@ -20,6 +21,11 @@ pub enum BackendKind {
     Ebpf,
     /// nat REDIRECT rules by source-address bitmask (the original ipcluster's way).
     Iptables,
+    /// An sk_lookup program hands each new connection to its worker's own
+    /// listening socket (no rewrite, no flow table; kernel 5.9+).
+    #[serde(rename = "sk-lookup")]
+    #[value(name = "sk-lookup")]
+    SkLookup,
 }
 
 impl BackendKind {
@@ -27,6 +33,7 @@ impl BackendKind {
         match self {
             BackendKind::Ebpf => "ebpf",
             BackendKind::Iptables => "iptables",
+            BackendKind::SkLookup => "sk-lookup",
         }
     }
 }
@@ -60,6 +67,16 @@ pub struct Counters {
     pub egress_rewrites: u64,
     pub passed: u64,
     pub flow_fallbacks: u64,
+    /// sk-lookup: new connections given to the active slot's worker.
+    #[serde(default)]
+    pub assigned: u64,
+    /// sk-lookup: new connections given to the previous slot's worker (the
+    /// active one had no listening socket registered).
+    #[serde(default)]
+    pub fallbacks: u64,
+    /// sk-lookup: new connections to a service whose band had no socket at all.
+    #[serde(default)]
+    pub misses: u64,
 }
 
 /// Errors of the steering backends.
@@ -110,6 +127,9 @@ pub enum SteeringError {
     /// An iptables tool (or the kernel behind it) refused what it was asked: its own message.
     #[error("`{command}` failed: {message}")]
     IptablesFailed { command: String, message: String },
+    /// A worker's listening socket could not be taken for steering.
+    #[error("worker {pid}: its listener on port {port} cannot be steered to: {cause}")]
+    Listener { pid: i32, port: u16, cause: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -168,6 +188,37 @@ pub trait Steering: Send {
 
     /// Remove everything this cluster installed (links, programs, pins, rules).
     fn teardown(&mut self) -> Result<(), SteeringError>;
+
+    /// Make sure new connections for `listener.port` can reach the worker's
+    /// own listening socket. Only backends that hand connections to the
+    /// workers' sockets (sk-lookup) have anything to do; they take the socket
+    /// when it is not registered yet (first time, or the worker re-created
+    /// it). Returns whether it registered something now.
+    fn register_listener(&mut self, listener: &WorkerListener) -> Result<bool, SteeringError> {
+        let _ = listener;
+        Ok(false)
+    }
+
+    /// Which of `ports` have no listener registered yet, so that a caller
+    /// only looks for the sockets it must hand over (always empty for the
+    /// backends that take no listeners).
+    fn unregistered_ports(&self, ports: &[u16]) -> Vec<u16> {
+        let _ = ports;
+        Vec::new()
+    }
+}
+
+/// A worker's LISTEN socket on one of its ports, as readiness found it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerListener {
+    /// The worker (its process tree's root), for messages.
+    pub pid: i32,
+    /// The processes of its tree, one of which holds the socket.
+    pub holders: Vec<i32>,
+    /// The worker port it listens on.
+    pub port: u16,
+    /// Inodes of the LISTEN sockets on `port` that the tree holds.
+    pub inodes: Vec<u64>,
 }
 
 /// Build the backend `kind` for `config`. Nothing touches the kernel until
@@ -179,5 +230,6 @@ pub fn backend(
     Ok(match kind {
         BackendKind::Ebpf => Box::new(ebpf::EbpfSteering::new(config)?),
         BackendKind::Iptables => Box::new(iptables::IptablesSteering::new(config)?),
+        BackendKind::SkLookup => Box::new(sk_lookup::SkLookupSteering::new(config)?),
     })
 }

@@ -7,6 +7,7 @@
 //! own processes and ksoftirqd, so that other work on a shared machine does not
 //! count), as ratios to the direct connection measured in the same run.
 
+mod bpf_stats;
 mod env;
 mod load;
 mod report;
@@ -45,12 +46,14 @@ pub enum PathKind {
     Iptables,
     Haproxy,
     NginxStream,
+    SkLookup,
 }
 
 impl PathKind {
-    pub const ALL: [PathKind; 5] = [
+    pub const ALL: [PathKind; 6] = [
         PathKind::Direct,
         PathKind::Ebpf,
+        PathKind::SkLookup,
         PathKind::Iptables,
         PathKind::Haproxy,
         PathKind::NginxStream,
@@ -63,6 +66,7 @@ impl PathKind {
             PathKind::Iptables => "ipcluster, iptables backend",
             PathKind::Haproxy => "HAProxy TCP, balance source",
             PathKind::NginxStream => "nginx stream, hash $remote_addr",
+            PathKind::SkLookup => "ipcluster, sk-lookup backend",
         }
     }
 
@@ -73,6 +77,7 @@ impl PathKind {
             PathKind::Iptables => "iptables",
             PathKind::Haproxy => "haproxy",
             PathKind::NginxStream => "nginx",
+            PathKind::SkLookup => "sk-lookup",
         }
     }
 }
@@ -97,7 +102,9 @@ pub fn parse_paths(names: &[String]) -> Result<Vec<PathKind>> {
                 .into_iter()
                 .find(|k| k.short() == n.trim())
                 .with_context(|| {
-                    format!("unknown path {n:?}: use direct, ebpf, iptables, haproxy, nginx")
+                    format!(
+                        "unknown path {n:?}: use direct, ebpf, sk-lookup, iptables, haproxy, nginx"
+                    )
                 })
         })
         .collect()
@@ -247,13 +254,9 @@ fn stand_up(
             ns.spawn(c, &log("nginx-stream"))?;
             PUBLIC_PORT
         }
-        PathKind::Ebpf | PathKind::Iptables => {
+        PathKind::Ebpf | PathKind::Iptables | PathKind::SkLookup => {
             let name = format!("{}{}-{tag}", env::PREFIX, kind.short());
-            let backend = if kind == PathKind::Ebpf {
-                "ebpf"
-            } else {
-                "iptables"
-            };
+            let backend = kind.short();
             let mut c = ipcluster_run(&ns, &opts.bin, &name, backend, workers.into());
             c.args([
                 "--port-range",
@@ -478,6 +481,10 @@ fn run_cases(
     // Cases 1 and 2: every path stood up at once (each in its own namespace),
     // then measured in alternation, path order rotated every round, so that a
     // change in the machine's background load falls on every path alike.
+    // The kernel's per-program run statistics, on for the bench only.
+    let _bpf_stats = bpf_stats::StatsEnabled::enable()
+        .map_err(|e| figures.errors.push(format!("per-program cost: {e:#}")))
+        .ok();
     for workers in [1u16, 4] {
         measure_paths(opts, worker_script, &settings, workers, &mut figures);
         env::check_interrupted()?;
@@ -485,7 +492,7 @@ fn run_cases(
 
     // Case 3: reload under load, both backends, the demo worker (it reports its generation).
     for pace in [Some(RELOAD_PACE), None] {
-        for backend in ["ebpf", "iptables"] {
+        for backend in ["ebpf", "sk-lookup", "iptables"] {
             let load = if pace.is_some() {
                 "paced"
             } else {
@@ -548,6 +555,7 @@ fn measure_once(
 ) -> Result<()> {
     let many = workers > 1;
     let counters_before = stand.counters();
+    let programs_before = stand.cluster.as_deref().map(bpf_stats::sample);
     let path_before = PathCpu::sample(&stand.ns);
     let before = cpu_sample()?;
     if many {
@@ -580,6 +588,15 @@ fn measure_once(
         );
         figures.add_breakdown(kind, new_conn, true, &by_role, requests);
         figures.add_counters(kind, many, &counters_before, &stand.counters());
+        add_program_cost(
+            figures,
+            stand,
+            kind,
+            many,
+            new_conn,
+            &programs_before,
+            requests,
+        );
         figures.add_background(
             before.busy_us_until(&after),
             cpu,
@@ -607,6 +624,15 @@ fn measure_once(
         );
         figures.add_breakdown(kind, new_conn, false, &by_role, requests);
         figures.add_counters(kind, many, &counters_before, &stand.counters());
+        add_program_cost(
+            figures,
+            stand,
+            kind,
+            many,
+            new_conn,
+            &programs_before,
+            requests,
+        );
         figures.add_background(
             before.busy_us_until(&after),
             cpu,
@@ -614,6 +640,23 @@ fn measure_once(
         );
     }
     Ok(())
+}
+
+/// Account the run statistics of the stand's eBPF programs over one measurement.
+fn add_program_cost(
+    figures: &mut Figures,
+    stand: &Stand,
+    kind: PathKind,
+    many: bool,
+    new_conn: bool,
+    before: &Option<bpf_stats::ProgramStats>,
+    requests: f64,
+) {
+    let (Some(before), Some(cluster)) = (before, stand.cluster.as_deref()) else {
+        return;
+    };
+    let delta = bpf_stats::delta(before, &bpf_stats::sample(cluster));
+    figures.add_program_cost(kind, many, new_conn, &delta, requests);
 }
 
 /// Stand every path up with `workers` workers, measure them round by round in

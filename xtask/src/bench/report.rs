@@ -48,6 +48,8 @@ pub struct Reload {
 
 /// CPU µs by process role, and the requests they served.
 type Breakdown = (BTreeMap<String, f64>, f64);
+/// Program name → (run ns, runs, requests).
+type ProgramCost = BTreeMap<String, (u64, u64, f64)>;
 
 #[derive(Default)]
 pub struct Figures {
@@ -68,6 +70,9 @@ pub struct Figures {
     breakdown: BTreeMap<(PathKind, bool, bool), Breakdown>,
     /// (path, many addresses) → steering counters summed over the measurements.
     counters: BTreeMap<(PathKind, bool), BTreeMap<String, u64>>,
+    /// (path, many addresses, new connections) → program name → (run ns, runs,
+    /// requests), summed over the measurements (`kernel.bpf_stats_enabled`).
+    program_cost: BTreeMap<(PathKind, bool, bool), ProgramCost>,
     /// Over all measurements of cases 1 and 2: machine busy µs, the paths' own µs, capacity µs.
     background: (f64, f64, f64),
 }
@@ -143,9 +148,60 @@ impl Figures {
         }
     }
 
-    fn counters_markdown(&self, many: bool) -> String {
+    /// Add one measurement's run statistics of a path's eBPF programs.
+    pub fn add_program_cost(
+        &mut self,
+        kind: PathKind,
+        many: bool,
+        new_conn: bool,
+        delta: &BTreeMap<String, (u64, u64)>,
+        requests: f64,
+    ) {
+        let sums = self.program_cost.entry((kind, many, new_conn)).or_default();
+        for (name, &(ns, runs)) in delta {
+            let e = sums.entry(name.clone()).or_default();
+            e.0 += ns;
+            e.1 += runs;
+            e.2 += requests;
+        }
+    }
+
+    fn program_cost_markdown(&self, many: bool) -> String {
         let mut md = String::new();
-        for kind in [PathKind::Ebpf, PathKind::Iptables] {
+        for ((kind, m, new_conn), programs) in &self.program_cost {
+            if *m != many || programs.is_empty() {
+                continue;
+            }
+            let parts: Vec<String> = programs
+                .iter()
+                .map(|(name, &(ns, runs, requests))| {
+                    let per_run = if runs > 0 { ns as f64 / runs as f64 } else { 0.0 };
+                    let requests = requests.max(1.0);
+                    format!(
+                        "`{name}` {per_run:.0} ns per run × {:.2} runs per request = {:.0} ns per request",
+                        runs as f64 / requests,
+                        ns as f64 / requests
+                    )
+                })
+                .collect();
+            let _ = writeln!(
+                md,
+                "Per-program cost of {} ({}, kernel run statistics `run_time_ns / run_cnt`): {}.\n",
+                kind.label(),
+                if *new_conn {
+                    "new connections"
+                } else {
+                    "keep-alive"
+                },
+                parts.join("; ")
+            );
+        }
+        md
+    }
+
+    fn counters_markdown(&self, many: bool) -> String {
+        let mut md = self.program_cost_markdown(many);
+        for kind in [PathKind::Ebpf, PathKind::SkLookup, PathKind::Iptables] {
             let Some(sums) = self.counters.get(&(kind, many)) else {
                 continue;
             };
@@ -322,6 +378,7 @@ impl Figures {
                 parts.join("; ")
             ));
         }
+        out.extend(self.sk_lookup_goals());
         if self.reloads.is_empty() {
             out.push("zero failed connections in every reload: not measured".into());
         } else {
@@ -347,6 +404,41 @@ impl Figures {
                 us
             )),
             None => out.push("256-band publish: not measured".into()),
+        }
+        out
+    }
+
+    /// The sk-lookup goals: CPU per request at most 1.02 × direct, below the
+    /// eBPF and iptables backends, for keep-alive and new connections (case 1).
+    fn sk_lookup_goals(&self) -> Vec<String> {
+        let cpu = |k, nc| self.single_stat(k, nc, |s| s.cpu_us);
+        let mut out = Vec::new();
+        for (nc, mode) in [(false, "keep-alive"), (true, "new connections")] {
+            let Some(direct) = ratio_value(cpu(PathKind::SkLookup, nc), cpu(PathKind::Direct, nc))
+            else {
+                out.push(format!(
+                    "sk-lookup CPU per request ≤ 1.02 × direct ({mode}): not measured"
+                ));
+                continue;
+            };
+            let others: Vec<(PathKind, Option<f64>)> = [PathKind::Ebpf, PathKind::Iptables]
+                .into_iter()
+                .map(|k| (k, ratio_value(cpu(PathKind::SkLookup, nc), cpu(k, nc))))
+                .collect();
+            let beats = others.iter().all(|(_, r)| r.is_none_or(|r| r < 1.0));
+            let text: Vec<String> = others
+                .iter()
+                .map(|(k, r)| match r {
+                    Some(r) => format!("{r:.2} × {}", k.label()),
+                    None => format!("{} not measured", k.label()),
+                })
+                .collect();
+            out.push(format!(
+                "sk-lookup CPU per request ≤ 1.02 × direct and below the other backends ({mode}): **{}** — {:.3} × direct; {}",
+                if direct <= 1.02 && beats { "met" } else { "missed" },
+                direct,
+                text.join(", ")
+            ));
         }
         out
     }
@@ -783,6 +875,7 @@ impl PathKind {
             PathKind::Iptables => "ipcluster iptables",
             PathKind::Haproxy => "HAProxy source",
             PathKind::NginxStream => "nginx stream hash",
+            PathKind::SkLookup => "ipcluster sk-lookup",
         }
     }
 }

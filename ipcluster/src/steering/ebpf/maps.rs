@@ -20,12 +20,18 @@ use ipcluster_common::{
 use super::bpf_error;
 use crate::steering::{Counters, ServiceRoute, SteeringError, SteeringTable};
 
-/// Typed handles on every map of one cluster.
+/// Typed handles on every map of one cluster. The sk-lookup backend uses
+/// the same steering-table maps without the tc object's own (`tc: None`).
 pub struct SteeringMaps {
     meta: Array<MapData, Meta>,
     services: HashMap<MapData, ServiceKey, ServiceValue>,
     steering: Array<MapData, u32>,
     active: Array<MapData, u32>,
+    tc: Option<TcMaps>,
+}
+
+/// The maps only the tc programs use.
+struct TcMaps {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     worker_ports: HashMap<MapData, u32, WorkerPortValue>,
     counters: PerCpuArray<MapData, u64>,
@@ -45,20 +51,47 @@ impl SteeringMaps {
                 .map_err(map_err(format!("opening pinned map {}", path.display())))?;
             Map::from_map_data(data).map_err(map_err(format!("map {}", path.display())))
         };
-        Self::from_maps(|name| open(name))
+        Self::from_maps(|name| open(name), true)
+    }
+
+    /// Open only the steering-table maps pinned in `dir` (sk-lookup backend).
+    pub fn open_pinned_table(dir: &Path) -> Result<Self, SteeringError> {
+        let open = |name: &str| -> Result<Map, SteeringError> {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path)
+                .map_err(map_err(format!("opening pinned map {}", path.display())))?;
+            Map::from_map_data(data).map_err(map_err(format!("map {}", path.display())))
+        };
+        Self::from_maps(|name| open(name), false)
+    }
+
+    /// Take only the steering-table maps out of a loaded object (sk-lookup backend).
+    pub fn take_table_from(ebpf: &mut Ebpf) -> Result<Self, SteeringError> {
+        Self::from_maps(
+            |name| {
+                ebpf.take_map(name).ok_or_else(|| {
+                    SteeringError::Ebpf(format!("the eBPF object has no map named {name}"))
+                })
+            },
+            false,
+        )
     }
 
     /// Take the maps out of a loaded object (its programs keep using them).
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, SteeringError> {
-        Self::from_maps(|name| {
-            ebpf.take_map(name).ok_or_else(|| {
-                SteeringError::Ebpf(format!("the eBPF object has no map named {name}"))
-            })
-        })
+        Self::from_maps(
+            |name| {
+                ebpf.take_map(name).ok_or_else(|| {
+                    SteeringError::Ebpf(format!("the eBPF object has no map named {name}"))
+                })
+            },
+            true,
+        )
     }
 
     fn from_maps(
         mut take: impl FnMut(&str) -> Result<Map, SteeringError>,
+        with_tc: bool,
     ) -> Result<Self, SteeringError> {
         let typed = |name: &str| map_err(format!("map {name} has an unexpected type or layout"));
         Ok(SteeringMaps {
@@ -68,11 +101,18 @@ impl SteeringMaps {
             steering: Array::try_from(take(map_names::STEERING)?)
                 .map_err(typed(map_names::STEERING))?,
             active: Array::try_from(take(map_names::ACTIVE)?).map_err(typed(map_names::ACTIVE))?,
-            flows: HashMap::try_from(take(map_names::FLOWS)?).map_err(typed(map_names::FLOWS))?,
-            worker_ports: HashMap::try_from(take(map_names::WORKER_PORTS)?)
-                .map_err(typed(map_names::WORKER_PORTS))?,
-            counters: PerCpuArray::try_from(take(map_names::COUNTERS)?)
-                .map_err(typed(map_names::COUNTERS))?,
+            tc: if with_tc {
+                Some(TcMaps {
+                    flows: HashMap::try_from(take(map_names::FLOWS)?)
+                        .map_err(typed(map_names::FLOWS))?,
+                    worker_ports: HashMap::try_from(take(map_names::WORKER_PORTS)?)
+                        .map_err(typed(map_names::WORKER_PORTS))?,
+                    counters: PerCpuArray::try_from(take(map_names::COUNTERS)?)
+                        .map_err(typed(map_names::COUNTERS))?,
+                })
+            } else {
+                None
+            },
         })
     }
 
@@ -247,15 +287,21 @@ impl SteeringMaps {
                     .set(index, u32::from(port), 0)
                     .map_err(map_err(format!("writing steering entry {index}")))?;
             }
+            if self.tc.is_none() {
+                continue;
+            }
             for &port in &route.worker_ports {
                 let entry = WorkerPortValue {
                     service: value.index as u16,
                     public_port: route.listen.port(),
                 };
-                if self.worker_ports.insert(u32::from(port), entry, 0).is_err() {
+                let Some(tc) = &mut self.tc else { continue };
+                if tc.worker_ports.insert(u32::from(port), entry, 0).is_err() {
                     // Full: forget ports nothing uses any more, then retry.
-                    self.collect_worker_ports()?;
-                    self.worker_ports
+                    let live = self.live_worker_ports()?;
+                    let Some(tc) = &mut self.tc else { continue };
+                    tc.collect_worker_ports(&live);
+                    tc.worker_ports
                         .insert(u32::from(port), entry, 0)
                         .map_err(map_err(format!(
                             "recording worker port {port} (the map holds {MAX_WORKER_PORTS})"
@@ -297,10 +343,8 @@ impl SteeringMaps {
             .map_err(map_err("flipping the active slot"))
     }
 
-    /// Forget worker ports that neither slot uses and no flow refers to (run
-    /// when the map is full). Ports of older generations stay while their
-    /// connections live: egress needs them to restore the public port.
-    fn collect_worker_ports(&mut self) -> Result<(), SteeringError> {
+    /// Every worker port either slot of the table uses.
+    fn live_worker_ports(&self) -> Result<BTreeSet<u32>, SteeringError> {
         let mut live: BTreeSet<u32> = BTreeSet::new();
         for (_, value) in self.all_services()? {
             for (slot, shape) in value.shapes.iter().enumerate() {
@@ -317,6 +361,51 @@ impl SteeringMaps {
                 }
             }
         }
+        Ok(live)
+    }
+
+    /// Packet counters summed over CPUs (zeros without the tc maps).
+    pub fn counters(&self) -> Result<Counters, SteeringError> {
+        let Some(tc) = &self.tc else {
+            return Ok(Counters::default());
+        };
+        let mut sums = [0u64; COUNTER_COUNT as usize];
+        for counter in Counter::ALL {
+            let values = tc
+                .counters
+                .get(&(counter as u32), 0)
+                .map_err(map_err(format!("reading counter {}", counter.name())))?;
+            sums[counter as usize] = values.iter().sum();
+        }
+        Ok(Counters {
+            steered: sums[Counter::Steered as usize],
+            new_flows: sums[Counter::NewFlows as usize],
+            flow_hits: sums[Counter::FlowHits as usize],
+            table_misses: sums[Counter::TableMisses as usize],
+            egress_rewrites: sums[Counter::EgressRewrites as usize],
+            passed: sums[Counter::Passed as usize],
+            flow_fallbacks: sums[Counter::FlowFallbacks as usize],
+            ..Counters::default()
+        })
+    }
+
+    /// Every recorded flow (for diagnostics and tests).
+    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, SteeringError> {
+        let Some(tc) = &self.tc else {
+            return Ok(Vec::new());
+        };
+        tc.flows
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(map_err("reading the flow table"))
+    }
+}
+
+impl TcMaps {
+    /// Forget worker ports that neither slot uses (`live`) and no flow refers
+    /// to (run when the map is full). Ports of older generations stay while
+    /// their connections live: egress needs them to restore the public port.
+    fn collect_worker_ports(&mut self, live: &BTreeSet<u32>) {
         let stale: Vec<u32> = self
             .worker_ports
             .keys()
@@ -333,36 +422,6 @@ impl SteeringMaps {
             // Gone already is fine: only the map's size matters here.
             let _ = self.worker_ports.remove(port);
         }
-        Ok(())
-    }
-
-    /// Packet counters summed over CPUs.
-    pub fn counters(&self) -> Result<Counters, SteeringError> {
-        let mut sums = [0u64; COUNTER_COUNT as usize];
-        for counter in Counter::ALL {
-            let values = self
-                .counters
-                .get(&(counter as u32), 0)
-                .map_err(map_err(format!("reading counter {}", counter.name())))?;
-            sums[counter as usize] = values.iter().sum();
-        }
-        Ok(Counters {
-            steered: sums[Counter::Steered as usize],
-            new_flows: sums[Counter::NewFlows as usize],
-            flow_hits: sums[Counter::FlowHits as usize],
-            table_misses: sums[Counter::TableMisses as usize],
-            egress_rewrites: sums[Counter::EgressRewrites as usize],
-            passed: sums[Counter::Passed as usize],
-            flow_fallbacks: sums[Counter::FlowFallbacks as usize],
-        })
-    }
-
-    /// Every recorded flow (for diagnostics and tests).
-    pub fn flows(&self) -> Result<Vec<(FlowKey, FlowValue)>, SteeringError> {
-        self.flows
-            .iter()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(map_err("reading the flow table"))
     }
 }
 

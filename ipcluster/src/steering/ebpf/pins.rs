@@ -74,8 +74,13 @@ pub enum Existing {
     Compatible(Meta),
 }
 
-/// The expected kernel shape of each pinned map: (name, type, key size, value size).
-fn expected_maps() -> [(&'static str, MapType, usize, usize); 7] {
+/// A pinned map's expected kernel shape: (name, type, key size, value size).
+pub type MapShape = (&'static str, MapType, usize, usize);
+
+/// The expected kernel shape of each pinned map: (name, type, key size, value
+/// size). The first four (`meta`, `services`, `steering`, `active`) are the
+/// steering table, which the sk-lookup backend pins too.
+pub fn expected_maps() -> [MapShape; 7] {
     use std::mem::size_of;
     [
         (map_names::META, MapType::Array, 4, size_of::<Meta>()),
@@ -123,6 +128,15 @@ pub fn entries(dir: &Path) -> Result<Vec<String>, SteeringError> {
 /// map must carry this binary's layout version, and every map must have the
 /// type and sizes this binary expects.
 pub fn check_layout(cluster: &str, dir: &Path) -> Result<Existing, SteeringError> {
+    check_layout_of(cluster, dir, &expected_maps())
+}
+
+/// [`check_layout`] against another backend's list of maps.
+pub fn check_layout_of(
+    cluster: &str,
+    dir: &Path,
+    expected: &[MapShape],
+) -> Result<Existing, SteeringError> {
     let names = entries(dir)?;
     if names.is_empty() {
         return Ok(Existing::Nothing);
@@ -140,7 +154,7 @@ pub fn check_layout(cluster: &str, dir: &Path) -> Result<Existing, SteeringError
         )));
     }
     let mut meta = None;
-    for (name, map_type, key_size, value_size) in expected_maps() {
+    for &(name, map_type, key_size, value_size) in expected {
         let path = dir.join(name);
         if !path.exists() {
             return Err(incompatible(format!("incomplete (map {name} is missing)")));
