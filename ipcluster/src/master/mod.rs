@@ -22,10 +22,12 @@ pub mod adopt;
 pub mod client;
 pub mod control;
 pub mod generation;
+mod identity;
 pub mod kill;
 pub mod lock;
 pub mod pidfd;
 pub mod process_tree;
+pub mod registry;
 mod requests;
 pub mod sock_diag;
 pub mod spawn;
@@ -34,7 +36,9 @@ pub mod status;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -187,6 +191,12 @@ impl Config {
 #[derive(Debug)]
 struct Worker {
     pid: i32,
+    /// Names this very process: every signal to it goes through here.
+    pidfd: Arc<OwnedFd>,
+    /// /proc/PID/stat `starttime`, for the registry.
+    start_time: u64,
+    /// The real uid it runs as.
+    uid: u32,
     band: u32,
     generation: u64,
     state: WorkerState,
@@ -362,21 +372,29 @@ impl Master {
 
         // Step 2: the workers the previous master left.
         let processes = ProcessTable::read()?;
-        let found = adopt::find_workers(&name, &processes, &[]);
-        let generation = found
-            .iter()
-            .map(|w| w.generation)
-            .chain(previous_state.as_ref().map(|s| s.generation))
-            .max()
-            .unwrap_or(0)
-            + 1;
+        let registry = identity::load_registry(&name);
+        let newest = identity::newest_generation(
+            previous_state.as_ref().map(|s| s.generation),
+            registry.as_ref(),
+        );
+        let found = adopt::discover(
+            &adopt::Expect {
+                cluster: &name,
+                registry: registry.as_ref(),
+                worker_uid: identity::worker_uid(cfg.run_as.as_ref()),
+                newest_generation: newest,
+            },
+            &processes,
+            &[],
+        );
+        let generation = identity::next_generation(&found, newest)?;
         if !found.is_empty() || replaced_master {
             log::info!(
                 "reload of cluster {name:?}: found {} workers of earlier generations: {:?}",
                 found.len(),
                 found
                     .iter()
-                    .map(|w| (w.pid, w.band, w.generation))
+                    .map(|a| (a.worker.pid, a.worker.band, a.worker.generation))
                     .collect::<Vec<_>>()
             );
         }
@@ -490,7 +508,8 @@ impl Master {
             exit: None,
             _lock: lock,
         };
-        master.adopt(&found, &processes, previous_table.as_ref());
+        master.adopt(found, &processes, previous_table.as_ref());
+        master.save_registry();
         for band in 0..master.cfg.bands {
             master.pending_spawns.insert(band, now);
         }
@@ -520,12 +539,13 @@ impl Master {
     /// Take over the previous generations: live if the table in force points at them.
     fn adopt(
         &mut self,
-        found: &[adopt::FoundWorker],
+        found: Vec<adopt::Adopted>,
         processes: &ProcessTable,
         table: Option<&SteeringTable>,
     ) {
         let now = Instant::now();
-        for w in found {
+        for adopted in found {
+            let w = &adopted.worker;
             let ports: Vec<u16> = self.cfg.publics.iter().map(|&p| w.port_for(p)).collect();
             let in_table = table.is_some_and(|t| {
                 t.services.iter().any(|s| {
@@ -551,6 +571,9 @@ impl Master {
                 w.pid,
                 Worker {
                     pid: w.pid,
+                    pidfd: Arc::new(adopted.pidfd),
+                    start_time: adopted.start_time,
+                    uid: adopted.uid,
                     band: w.band,
                     generation: w.generation,
                     state,
@@ -579,9 +602,10 @@ impl Master {
 
     /// Report when `pid` exits (pidfd).
     fn watch(&self, pid: i32) {
+        let Some(fd) = self.watch_fd(pid) else { return };
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
-            pidfd::exited(pid).await;
+            pidfd::exited(fd).await;
             let _ = tx.send(Event::WorkerExited(pid));
         });
     }
@@ -748,11 +772,15 @@ impl Master {
                 .zip(ports.iter().copied())
                 .collect(),
         };
-        let pid = spawn::spawn_worker(&self.cfg.command, &spec, self.cfg.run_as.as_ref())?;
+        let spawned = spawn::spawn_worker(&self.cfg.command, &spec, self.cfg.run_as.as_ref())?;
+        let pid = spawned.pid;
         self.workers.insert(
             pid,
             Worker {
                 pid,
+                pidfd: Arc::new(spawned.pidfd),
+                start_time: spawned.start_time,
+                uid: identity::worker_uid(self.cfg.run_as.as_ref()),
                 band,
                 generation: self.generation,
                 state: WorkerState::Starting,
@@ -776,6 +804,7 @@ impl Master {
             },
         );
         self.watch(pid);
+        self.save_registry();
         Ok(pid)
     }
 
@@ -823,7 +852,7 @@ impl Master {
                 if let Some(w) = self.workers.get_mut(&pid) {
                     w.killed = true;
                 }
-                kill::signal_worker(pid, Signal::SIGKILL);
+                self.signal(pid, Signal::SIGKILL);
                 self.band_failed(band, now, "not ready in time");
             }
         }
@@ -1061,8 +1090,12 @@ impl Master {
         };
         let status =
             if w.own_child { pidfd::reap(pid) } else { None }.unwrap_or_else(|| "exited".into());
-        // Whatever the worker left in its process group is unsupervised now.
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        // Whatever the worker left in its process group is unsupervised now
+        // (the pidfd still names that group, whatever became of the pid).
+        if let Err(e) = pidfd::signal_group(&w.pidfd, pid, Signal::SIGKILL) {
+            log::debug!("SIGKILL to what is left of worker {pid}'s group: {e}");
+        }
+        self.save_registry();
         if let Some(conn) = w.conn {
             self.peers.remove(&conn);
         }
@@ -1130,7 +1163,7 @@ impl Master {
                     reason: reason.into(),
                 },
             ),
-            None => kill::signal_worker(pid, Signal::SIGTERM),
+            None => self.signal(pid, Signal::SIGTERM),
         }
     }
 
@@ -1158,7 +1191,7 @@ impl Master {
             log::warn!("killing worker {pid} ({}): {reason}", w.describe());
             w.killed = true;
             w.reason = Some(reason);
-            kill::signal_worker(pid, Signal::SIGKILL);
+            self.signal(pid, Signal::SIGKILL);
         }
     }
 
@@ -1219,7 +1252,7 @@ impl Master {
         }
         // A pidfd that could not be opened never fires: /proc has the last word.
         for pid in gone {
-            if !kill::is_running(pid) {
+            if self.has_exited(pid) {
                 self.on_worker_exit(pid);
             }
         }
@@ -1275,7 +1308,7 @@ impl Master {
                 w.state = WorkerState::Dying;
                 w.dying_since.get_or_insert(now);
                 w.reason = Some(reason);
-                kill::signal_worker(pid, Signal::SIGKILL);
+                self.signal(pid, Signal::SIGKILL);
             }
             Action::Log { message } => self.policy_log(message, now),
         }
@@ -1341,11 +1374,14 @@ impl Master {
 
     /// A start-up that never served: remove what this master created.
     fn clean_up_failed_start(&mut self) {
-        let own: Vec<i32> = self
+        let own: Vec<kill::Target<'_>> = self
             .workers
             .values()
             .filter(|w| w.own_child)
-            .map(|w| w.pid)
+            .map(|w| kill::Target {
+                pid: w.pid,
+                pidfd: &w.pidfd,
+            })
             .collect();
         log::warn!("stopping the {} workers this master started", own.len());
         kill::stop_workers(&own, Duration::from_secs(1));

@@ -170,13 +170,22 @@ impl WorkerSpec {
     }
 }
 
-/// Start one worker in its own session; returns its pid. The child is not
-/// waited for here: the master watches it with a pidfd and reaps it.
+/// A worker just started, held by a pidfd opened before anyone could reap it.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: i32,
+    pub pidfd: std::os::fd::OwnedFd,
+    /// /proc/PID/stat `starttime` (0 if it exited at once).
+    pub start_time: u64,
+}
+
+/// Start one worker in its own session. The child is not waited for here:
+/// the master watches it with its pidfd and reaps it.
 pub fn spawn_worker(
     command: &WorkerCommand,
     spec: &WorkerSpec,
     run_as: Option<&RunAs>,
-) -> Result<i32, SpawnError> {
+) -> Result<Spawned, SpawnError> {
     let first_port = spec.ports.first().map_or(0, |(_, local)| *local);
     let mut cmd = Command::new(&command.program);
     cmd.args(command.args_for(first_port, spec.band))
@@ -216,16 +225,34 @@ pub fn spawn_worker(
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|source| SpawnError::Start {
+    let mut child = cmd.spawn().map_err(|source| SpawnError::Start {
         program: command.program.display().to_string(),
         band: spec.band,
         source,
     })?;
-    // Dropping `Child` neither kills nor waits: the master reaps by pid.
-    i32::try_from(child.id()).map_err(|_| SpawnError::Start {
+    // Dropping `Child` neither kills nor waits: the master reaps by pid. Until
+    // then the pid stays ours, so the pidfd opened here names this child.
+    let start_err = |source| SpawnError::Start {
         program: command.program.display().to_string(),
         band: spec.band,
-        source: std::io::Error::other("pid out of range"),
+        source,
+    };
+    let pid = i32::try_from(child.id())
+        .map_err(|_| start_err(std::io::Error::other("pid out of range")))?;
+    let pidfd = match super::pidfd::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            // Without a pidfd it could never be signalled: end it now.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(start_err(e));
+        }
+    };
+    let start_time = super::pidfd::start_time(pid).unwrap_or(0);
+    Ok(Spawned {
+        pid,
+        pidfd,
+        start_time,
     })
 }
 
