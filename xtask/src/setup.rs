@@ -218,6 +218,9 @@ fn debian_tools() -> Result<()> {
         ("iptables", "iptables"),
         ("bpftool", "bpftool"),
         ("curl", "curl"),
+        // The worker-identity tests run real nginx workers (they overwrite
+        // /proc/PID/environ with their process title).
+        ("nginx", "nginx"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -225,7 +228,7 @@ fn debian_tools() -> Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        say("setup", "iptables, bpftool, curl: present");
+        say("setup", "iptables, bpftool, curl, nginx: present");
         return Ok(());
     }
     let debian = Path::new("/etc/debian_version").exists();

@@ -1,0 +1,245 @@
+//! End-to-end: worker identity with servers that overwrite their environment.
+//! nginx sets its process title over argv and environ, so
+//! /proc/PID/environ no longer says which cluster a worker belongs to: the
+//! master must adopt, retire, report and stop such workers from its registry.
+//! Real nginx processes (one master + one worker process each), a real reload,
+//! real HTTP through the steering.
+//! Root, one test thread: `cargo test -p ipcluster-tests --test master_identity -- --test-threads=1`
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ipcluster_tests::cluster::{Cluster, ClusterSpec, http_get, ipcluster, workers_in};
+use ipcluster_tests::guard::defer;
+use ipcluster_tests::loopback_client;
+use ipcluster_tests::unique::{Ports, cluster_name};
+
+const WORKERS: u32 = 2;
+
+/// One nginx per worker: its own prefix folder (pid file, temp paths) under
+/// `dir`, listening on the worker's `{port}`.
+const NGINX_CONF: &str = "\
+worker_processes 1;
+pid nginx.pid;
+error_log stderr;
+events { worker_connections 64; }
+http {
+    access_log off;
+    client_body_temp_path body;
+    proxy_temp_path proxy;
+    fastcgi_temp_path fastcgi;
+    uwsgi_temp_path uwsgi;
+    scgi_temp_path scgi;
+    server {
+        listen PORT;
+        location / { return 200 \"nginx PORT\\n\"; }
+    }
+}
+";
+
+fn nginx_command(dir: &Path) -> Vec<String> {
+    let d = dir.display();
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "mkdir -p {d}/w{{port}} && sed s/PORT/{{port}}/g {d}/nginx.conf.in > {d}/w{{port}}/nginx.conf \
+             && exec nginx -e stderr -p {d}/w{{port}} -c {d}/w{{port}}/nginx.conf -g 'daemon off;'"
+        ),
+    ]
+}
+
+/// (pid, session, command line) of every process.
+fn processes() -> Vec<(i32, i32, String)> {
+    let mut all = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return all;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the command name: state ppid pgrp session …
+        let fields: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        if fields.first() == Some(&"Z") {
+            continue;
+        }
+        let Some(session) = fields.get(3).and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .unwrap_or_default();
+        all.push((pid, session, cmdline));
+    }
+    all
+}
+
+/// nginx processes of this test: in a worker's session, or naming `dir`.
+fn nginx_processes(sessions: &BTreeSet<i64>, dir: &Path) -> Vec<(i32, String)> {
+    let needle = dir.display().to_string();
+    processes()
+        .into_iter()
+        .filter(|(_, session, cmd)| {
+            cmd.starts_with("nginx")
+                && (sessions.contains(&i64::from(*session)) || cmd.contains(&needle))
+        })
+        .map(|(pid, _, cmd)| (pid, cmd))
+        .collect()
+}
+
+fn pids_of(workers: &[serde_json::Value]) -> BTreeSet<i64> {
+    workers.iter().filter_map(|w| w["pid"].as_i64()).collect()
+}
+
+fn wait_until(
+    what: &str,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+    logs: &dyn Fn() -> String,
+) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if done() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("{what} within {timeout:?}\n{}", logs());
+}
+
+#[test]
+fn nginx_workers_are_adopted_retired_and_stopped_across_a_reload() {
+    ipcluster_tests::require_root();
+    assert!(
+        ["/usr/sbin/nginx", "/usr/bin/nginx"]
+            .iter()
+            .any(|p| Path::new(p).is_file()),
+        "nginx is not installed: `cargo xtask setup` installs it (apt-get install nginx)"
+    );
+    let name = cluster_name("nginx-identity");
+    let dir: PathBuf = std::env::temp_dir().join(format!("ipcluster-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(dir.join("nginx.conf.in"), NGINX_CONF).expect("nginx config");
+
+    // Every worker session seen, for the cleanup below and the final check.
+    let sessions = std::cell::RefCell::new(BTreeSet::<i64>::new());
+    let _cleanup = defer(|| {
+        for (pid, _) in nginx_processes(&sessions.borrow(), &dir) {
+            // SAFETY: kill has no memory preconditions.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
+    let spec = ClusterSpec {
+        backend: "ebpf".into(),
+        workers: WORKERS,
+        listens: vec![listen],
+        flags: vec!["--soft-kill-timeout".into(), "3s".into()],
+        command: nginx_command(&dir),
+    };
+    let mut cluster = Cluster::start(&name, spec);
+    let status = cluster.status();
+    let old = pids_of(&workers_in(&status, "live", Some(1)));
+    assert_eq!(old.len(), WORKERS as usize, "{status}");
+    sessions.borrow_mut().extend(old.iter().copied());
+
+    // The premise: nginx overwrote its environment, so it cannot say whose it is.
+    for &pid in &old {
+        let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+        let environ = String::from_utf8_lossy(&environ);
+        assert!(
+            !environ.contains(&format!("IPCLUSTER_NAME={name}")),
+            "worker {pid} still shows its environment; this nginx does not set its title"
+        );
+    }
+    let nginx_before = nginx_processes(&sessions.borrow(), &dir);
+    assert!(
+        nginx_before.len() >= 2 * WORKERS as usize,
+        "expected an nginx master and worker per band: {nginx_before:?}"
+    );
+    let (code, body) = http_get(loopback_client(2), listen, "/").expect("GET through the steering");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.starts_with("nginx "), "{body:?}");
+
+    // Reload: the new master adopts the old nginx workers and retires them.
+    cluster.start_master();
+    let status = cluster.wait_generation_live(2, Duration::from_secs(30));
+    let retired = pids_of(&workers_in(&status, "retired", Some(1)));
+    assert_eq!(
+        retired,
+        old,
+        "the old nginx workers must be adopted and shown retired: {status}\n{}",
+        cluster.logs()
+    );
+    let new = pids_of(&workers_in(&status, "live", Some(2)));
+    assert_eq!(new.len(), WORKERS as usize, "{status}");
+    sessions.borrow_mut().extend(new.iter().copied());
+    assert!(
+        cluster.master_log(2).contains("adopted worker"),
+        "{}",
+        cluster.logs()
+    );
+    let (code, body) = http_get(loopback_client(3), listen, "/").expect("GET after the reload");
+    assert_eq!(code, 200, "{body}");
+
+    // kill-retired ends the old nginx masters and their worker processes.
+    let out = ipcluster(&["kill-retired", "--name", &name], Duration::from_secs(10));
+    assert!(
+        out.status.success(),
+        "kill-retired: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let old_sessions = old.clone();
+    wait_until(
+        "the retired nginx workers (and their children) did not exit",
+        Duration::from_secs(15),
+        || {
+            processes()
+                .iter()
+                .all(|(_, session, _)| !old_sessions.contains(&i64::from(*session)))
+        },
+        &|| cluster.logs(),
+    );
+    let status = cluster.status();
+    assert!(
+        workers_in(&status, "retired", None).is_empty(),
+        "retired workers still reported: {status}"
+    );
+    assert_eq!(
+        pids_of(&workers_in(&status, "live", Some(2))),
+        new,
+        "{status}"
+    );
+
+    // stop ends the new generation: no nginx of the cluster is left.
+    cluster.stop();
+    let left = nginx_processes(&sessions.borrow(), &dir);
+    assert!(
+        left.is_empty(),
+        "nginx processes left after stop: {left:?}\n{}",
+        cluster.logs()
+    );
+    assert!(
+        !ipcluster::paths::state_dir(&name).exists(),
+        "the state directory is left"
+    );
+}
