@@ -243,3 +243,123 @@ fn nginx_workers_are_adopted_retired_and_stopped_across_a_reload() {
         "the state directory is left"
     );
 }
+
+/// The worker ports the table in force gives each band of the first service.
+fn table_ports(status: &serde_json::Value) -> Vec<u16> {
+    status["table"]["services"][0]["worker_ports"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|p| p.as_u64().and_then(|p| u16::try_from(p).ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn worker(status: &serde_json::Value, state: &str, generation: u64, band: u64) -> (i32, u16) {
+    let w = workers_in(status, state, Some(generation))
+        .into_iter()
+        .find(|w| w["band"] == band)
+        .unwrap_or_else(|| {
+            panic!("no {state} worker of generation {generation} band {band}: {status}")
+        });
+    (
+        w["pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
+            .unwrap_or(0),
+        w["port"]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(0),
+    )
+}
+
+/// A crashed worker's port leaves the table at once: while its replacement
+/// starts (slowly, on purpose), band 0 is served by the old generation's
+/// worker of band 0, and once that one is gone too, by the live worker of
+/// band 1; a client of band 0 is answered throughout.
+#[test]
+fn a_crashed_workers_band_is_served_by_a_stand_in_until_its_replacement_is_ready() {
+    ipcluster_tests::require_root();
+    let name = cluster_name("stand-in");
+    let dir: PathBuf = std::env::temp_dir().join(format!("ipcluster-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let slow = dir.join("slow");
+    let _cleanup = defer(|| {
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+    let bin = ipcluster_tests::cluster::ipcluster_bin();
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
+    let spec = ClusterSpec {
+        backend: "ebpf".into(),
+        workers: WORKERS,
+        listens: vec![listen],
+        flags: Vec::new(),
+        // While `slow` exists, a new worker takes 4 s to start listening.
+        command: vec![
+            "sh".into(),
+            "-c".into(),
+            format!(
+                "if [ -e {} ]; then sleep 4; fi; exec {} demo-worker",
+                slow.display(),
+                bin.display()
+            ),
+        ],
+    };
+    let mut cluster = Cluster::start(&name, spec);
+    cluster.start_master();
+    let status = cluster.wait_generation_live(2, Duration::from_secs(30));
+    let (old0, old0_port) = worker(&status, "retired", 1, 0);
+    let (new0, _) = worker(&status, "live", 2, 0);
+    let (_, new1_port) = worker(&status, "live", 2, 1);
+    // 127.0.0.4 is in band 0 of 2 (band = low bits of the address).
+    let band0_client = loopback_client(4);
+
+    std::fs::write(&slow, b"").expect("slow marker");
+    ipcluster_tests::cluster::signal(new0, libc::SIGKILL);
+    let logs = || cluster.logs();
+    wait_until(
+        "band 0 was not steered to the retired worker of band 0",
+        Duration::from_secs(2),
+        || {
+            cluster
+                .try_status()
+                .is_ok_and(|s| table_ports(&s).first() == Some(&old0_port))
+        },
+        &logs,
+    );
+    let reply = ipcluster_tests::cluster::demo_get(band0_client, listen)
+        .unwrap_or_else(|e| panic!("band 0 while its worker restarts: {e}\n{}", logs()));
+    assert_eq!((reply.pid, reply.generation), (old0, 1), "{reply:?}");
+
+    // The stand-in goes too: the live worker of band 1 takes band 0.
+    ipcluster_tests::cluster::signal(old0, libc::SIGKILL);
+    wait_until(
+        "band 0 was not steered to the live worker of band 1",
+        Duration::from_secs(2),
+        || {
+            cluster
+                .try_status()
+                .is_ok_and(|s| table_ports(&s) == [new1_port, new1_port])
+        },
+        &logs,
+    );
+    let reply = ipcluster_tests::cluster::demo_get(band0_client, listen)
+        .unwrap_or_else(|e| panic!("band 0 served by band 1: {e}\n{}", logs()));
+    assert_eq!((reply.band, reply.generation), (1, 2), "{reply:?}");
+
+    // The replacement arrives and takes its band back.
+    let _ = std::fs::remove_file(&slow);
+    let status = cluster.wait_generation_live(2, Duration::from_secs(20));
+    let (replacement, replacement_port) = worker(&status, "live", 2, 0);
+    assert_ne!(replacement, new0);
+    assert_eq!(
+        table_ports(&status),
+        [replacement_port, new1_port],
+        "{status}"
+    );
+    cluster.stop();
+}

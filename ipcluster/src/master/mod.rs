@@ -21,6 +21,7 @@
 pub mod adopt;
 pub mod client;
 pub mod control;
+mod fallback;
 pub mod generation;
 mod identity;
 pub mod kill;
@@ -510,6 +511,7 @@ impl Master {
         };
         master.adopt(found, &processes, previous_table.as_ref());
         master.save_registry();
+        master.cover_unserved_bands();
         for band in 0..master.cfg.bands {
             master.pending_spawns.insert(band, now);
         }
@@ -1096,6 +1098,8 @@ impl Master {
             log::debug!("SIGKILL to what is left of worker {pid}'s group: {e}");
         }
         self.save_registry();
+        // Its port must leave the table now, not when its replacement is ready.
+        self.cover_unserved_bands();
         if let Some(conn) = w.conn {
             self.peers.remove(&conn);
         }
