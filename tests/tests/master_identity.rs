@@ -363,3 +363,79 @@ fn a_crashed_workers_band_is_served_by_a_stand_in_until_its_replacement_is_ready
     );
     cluster.stop();
 }
+
+/// A session leader with forged variables of the cluster.
+fn forged_process(cluster: &str, uid: Option<u32>, generation: &str) -> std::process::Child {
+    use std::os::unix::process::CommandExt as _;
+    let mut cmd = std::process::Command::new("setsid");
+    cmd.args(["sleep", "120"])
+        .env("IPCLUSTER_NAME", cluster)
+        .env("IPCLUSTER_BAND", "0")
+        .env("IPCLUSTER_GENERATION", generation)
+        .env("IPCLUSTER_WORKERS", "2")
+        .env("PORT", "29999")
+        .stdin(std::process::Stdio::null());
+    if let Some(uid) = uid {
+        cmd.uid(uid).gid(uid);
+    }
+    cmd.spawn().expect("start a forged worker")
+}
+
+/// Adoption trusts only what it can verify: a process of another user with
+/// the cluster's `IPCLUSTER_*` variables, and a root process claiming a
+/// generation no master started (u64::MAX: it would overflow the counter),
+/// are ignored and logged, never reported, retired or signalled.
+#[test]
+fn forged_workers_are_ignored_and_logged() {
+    ipcluster_tests::require_root();
+    let name = cluster_name("forged");
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
+    let mut cluster = Cluster::start(&name, ClusterSpec::demo("ebpf", WORKERS, listen));
+    let children = std::cell::RefCell::new(vec![
+        forged_process(&name, Some(65534), "1"),
+        forged_process(&name, None, &u64::MAX.to_string()),
+    ]);
+    let _cleanup = defer(|| {
+        for child in children.borrow_mut().iter_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    });
+    // Let both exec `sleep` (setsid runs first).
+    std::thread::sleep(Duration::from_millis(300));
+    let forged: BTreeSet<i64> = children
+        .borrow()
+        .iter()
+        .map(|c| i64::from(c.id()))
+        .collect();
+
+    cluster.start_master();
+    let status = cluster.wait_generation_live(2, Duration::from_secs(30));
+    let reported: BTreeSet<i64> = pids_of(status["workers"].as_array().map_or(&[][..], |v| v));
+    assert!(
+        reported.is_disjoint(&forged),
+        "forged processes {forged:?} were adopted: {status}"
+    );
+    let log = cluster.master_log(2);
+    for pid in &forged {
+        assert!(
+            log.contains(&format!("process {pid} carries the variables")),
+            "no log line about forged process {pid}:\n{log}"
+        );
+    }
+    assert!(log.contains("runs as uid 65534"), "{log}");
+    assert!(
+        log.contains("claims generation 18446744073709551615"),
+        "{log}"
+    );
+
+    cluster.stop();
+    for child in children.borrow_mut().iter_mut() {
+        assert!(
+            matches!(child.try_wait(), Ok(None)),
+            "forged process {} was signalled by stop",
+            child.id()
+        );
+    }
+}
