@@ -439,3 +439,130 @@ fn forged_workers_are_ignored_and_logged() {
         );
     }
 }
+
+/// Worker start: a relative program (`./worker.sh`) runs from the directory
+/// `run` was started in, with stdin from /dev/null, that directory as its
+/// working directory, and only the documented environment plus `--env`.
+#[test]
+fn workers_start_in_the_run_directory_with_the_documented_environment() {
+    ipcluster_tests::require_root();
+    let name = cluster_name("worker-start");
+    let dir: PathBuf = std::env::temp_dir().join(format!("ipcluster-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let bin = ipcluster_tests::cluster::ipcluster_bin();
+    let script = dir.join("worker.sh");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\n{{ echo \"cwd=$(pwd)\"; echo \"stdin=$(readlink /proc/$$/fd/0)\"; \
+             echo \"mode=$MODE\"; echo \"token=${{API_TOKEN-unset}}\"; \
+             echo \"secret=${{SECRET_TOKEN-unset}}\"; }} > facts-$IPCLUSTER_BAND.tmp\n\
+             mv facts-$IPCLUSTER_BAND.tmp facts-$IPCLUSTER_BAND\nexec {} demo-worker\n",
+            bin.display()
+        ),
+    )
+    .expect("worker script");
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
+    let (first, last) = ipcluster_tests::cluster::worker_port_range();
+    let mut master = std::process::Command::new(&bin)
+        .args([
+            "run",
+            "--name",
+            &name,
+            "--backend",
+            "iptables",
+            "--workers",
+            "1",
+            "--port-range",
+            &format!("{first}-{last}"),
+            "--listen",
+            &listen.to_string(),
+            "--env",
+            "MODE=test",
+            "--env",
+            "API_TOKEN",
+            "--",
+            "./worker.sh",
+        ])
+        .current_dir(&dir)
+        .env("API_TOKEN", "t0k3n")
+        .env("SECRET_TOKEN", "do-not-pass")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dir.join("master.log")).expect("log"))
+        .spawn()
+        .expect("start the master");
+    let log = || std::fs::read_to_string(dir.join("master.log")).unwrap_or_default();
+    let _cleanup = defer(|| {
+        let _ = ipcluster(&["stop", "--name", &name], Duration::from_secs(30));
+        let _ = master.kill();
+        let _ = master.wait();
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+    let facts_file = dir.join("facts-0");
+    wait_until(
+        "the worker did not start",
+        Duration::from_secs(20),
+        || facts_file.exists(),
+        &log,
+    );
+    let facts = std::fs::read_to_string(&facts_file).expect("facts");
+    let expected = format!(
+        "cwd={}\nstdin=/dev/null\nmode=test\ntoken=t0k3n\nsecret=unset\n",
+        dir.display()
+    );
+    assert_eq!(facts, expected, "{}", log());
+    wait_until(
+        "the worker was not served",
+        Duration::from_secs(20),
+        || ipcluster_tests::cluster::demo_get(loopback_client(2), listen).is_ok(),
+        &log,
+    );
+}
+
+/// `--env` naming a variable ipcluster sets, or one the master does not
+/// have, is refused before anything is created.
+#[test]
+fn bad_env_flags_are_refused() {
+    ipcluster_tests::require_root();
+    for (flag, says) in [
+        ("PORT=1", "PORT and IPCLUSTER_* are set by ipcluster"),
+        (
+            "IPCLUSTER_NAME=x",
+            "PORT and IPCLUSTER_* are set by ipcluster",
+        ),
+        (
+            "IPCLUSTER_TEST_SURELY_UNSET",
+            "is not set in the master's environment",
+        ),
+    ] {
+        let name = cluster_name("bad-env");
+        let out = ipcluster(
+            &[
+                "run",
+                "--name",
+                &name,
+                "--backend",
+                "iptables",
+                "--workers",
+                "1",
+                "--env",
+                flag,
+            ],
+            Duration::from_secs(20),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "--env {flag} was accepted");
+        assert!(stderr.contains(says), "--env {flag}: {stderr}");
+        assert!(
+            !ipcluster::paths::state_dir(&name).exists(),
+            "--env {flag} left its state directory"
+        );
+    }
+}

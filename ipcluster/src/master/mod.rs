@@ -126,7 +126,7 @@ impl Config {
         }
         let publics = public_ports(&listens);
         let bands = args.worker_count();
-        let command = WorkerCommand::from_cli(&args.command)?;
+        let command = WorkerCommand::from_cli(&args.command, &args.env)?;
         let run_as = args.user.as_deref().map(RunAs::lookup).transpose()?;
         let needed = u32::try_from(publics.len())
             .unwrap_or(u32::MAX)
