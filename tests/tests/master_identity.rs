@@ -566,3 +566,74 @@ fn bad_env_flags_are_refused() {
         );
     }
 }
+
+/// Control socket: one user's flood of connections that never identify
+/// themselves is capped per uid and timed out, and root's `status` gets
+/// through all along.
+#[test]
+fn a_connection_flood_neither_locks_root_out_nor_lasts() {
+    ipcluster_tests::require_root();
+    let name = cluster_name("flood");
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
+    let mut spec = ClusterSpec::demo("iptables", 1, listen);
+    // The control socket belongs to the workers' user, who may connect.
+    spec.flags = vec!["--user".into(), "nobody".into()];
+    let cluster = Cluster::start(&name, spec);
+    let socket = ipcluster::paths::control_socket(&name);
+    // As nobody: 300 silent connections; count the ones the master closed at
+    // once, then the ones still open 12 s later.
+    let script = format!(
+        "import socket, time\n\
+         conns = []\n\
+         for _ in range(300):\n\
+         \x20   s = socket.socket(socket.AF_UNIX)\n\
+         \x20   s.connect({socket:?})\n\
+         \x20   conns.append(s)\n\
+         time.sleep(1.5)\n\
+         def closed(s):\n\
+         \x20   s.setblocking(False)\n\
+         \x20   try:\n\
+         \x20       return s.recv(1) == b''\n\
+         \x20   except BlockingIOError:\n\
+         \x20       return False\n\
+         print('refused', sum(closed(s) for s in conns), flush=True)\n\
+         time.sleep(12)\n\
+         print('open', sum(not closed(s) for s in conns), flush=True)\n",
+        socket = socket.display().to_string()
+    );
+    use std::os::unix::process::CommandExt as _;
+    let flood = std::process::Command::new("python3")
+        .args(["-c", &script])
+        .uid(65534)
+        .gid(65534)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start the flood");
+    let pid = flood.id();
+    let _cleanup = defer(move || ipcluster_tests::cluster::signal(pid as i32, libc::SIGKILL));
+    std::thread::sleep(Duration::from_secs(3));
+    // Root is never refused, while the flood holds its 256 connections.
+    let status = cluster.status();
+    assert_eq!(status["name"], name.as_str(), "{status}");
+    let out = flood.wait_with_output().expect("the flood's output");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let refused: Option<u32> = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("refused ")?.parse().ok());
+    // 256 per uid: the demo worker (also nobody) may hold one of them.
+    assert!(
+        matches!(refused, Some(44 | 45)) && stdout.contains("open 0\n"),
+        "expected 44 refused at once (45 with the worker's own connection) and none left \
+         after the timeout: {stdout}{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        cluster.logs()
+    );
+    let log = cluster.master_log(1);
+    assert!(
+        log.contains("uid 65534 already has 256 connections open"),
+        "{log}"
+    );
+    assert!(log.contains("said nothing within 10s"), "{log}");
+}

@@ -141,8 +141,9 @@ impl Master {
             }
             WorkerMessage::RequestRetire { reason } => {
                 log::info!(
-                    "worker {pid} (band {}) asks to be retired: {reason}",
-                    w.band
+                    "worker {pid} (band {}) asks to be retired: {}",
+                    w.band,
+                    super::control::printable(&reason, 200)
                 );
                 w.retire_requested = true;
             }
