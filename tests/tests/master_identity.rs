@@ -637,3 +637,50 @@ fn a_connection_flood_neither_locks_root_out_nor_lasts() {
     );
     assert!(log.contains("said nothing within 10s"), "{log}");
 }
+
+/// A state directory others may write in (where a registry could be planted)
+/// is refused by name, and nothing is created in it or elsewhere.
+#[test]
+fn a_state_directory_open_to_others_is_refused() {
+    use std::os::unix::fs::PermissionsExt as _;
+    ipcluster_tests::require_root();
+    let name = cluster_name("open-dir");
+    let dir = ipcluster::paths::state_dir(&name);
+    std::fs::create_dir_all(&dir).expect("state dir");
+    let _cleanup = defer(|| {
+        let _ = std::fs::remove_dir_all(ipcluster::paths::state_dir(&name));
+    });
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod 777");
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
+    let out = ipcluster(
+        &[
+            "run",
+            "--name",
+            &name,
+            "--backend",
+            "ebpf",
+            "--workers",
+            "1",
+            "--listen",
+            &listen.to_string(),
+        ],
+        Duration::from_secs(20),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "run accepted a world-writable state directory"
+    );
+    assert!(
+        stderr.contains(&format!("refusing to use {}", dir.display()))
+            && stderr.contains("writable by anyone"),
+        "{stderr}"
+    );
+    let inside: Vec<_> = std::fs::read_dir(&dir).expect("list").flatten().collect();
+    assert!(inside.is_empty(), "files were created: {inside:?}");
+    assert!(
+        !ipcluster::paths::pin_dir(&name).exists(),
+        "steering was installed"
+    );
+}

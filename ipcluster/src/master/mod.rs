@@ -22,6 +22,7 @@ pub mod adopt;
 pub mod client;
 pub mod control;
 mod fallback;
+pub mod files;
 pub mod generation;
 mod identity;
 pub mod kill;
@@ -339,10 +340,14 @@ impl Master {
         }
 
         let root = PathBuf::from(paths::STATE_ROOT);
-        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        if let Some(parent) = root.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        // Only root may write where the registry and the control socket live.
+        files::ensure_dir(&root)?;
         let dir = paths::state_dir(&name);
-        let created_dir = !dir.exists();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let created_dir = files::ensure_dir(&dir)?;
         let result = Master::start_in_dir(cfg, created_dir).await;
         if result.is_err() && created_dir {
             let _ = std::fs::remove_dir_all(&dir);
