@@ -684,3 +684,171 @@ fn a_state_directory_open_to_others_is_refused() {
         "steering was installed"
     );
 }
+
+/// `sh -c` that starts the demo worker, 4 s late while `slow` exists.
+fn slow_demo_command(slow: &Path) -> Vec<String> {
+    vec![
+        "sh".into(),
+        "-c".into(),
+        format!(
+            "if [ -e {} ]; then sleep 4; fi; exec {} demo-worker",
+            slow.display(),
+            ipcluster_tests::cluster::ipcluster_bin().display()
+        ),
+    ]
+}
+
+/// A reload from 4 to 2 workers while an old worker of band 3 crashes: band 3
+/// is not replaced (the new generation has no band 3) and generation 2 is
+/// published with 2 bands.
+#[test]
+fn a_reload_to_fewer_workers_publishes_although_an_old_high_band_crashes() {
+    ipcluster_tests::require_root();
+    let name = cluster_name("fewer");
+    let dir: PathBuf = std::env::temp_dir().join(format!("ipcluster-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let slow = dir.join("slow");
+    let _cleanup = defer(|| {
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
+    let spec = ClusterSpec {
+        backend: "ebpf".into(),
+        workers: 4,
+        listens: vec![listen],
+        flags: Vec::new(),
+        command: slow_demo_command(&slow),
+    };
+    let mut cluster = Cluster::start(&name, spec);
+    let (old3, _) = worker(&cluster.status(), "live", 1, 3);
+    std::fs::write(&slow, b"").expect("slow marker");
+    cluster.spec.workers = 2;
+    cluster.start_master();
+    wait_until(
+        "the second master did not adopt the old workers",
+        Duration::from_secs(15),
+        || {
+            cluster
+                .master_log(2)
+                .contains(&format!("adopted worker {old3}"))
+        },
+        &|| cluster.logs(),
+    );
+    ipcluster_tests::cluster::signal(old3, libc::SIGKILL);
+    let status = cluster.wait_generation_live(2, Duration::from_secs(30));
+    assert_eq!(table_ports(&status).len(), 2, "{status}");
+    let high: Vec<_> = status["workers"]
+        .as_array()
+        .map_or(&[][..], |v| v)
+        .iter()
+        .filter(|w| w["generation"] == 2 && w["band"].as_u64().is_some_and(|b| b >= 2))
+        .collect();
+    assert!(
+        high.is_empty(),
+        "generation 2 started workers for bands it has not: {high:?}"
+    );
+    cluster.stop();
+}
+
+/// A second `run` while the first is still starting: the first hands over
+/// without removing the state directory (the lock, the registry) under the
+/// second, which then serves.
+#[test]
+fn a_second_run_while_the_first_is_starting_hands_over_cleanly() {
+    ipcluster_tests::require_root();
+    let name = cluster_name("early-reload");
+    let dir: PathBuf = std::env::temp_dir().join(format!("ipcluster-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let slow = dir.join("slow");
+    std::fs::write(&slow, b"").expect("slow marker");
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
+    let (first, last) = ipcluster_tests::cluster::worker_port_range();
+    let bin = ipcluster_tests::cluster::ipcluster_bin();
+    let start = |n: u32| {
+        let mut args: Vec<String> = [
+            "run",
+            "--name",
+            &name,
+            "--backend",
+            "iptables",
+            "--workers",
+            "1",
+            "--port-range",
+            &format!("{first}-{last}"),
+            "--listen",
+            &listen.to_string(),
+            "--",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.extend(slow_demo_command(&slow));
+        std::process::Command::new(&bin)
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("master-{n}.log"))).expect("log"))
+            .spawn()
+            .expect("start a master")
+    };
+    let masters = std::cell::RefCell::new(vec![start(1)]);
+    let _cleanup = defer(|| {
+        let _ = ipcluster(&["stop", "--name", &name], Duration::from_secs(30));
+        for m in masters.borrow_mut().iter_mut() {
+            let _ = m.kill();
+            let _ = m.wait();
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    });
+    let logs = || {
+        (1..=2)
+            .map(|n| {
+                std::fs::read_to_string(dir.join(format!("master-{n}.log"))).unwrap_or_default()
+            })
+            .collect::<Vec<_>>()
+            .join("\n---- master 2 ----\n")
+    };
+    wait_until(
+        "the first master did not spawn its worker",
+        Duration::from_secs(10),
+        || logs().contains("spawned worker"),
+        &logs,
+    );
+    masters.borrow_mut().push(start(2));
+    wait_until(
+        "the first master did not exit",
+        Duration::from_secs(15),
+        || matches!(masters.borrow_mut()[0].try_wait(), Ok(Some(_))),
+        &logs,
+    );
+    let _ = std::fs::remove_file(&slow);
+    wait_until(
+        "the second master did not serve generation 2",
+        Duration::from_secs(30),
+        || {
+            let out = ipcluster(
+                &["status", "--name", &name, "--json"],
+                Duration::from_secs(10),
+            );
+            serde_json::from_slice::<serde_json::Value>(&out.stdout)
+                .is_ok_and(|s| s["generation"] == 2 && workers_in(&s, "live", Some(2)).len() == 1)
+        },
+        &logs,
+    );
+    assert!(
+        logs().contains("leaving the state directory and the steering to the new master"),
+        "{}",
+        logs()
+    );
+    assert!(
+        ipcluster::paths::lock_file(&name).exists(),
+        "the lock file is gone"
+    );
+    let (code, body) = http_get(loopback_client(2), listen, "/").expect("GET");
+    assert_eq!(code, 200, "{body}");
+}

@@ -71,6 +71,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const POLICY_LOG_REPEAT: Duration = Duration::from_secs(10);
 /// How long a new master waits for the previous one to hand over.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Why a master exits when a new master (a reload) asks it to.
+const HANDED_OVER: &str = "a new master took over";
 
 /// The distinct public ports of `listens`, in order of first appearance: a
 /// worker gets one port for each.
@@ -643,6 +645,17 @@ impl Master {
         // Let connection tasks write their last replies.
         tokio::time::sleep(Duration::from_millis(50)).await;
         match self.exit.take() {
+            Some(Exit::Handover(why)) if self.fresh && !self.published && why == HANDED_OVER => {
+                // A second `run` while this one was still starting: the state
+                // directory (its lock, its registry) and the steering are the
+                // new master's now. Only the workers that never served go.
+                log::info!(
+                    "master exits ({why}) before the cluster ever served: stopping the workers \
+                     it started, leaving the state directory and the steering to the new master"
+                );
+                self.stop_own_workers();
+                Ok(())
+            }
             Some(Exit::Handover(why)) if self.fresh && !self.published => {
                 log::info!(
                     "master exits ({why}) before the cluster ever served: removing what it created"
@@ -721,6 +734,16 @@ impl Master {
         };
         self.pending_spawns.remove(&band);
         if self.starting_for(band).is_some() {
+            return;
+        }
+        // An old worker of a band this generation no longer has (a reload that
+        // lowered --workers) crashed or was retired: nothing to replace.
+        if band >= self.cfg.bands {
+            log::info!(
+                "band {band} is not part of generation {} ({} bands): not replaced",
+                self.generation,
+                self.cfg.bands
+            );
             return;
         }
         match self.spawn(band) {
@@ -919,7 +942,10 @@ impl Master {
             .workers
             .values()
             .filter(|w| {
-                w.state == WorkerState::Starting && w.ready && w.generation == self.generation
+                w.state == WorkerState::Starting
+                    && w.ready
+                    && w.generation == self.generation
+                    && w.band < self.cfg.bands
             })
             .map(|w| (w.band, w.pid))
             .collect();
@@ -1383,6 +1409,19 @@ impl Master {
 
     /// A start-up that never served: remove what this master created.
     fn clean_up_failed_start(&mut self) {
+        self.stop_own_workers();
+        if self.fresh {
+            if let Err(e) = self.steering.teardown() {
+                log::warn!("removing the steering failed: {e}");
+            }
+            if self.created_dir {
+                let _ = std::fs::remove_dir_all(paths::state_dir(&self.cfg.name));
+            }
+        }
+    }
+
+    /// Stop the workers this master started (they never served).
+    fn stop_own_workers(&mut self) {
         let own: Vec<kill::Target<'_>> = self
             .workers
             .values()
@@ -1394,14 +1433,6 @@ impl Master {
             .collect();
         log::warn!("stopping the {} workers this master started", own.len());
         kill::stop_workers(&own, Duration::from_secs(1));
-        if self.fresh {
-            if let Err(e) = self.steering.teardown() {
-                log::warn!("removing the steering failed: {e}");
-            }
-            if self.created_dir {
-                let _ = std::fs::remove_dir_all(paths::state_dir(&self.cfg.name));
-            }
-        }
     }
 }
 

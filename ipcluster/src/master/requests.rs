@@ -177,7 +177,7 @@ impl Master {
                         message: "the master exits".into(),
                     },
                 );
-                self.exit = Some(Exit::Handover("a new master took over".into()));
+                self.exit = Some(Exit::Handover(super::HANDED_OVER.into()));
             }
             AdminRequest::Stop => {
                 let message = match self.stop_everything() {
