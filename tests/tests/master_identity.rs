@@ -319,6 +319,7 @@ fn a_crashed_workers_band_is_served_by_a_stand_in_until_its_replacement_is_ready
     let band0_client = loopback_client(4);
 
     std::fs::write(&slow, b"").expect("slow marker");
+    let killed_at = Instant::now();
     ipcluster_tests::cluster::signal(new0, libc::SIGKILL);
     let logs = || cluster.logs();
     wait_until(
@@ -330,6 +331,10 @@ fn a_crashed_workers_band_is_served_by_a_stand_in_until_its_replacement_is_ready
                 .is_ok_and(|s| table_ports(&s).first() == Some(&old0_port))
         },
         &logs,
+    );
+    println!(
+        "stand-in: band 0 steered to the retired worker {:?} after the SIGKILL (status polled)",
+        killed_at.elapsed()
     );
     let reply = ipcluster_tests::cluster::demo_get(band0_client, listen)
         .unwrap_or_else(|e| panic!("band 0 while its worker restarts: {e}\n{}", logs()));
