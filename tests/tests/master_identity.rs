@@ -857,3 +857,85 @@ fn a_second_run_while_the_first_is_starting_hands_over_cleanly() {
     let (code, body) = http_get(loopback_client(2), listen, "/").expect("GET");
     assert_eq!(code, 200, "{body}");
 }
+
+/// Field 22 of /proc/PID/stat (start time in clock ticks).
+fn start_time_of(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    stat.rsplit(')')
+        .next()
+        .and_then(|r| r.split_whitespace().nth(19))
+        .and_then(|v| v.parse().ok())
+        .expect("start time")
+}
+
+/// `stop` with no master running does not read a registry from a state
+/// directory others may write in: an entry planted there for an unrelated
+/// process (with its true pid, start time, uid and session) is not signalled,
+/// while the cluster's real worker is still found and stopped.
+#[test]
+fn a_registry_in_a_directory_open_to_others_is_not_trusted() {
+    use std::os::unix::fs::PermissionsExt as _;
+    ipcluster_tests::require_root();
+    let name = cluster_name("planted");
+    let ports = Ports::reserve(1);
+    let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
+    let mut cluster = Cluster::start(&name, ClusterSpec::demo("iptables", 1, listen));
+    let (worker_pid, _) = worker(&cluster.status(), "live", 1, 0);
+    let victim = std::cell::RefCell::new(
+        std::process::Command::new("setsid")
+            .args(["sleep", "120"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .expect("start the victim"),
+    );
+    let _cleanup = defer(|| {
+        let _ = victim.borrow_mut().kill();
+        let _ = victim.borrow_mut().wait();
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let victim_pid = victim.borrow().id();
+
+    // No master: SIGKILL it (workers and steering stay).
+    let _ = cluster.masters[0].kill();
+    let _ = cluster.masters[0].wait();
+    let registry_path = ipcluster::paths::registry_file(&name);
+    let mut registry: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&registry_path).expect("registry"))
+            .expect("registry JSON");
+    registry["workers"]
+        .as_array_mut()
+        .expect("workers array")
+        .push(serde_json::json!({
+            "pid": victim_pid,
+            "start_time": start_time_of(victim_pid),
+            "band": 0,
+            "generation": 1,
+            "ports": [[listen.port(), 29998]],
+            "uid": 0,
+            "pgid": victim_pid,
+            "session": victim_pid,
+        }));
+    std::fs::write(&registry_path, registry.to_string()).expect("plant the entry");
+    let dir = ipcluster::paths::state_dir(&name);
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).expect("chmod 777");
+
+    let out = ipcluster(&["stop", "--name", &name], Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stop failed: {stderr}");
+    assert!(
+        stderr.contains("the worker registry in it is not read"),
+        "{stderr}"
+    );
+    assert!(
+        matches!(victim.borrow_mut().try_wait(), Ok(None)),
+        "the planted registry entry got process {victim_pid} signalled: {stderr}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{worker_pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{worker_pid}/stat")).is_ok_and(|s| s
+                .rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))),
+        "the cluster's worker {worker_pid} survived stop: {stderr}"
+    );
+}

@@ -17,9 +17,28 @@ pub fn worker_uid(run_as: Option<&super::spawn::RunAs>) -> u32 {
     run_as.map_or_else(|| unsafe { libc::geteuid() }, |r| r.uid)
 }
 
-/// The registry of `cluster`, or `None` (with a warning) when it is missing
-/// or unreadable: adoption then relies on the environment alone.
+/// The registry of `cluster`, or `None` (with a warning) when it is missing,
+/// unreadable, or in a directory others may write in: adoption then relies
+/// on the environment alone.
 pub fn load_registry(cluster: &str) -> Option<Registry> {
+    // A registry others could have written would steer root's signals.
+    for dir in [
+        std::path::PathBuf::from(paths::STATE_ROOT),
+        paths::state_dir(cluster),
+    ] {
+        match super::files::check_dir(&dir) {
+            Ok(()) => {}
+            Err(super::files::DirError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                return None;
+            }
+            Err(e) => {
+                log::error!("{e}; the worker registry in it is not read");
+                return None;
+            }
+        }
+    }
     match Registry::load(&paths::registry_file(cluster)) {
         Ok(r) => r.filter(|r| {
             if r.cluster != cluster {
