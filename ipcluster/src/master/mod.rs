@@ -9,10 +9,15 @@
 //! the master exits.
 //!
 //! - [`lock`]: the cluster lock and handing over from the previous master.
-//! - [`adopt`]: finding the previous generations' workers by their environment.
+//! - [`registry`], `identity`: the registry of workers (pid, start time, band,
+//!   generation, ports, uid) the next master adopts from.
+//! - [`adopt`]: finding the previous generations' workers (registry first,
+//!   environment as a checked fallback), each held by a pidfd.
 //! - [`spawn`]: a worker's command, environment, session, user and ports.
 //! - [`process_tree`], [`sock_diag`]: readiness, connections and RSS of a worker's tree.
-//! - [`pidfd`], [`kill`]: noticing exits; SIGTERM, then SIGKILL.
+//! - [`pidfd`], [`kill`]: noticing exits; every signal through a pidfd.
+//! - `fallback`: a band whose worker is gone is served by a stand-in at once.
+//! - [`files`]: the state and pin directories must be closed to others.
 //! - [`generation`]: when a generation's table is published (pure).
 //! - [`control`], `requests`: the control socket and what peers may say on it.
 //! - [`state`], [`status`], [`client`]: what persists, `status`, `stop`, `kill-retired`.
