@@ -121,6 +121,12 @@ pub struct RunArgs {
     #[arg(long, short = 'u', value_name = "USER")]
     pub user: Option<String>,
 
+    /// Pass KEY=VALUE to every worker, or KEY with the master's value (repeatable). Workers get
+    /// only PATH, HOME, USER, LOGNAME, SHELL, LANG, LANGUAGE, LC_*, TZ, TMPDIR, RUST_LOG and
+    /// RUST_BACKTRACE from the master's environment, plus PORT and the IPCLUSTER_* variables.
+    #[arg(long = "env", value_name = "KEY[=VALUE]")]
+    pub env: Vec<String>,
+
     /// First and last worker port, FIRST-LAST; ports in use are skipped.
     #[arg(long, value_name = "FIRST-LAST", default_value = "20000-29999", value_parser = parse_port_range)]
     pub port_range: RangeInclusive<u16>,

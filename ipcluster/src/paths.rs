@@ -33,3 +33,9 @@ pub fn pin_dir(cluster: &str) -> PathBuf {
 pub fn state_file(cluster: &str) -> PathBuf {
     state_dir(cluster).join("state.json")
 }
+
+/// The registry of the cluster's workers (pid, start time, band, generation,
+/// ports, uid), rewritten atomically by the master on every change.
+pub fn registry_file(cluster: &str) -> PathBuf {
+    state_dir(cluster).join("workers.json")
+}

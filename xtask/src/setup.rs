@@ -219,6 +219,9 @@ fn debian_tools() -> Result<()> {
         ("iptables", "iptables"),
         ("bpftool", "bpftool"),
         ("curl", "curl"),
+        // The worker-identity tests run real nginx workers (they overwrite
+        // /proc/PID/environ with their process title).
+        ("nginx", "nginx"),
     ];
     install_missing(&wanted)
 }

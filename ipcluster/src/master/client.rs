@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 
-use super::adopt::find_workers;
-use super::kill::stop_workers;
+use super::adopt;
+use super::kill::{self, stop_workers};
 use super::lock::ClusterLock;
 use super::process_tree::ProcessTable;
 use super::state::ClusterState;
@@ -139,7 +139,7 @@ pub fn stop_command(cluster: &str) -> Result<()> {
         drop(lock);
         return Ok(());
     }
-    let strays = find_workers(cluster, &ProcessTable::read()?, &[]);
+    let strays = find_offline(cluster, None)?;
     if strays.is_empty() {
         bail!(
             "cluster {cluster:?} is not running: no state in {} and no workers",
@@ -150,14 +150,21 @@ pub fn stop_command(cluster: &str) -> Result<()> {
 }
 
 fn stop_without_master(cluster: &str, state: Option<&ClusterState>) -> Result<()> {
-    let workers = find_workers(cluster, &ProcessTable::read()?, &[]);
-    let pids: Vec<i32> = workers.iter().map(|w| w.pid).collect();
+    let workers = find_offline(cluster, state)?;
+    let pids: Vec<i32> = workers.iter().map(|a| a.worker.pid).collect();
+    let targets: Vec<kill::Target<'_>> = workers
+        .iter()
+        .map(|a| kill::Target {
+            pid: a.worker.pid,
+            pidfd: &a.pidfd,
+        })
+        .collect();
     let soft_kill = Duration::from_millis(state.map_or(5000, |s| s.soft_kill_timeout_ms));
     log::info!(
         "cluster {cluster:?}: no master runs; stopping {} workers {pids:?}",
         pids.len()
     );
-    let killed = stop_workers(&pids, soft_kill);
+    let killed = stop_workers(&targets, soft_kill);
     if let Some(state) = state {
         let mut steering =
             steering::backend(state.backend, state.steering_config()).with_context(|| {
@@ -184,4 +191,25 @@ fn stop_without_master(cluster: &str, state: Option<&ClusterState>) -> Result<()
         pids.len()
     );
     Ok(())
+}
+
+/// The cluster's workers when no master runs: from the registry, else (or in
+/// addition) by environment from processes of the recorded worker uid (root's
+/// when there is no registry).
+pub fn find_offline(cluster: &str, state: Option<&ClusterState>) -> Result<Vec<adopt::Adopted>> {
+    let registry = super::identity::load_registry(cluster);
+    let newest = super::identity::newest_generation(state.map(|s| s.generation), registry.as_ref());
+    let worker_uid = registry
+        .as_ref()
+        .map_or_else(|| super::identity::worker_uid(None), |r| r.worker_uid);
+    Ok(adopt::discover(
+        &adopt::Expect {
+            cluster,
+            registry: registry.as_ref(),
+            worker_uid,
+            newest_generation: newest,
+        },
+        &ProcessTable::read()?,
+        &[],
+    ))
 }

@@ -4,10 +4,11 @@
 //! Over-long lines, invalid UTF-8 and (later) bad JSON are logged and
 //! dropped; nothing a peer sends ends the master.
 
+use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
@@ -15,9 +16,55 @@ use tokio::sync::mpsc;
 
 use crate::protocol::MAX_LINE;
 
-/// Connections open at once; more are refused (a misbehaving client must not
-/// exhaust the master's file descriptors).
+/// Connections of non-root peers open at once; more are refused (a
+/// misbehaving client must not exhaust the master's file descriptors). Root's
+/// connections are never refused, so `status` and `stop` always get through.
 const MAX_CONNECTIONS: usize = 1024;
+/// Connections one non-root uid may hold at once: one user's flood cannot
+/// take the whole budget from the others.
+const MAX_PER_UID: usize = 256;
+/// A peer must send its first line (hello, or an operator's request) this
+/// soon after connecting, or it is disconnected.
+pub const IDENTIFY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// `text` from a peer, safe for logs and terminals: control characters
+/// (escape sequences, newlines, carriage returns) and bidirectional
+/// overrides are shown escaped, and it is cut to `max` characters.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out = String::new();
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Who may open another connection: root always; another uid while it holds
+/// fewer than [`MAX_PER_UID`] and non-root peers fewer than [`MAX_CONNECTIONS`].
+pub fn admit(uid: u32, open_by_uid: usize, open_non_root: usize) -> Result<(), String> {
+    if uid == 0 {
+        return Ok(());
+    }
+    if open_by_uid >= MAX_PER_UID {
+        return Err(format!(
+            "uid {uid} already has {open_by_uid} connections open (at most {MAX_PER_UID} per user)"
+        ));
+    }
+    if open_non_root >= MAX_CONNECTIONS {
+        return Err(format!(
+            "{open_non_root} connections of non-root peers are open (at most {MAX_CONNECTIONS})"
+        ));
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
@@ -69,7 +116,8 @@ pub fn bind(path: &Path, owner: Option<(u32, u32)>) -> Result<UnixListener, Cont
 
 /// Accept connections forever, one task each.
 pub async fn serve(listener: UnixListener, events: mpsc::UnboundedSender<ControlEvent>) {
-    let open = Arc::new(AtomicUsize::new(0));
+    let open_non_root = Arc::new(AtomicUsize::new(0));
+    let per_uid: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
     let mut next_conn: u64 = 1;
     loop {
         let stream = match listener.accept().await {
@@ -80,18 +128,46 @@ pub async fn serve(listener: UnixListener, events: mpsc::UnboundedSender<Control
                 continue;
             }
         };
-        if open.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-            log::warn!("control socket: {MAX_CONNECTIONS} connections open; refusing another");
+        let Ok(cred) = stream.peer_cred() else {
+            log::warn!("control socket: a connection without peer credentials; closing it");
             continue;
+        };
+        let uid = cred.uid();
+        let open_by_uid = per_uid
+            .lock()
+            .map(|m| m.get(&uid).copied().unwrap_or(0))
+            .unwrap_or(0);
+        if let Err(why) = admit(uid, open_by_uid, open_non_root.load(Ordering::Relaxed)) {
+            log::warn!(
+                "control socket: refusing a connection of pid {}: {why}",
+                cred.pid().map_or("?".into(), |p| p.to_string())
+            );
+            continue;
+        }
+        if let Ok(mut m) = per_uid.lock() {
+            *m.entry(uid).or_insert(0) += 1;
+        }
+        if uid != 0 {
+            open_non_root.fetch_add(1, Ordering::Relaxed);
         }
         let conn = next_conn;
         next_conn += 1;
-        open.fetch_add(1, Ordering::Relaxed);
-        let (events, open) = (events.clone(), open.clone());
+        let (events, open_non_root, per_uid) =
+            (events.clone(), open_non_root.clone(), per_uid.clone());
         tokio::spawn(async move {
             connection(stream, conn, &events).await;
             let _ = events.send(ControlEvent::Disconnected { conn });
-            open.fetch_sub(1, Ordering::Relaxed);
+            if uid != 0 {
+                open_non_root.fetch_sub(1, Ordering::Relaxed);
+            }
+            if let Ok(mut m) = per_uid.lock()
+                && let Some(n) = m.get_mut(&uid)
+            {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    m.remove(&uid);
+                }
+            }
         });
     }
 }
@@ -119,8 +195,18 @@ async fn connection(stream: UnixStream, conn: u64, events: &mpsc::UnboundedSende
     let (mut reader, mut writer) = stream.into_split();
     let mut lines = LineSplitter::default();
     let mut buf = vec![0u8; 8192];
+    let identify_by = tokio::time::Instant::now() + IDENTIFY_TIMEOUT;
+    let mut identified = false;
     loop {
         tokio::select! {
+            _ = tokio::time::sleep_until(identify_by), if !identified => {
+                log::warn!(
+                    "control socket ({who}, uid {}): said nothing within {IDENTIFY_TIMEOUT:?} of \
+                     connecting; closing the connection",
+                    cred.uid()
+                );
+                return;
+            }
             read = reader.read(&mut buf) => {
                 let n = match read {
                     Ok(0) | Err(_) => return,
@@ -129,6 +215,7 @@ async fn connection(stream: UnixStream, conn: u64, events: &mpsc::UnboundedSende
                 for line in lines.push(&buf[..n]) {
                     match line {
                         Ok(line) => {
+                            identified = true;
                             if events.send(ControlEvent::Line { conn, line }).is_err() {
                                 return;
                             }
@@ -210,6 +297,25 @@ impl LineSplitter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn peer_text_is_escaped_and_cut() {
+        assert_eq!(printable("leak", 10), "leak");
+        assert_eq!(
+            printable("a\nb\r\u{1b}[31mred\u{202e}x", 100),
+            "a\\nb\\r\\u{1b}[31mred\\u{202e}x"
+        );
+        assert_eq!(printable("abcdef", 3), "abc…");
+    }
+
+    #[test]
+    fn one_user_cannot_lock_root_out() {
+        assert!(admit(0, 10_000, 10_000).is_ok());
+        assert!(admit(1000, MAX_PER_UID - 1, 0).is_ok());
+        let why = admit(1000, MAX_PER_UID, 0).expect_err("per-uid cap");
+        assert!(why.contains("uid 1000"), "{why}");
+        assert!(admit(1001, 0, MAX_CONNECTIONS).is_err());
+    }
 
     #[test]
     fn lines_are_split_across_reads() {

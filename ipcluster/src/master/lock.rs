@@ -117,20 +117,14 @@ impl ClusterLock {
                 sent_term = true;
                 if let Some(pid) = master {
                     log::warn!("previous master {pid} did not exit on shutdown; sending SIGTERM");
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGTERM,
-                    );
+                    signal_master(pid, nix::sys::signal::Signal::SIGTERM);
                 }
             }
             if waited > timeout && !sent_kill {
                 sent_kill = true;
                 if let Some(pid) = master {
                     log::warn!("previous master {pid} did not exit on SIGTERM; sending SIGKILL");
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
+                    signal_master(pid, nix::sys::signal::Signal::SIGKILL);
                 }
             }
             if waited > timeout + Duration::from_secs(3) {
@@ -155,6 +149,20 @@ fn same_file(file: &File, path: &Path) -> bool {
     match (file.metadata(), std::fs::metadata(path)) {
         (Ok(a), Ok(b)) => a.ino() == b.ino() && a.dev() == b.dev(),
         _ => false,
+    }
+}
+
+/// Signal the previous master through a pidfd, opened first and then checked
+/// to name an ipcluster master: a pid recycled meanwhile is never signalled.
+fn signal_master(pid: i32, signal: nix::sys::signal::Signal) {
+    let Ok(fd) = super::pidfd::pidfd_open(pid) else {
+        return;
+    };
+    if !is_ipcluster_master(pid) {
+        return;
+    }
+    if let Err(e) = super::pidfd::send_signal(&fd, signal) {
+        log::warn!("{signal} to the previous master {pid}: {e}");
     }
 }
 

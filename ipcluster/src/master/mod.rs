@@ -9,10 +9,15 @@
 //! the master exits.
 //!
 //! - [`lock`]: the cluster lock and handing over from the previous master.
-//! - [`adopt`]: finding the previous generations' workers by their environment.
+//! - [`registry`], `identity`: the registry of workers (pid, start time, band,
+//!   generation, ports, uid) the next master adopts from.
+//! - [`adopt`]: finding the previous generations' workers (registry first,
+//!   environment as a checked fallback), each held by a pidfd.
 //! - [`spawn`]: a worker's command, environment, session, user and ports.
 //! - [`process_tree`], [`sock_diag`]: readiness, connections and RSS of a worker's tree.
-//! - [`pidfd`], [`kill`]: noticing exits; SIGTERM, then SIGKILL.
+//! - [`pidfd`], [`kill`]: noticing exits; every signal through a pidfd.
+//! - `fallback`: a band whose worker is gone is served by a stand-in at once.
+//! - [`files`]: the state and pin directories must be closed to others.
 //! - [`generation`]: when a generation's table is published (pure).
 //! - [`control`], `requests`: the control socket and what peers may say on it.
 //! - [`state`], [`status`], [`client`]: what persists, `status`, `stop`, `kill-retired`.
@@ -21,12 +26,16 @@
 pub mod adopt;
 pub mod client;
 pub mod control;
+mod fallback;
+pub mod files;
 pub mod generation;
+mod identity;
 pub mod kill;
 mod listeners;
 pub mod lock;
 pub mod pidfd;
 pub mod process_tree;
+pub mod registry;
 mod requests;
 pub mod sock_diag;
 pub mod spawn;
@@ -35,7 +44,9 @@ pub mod status;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
@@ -66,6 +77,8 @@ const MAX_BACKOFF: Duration = Duration::from_secs(10);
 const POLICY_LOG_REPEAT: Duration = Duration::from_secs(10);
 /// How long a new master waits for the previous one to hand over.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Why a master exits when a new master (a reload) asks it to.
+const HANDED_OVER: &str = "a new master took over";
 
 /// The distinct public ports of `listens`, in order of first appearance: a
 /// worker gets one port for each.
@@ -122,7 +135,7 @@ impl Config {
         }
         let publics = public_ports(&listens);
         let bands = args.worker_count();
-        let command = WorkerCommand::from_cli(&args.command)?;
+        let command = WorkerCommand::from_cli(&args.command, &args.env)?;
         let run_as = args.user.as_deref().map(RunAs::lookup).transpose()?;
         let needed = u32::try_from(publics.len())
             .unwrap_or(u32::MAX)
@@ -188,6 +201,12 @@ impl Config {
 #[derive(Debug)]
 struct Worker {
     pid: i32,
+    /// Names this very process: every signal to it goes through here.
+    pidfd: Arc<OwnedFd>,
+    /// /proc/PID/stat `starttime`, for the registry.
+    start_time: u64,
+    /// The real uid it runs as.
+    uid: u32,
     band: u32,
     generation: u64,
     state: WorkerState,
@@ -329,10 +348,14 @@ impl Master {
         }
 
         let root = PathBuf::from(paths::STATE_ROOT);
-        std::fs::create_dir_all(&root).with_context(|| format!("creating {}", root.display()))?;
+        if let Some(parent) = root.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating {}", parent.display()))?;
+        }
+        // Only root may write where the registry and the control socket live.
+        files::ensure_dir(&root)?;
         let dir = paths::state_dir(&name);
-        let created_dir = !dir.exists();
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let created_dir = files::ensure_dir(&dir)?;
         let result = Master::start_in_dir(cfg, created_dir).await;
         if result.is_err() && created_dir {
             let _ = std::fs::remove_dir_all(&dir);
@@ -363,21 +386,29 @@ impl Master {
 
         // Step 2: the workers the previous master left.
         let processes = ProcessTable::read()?;
-        let found = adopt::find_workers(&name, &processes, &[]);
-        let generation = found
-            .iter()
-            .map(|w| w.generation)
-            .chain(previous_state.as_ref().map(|s| s.generation))
-            .max()
-            .unwrap_or(0)
-            + 1;
+        let registry = identity::load_registry(&name);
+        let newest = identity::newest_generation(
+            previous_state.as_ref().map(|s| s.generation),
+            registry.as_ref(),
+        );
+        let found = adopt::discover(
+            &adopt::Expect {
+                cluster: &name,
+                registry: registry.as_ref(),
+                worker_uid: identity::worker_uid(cfg.run_as.as_ref()),
+                newest_generation: newest,
+            },
+            &processes,
+            &[],
+        );
+        let generation = identity::next_generation(&found, newest)?;
         if !found.is_empty() || replaced_master {
             log::info!(
                 "reload of cluster {name:?}: found {} workers of earlier generations: {:?}",
                 found.len(),
                 found
                     .iter()
-                    .map(|w| (w.pid, w.band, w.generation))
+                    .map(|a| (a.worker.pid, a.worker.band, a.worker.generation))
                     .collect::<Vec<_>>()
             );
         }
@@ -491,7 +522,9 @@ impl Master {
             exit: None,
             _lock: lock,
         };
-        master.adopt(&found, &processes, previous_table.as_ref());
+        master.adopt(found, &processes, previous_table.as_ref());
+        master.save_registry();
+        master.cover_unserved_bands();
         for band in 0..master.cfg.bands {
             master.pending_spawns.insert(band, now);
         }
@@ -521,12 +554,13 @@ impl Master {
     /// Take over the previous generations: live if the table in force points at them.
     fn adopt(
         &mut self,
-        found: &[adopt::FoundWorker],
+        found: Vec<adopt::Adopted>,
         processes: &ProcessTable,
         table: Option<&SteeringTable>,
     ) {
         let now = Instant::now();
-        for w in found {
+        for adopted in found {
+            let w = &adopted.worker;
             let ports: Vec<u16> = self.cfg.publics.iter().map(|&p| w.port_for(p)).collect();
             let in_table = table.is_some_and(|t| {
                 t.services.iter().any(|s| {
@@ -552,6 +586,9 @@ impl Master {
                 w.pid,
                 Worker {
                     pid: w.pid,
+                    pidfd: Arc::new(adopted.pidfd),
+                    start_time: adopted.start_time,
+                    uid: adopted.uid,
                     band: w.band,
                     generation: w.generation,
                     state,
@@ -580,9 +617,10 @@ impl Master {
 
     /// Report when `pid` exits (pidfd).
     fn watch(&self, pid: i32) {
+        let Some(fd) = self.watch_fd(pid) else { return };
         let tx = self.events_tx.clone();
         tokio::spawn(async move {
-            pidfd::exited(pid).await;
+            pidfd::exited(fd).await;
             let _ = tx.send(Event::WorkerExited(pid));
         });
     }
@@ -613,6 +651,17 @@ impl Master {
         // Let connection tasks write their last replies.
         tokio::time::sleep(Duration::from_millis(50)).await;
         match self.exit.take() {
+            Some(Exit::Handover(why)) if self.fresh && !self.published && why == HANDED_OVER => {
+                // A second `run` while this one was still starting: the state
+                // directory (its lock, its registry) and the steering are the
+                // new master's now. Only the workers that never served go.
+                log::info!(
+                    "master exits ({why}) before the cluster ever served: stopping the workers \
+                     it started, leaving the state directory and the steering to the new master"
+                );
+                self.stop_own_workers();
+                Ok(())
+            }
             Some(Exit::Handover(why)) if self.fresh && !self.published => {
                 log::info!(
                     "master exits ({why}) before the cluster ever served: removing what it created"
@@ -693,6 +742,16 @@ impl Master {
         if self.starting_for(band).is_some() {
             return;
         }
+        // An old worker of a band this generation no longer has (a reload that
+        // lowered --workers) crashed or was retired: nothing to replace.
+        if band >= self.cfg.bands {
+            log::info!(
+                "band {band} is not part of generation {} ({} bands): not replaced",
+                self.generation,
+                self.cfg.bands
+            );
+            return;
+        }
         match self.spawn(band) {
             Ok(pid) => log::info!(
                 "spawned worker {pid} for band {band} (generation {}, port {})",
@@ -749,11 +808,15 @@ impl Master {
                 .zip(ports.iter().copied())
                 .collect(),
         };
-        let pid = spawn::spawn_worker(&self.cfg.command, &spec, self.cfg.run_as.as_ref())?;
+        let spawned = spawn::spawn_worker(&self.cfg.command, &spec, self.cfg.run_as.as_ref())?;
+        let pid = spawned.pid;
         self.workers.insert(
             pid,
             Worker {
                 pid,
+                pidfd: Arc::new(spawned.pidfd),
+                start_time: spawned.start_time,
+                uid: identity::worker_uid(self.cfg.run_as.as_ref()),
                 band,
                 generation: self.generation,
                 state: WorkerState::Starting,
@@ -777,6 +840,7 @@ impl Master {
             },
         );
         self.watch(pid);
+        self.save_registry();
         Ok(pid)
     }
 
@@ -853,7 +917,7 @@ impl Master {
                 if let Some(w) = self.workers.get_mut(&pid) {
                     w.killed = true;
                 }
-                kill::signal_worker(pid, Signal::SIGKILL);
+                self.signal(pid, Signal::SIGKILL);
                 self.band_failed(band, now, &why);
             }
         }
@@ -913,7 +977,10 @@ impl Master {
             .workers
             .values()
             .filter(|w| {
-                w.state == WorkerState::Starting && w.ready && w.generation == self.generation
+                w.state == WorkerState::Starting
+                    && w.ready
+                    && w.generation == self.generation
+                    && w.band < self.cfg.bands
             })
             .map(|w| (w.band, w.pid))
             .collect();
@@ -1091,8 +1158,14 @@ impl Master {
         };
         let status =
             if w.own_child { pidfd::reap(pid) } else { None }.unwrap_or_else(|| "exited".into());
-        // Whatever the worker left in its process group is unsupervised now.
-        let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pid), Signal::SIGKILL);
+        // Whatever the worker left in its process group is unsupervised now
+        // (the pidfd still names that group, whatever became of the pid).
+        if let Err(e) = pidfd::signal_group(&w.pidfd, pid, Signal::SIGKILL) {
+            log::debug!("SIGKILL to what is left of worker {pid}'s group: {e}");
+        }
+        self.save_registry();
+        // Its port must leave the table now, not when its replacement is ready.
+        self.cover_unserved_bands();
         if let Some(conn) = w.conn {
             self.peers.remove(&conn);
         }
@@ -1160,7 +1233,7 @@ impl Master {
                     reason: reason.into(),
                 },
             ),
-            None => kill::signal_worker(pid, Signal::SIGTERM),
+            None => self.signal(pid, Signal::SIGTERM),
         }
     }
 
@@ -1188,7 +1261,7 @@ impl Master {
             log::warn!("killing worker {pid} ({}): {reason}", w.describe());
             w.killed = true;
             w.reason = Some(reason);
-            kill::signal_worker(pid, Signal::SIGKILL);
+            self.signal(pid, Signal::SIGKILL);
         }
     }
 
@@ -1250,7 +1323,7 @@ impl Master {
         self.reregister_listeners(&processes, &sockets);
         // A pidfd that could not be opened never fires: /proc has the last word.
         for pid in gone {
-            if !kill::is_running(pid) {
+            if self.has_exited(pid) {
                 self.on_worker_exit(pid);
             }
         }
@@ -1306,7 +1379,7 @@ impl Master {
                 w.state = WorkerState::Dying;
                 w.dying_since.get_or_insert(now);
                 w.reason = Some(reason);
-                kill::signal_worker(pid, Signal::SIGKILL);
+                self.signal(pid, Signal::SIGKILL);
             }
             Action::Log { message } => self.policy_log(message, now),
         }
@@ -1372,14 +1445,7 @@ impl Master {
 
     /// A start-up that never served: remove what this master created.
     fn clean_up_failed_start(&mut self) {
-        let own: Vec<i32> = self
-            .workers
-            .values()
-            .filter(|w| w.own_child)
-            .map(|w| w.pid)
-            .collect();
-        log::warn!("stopping the {} workers this master started", own.len());
-        kill::stop_workers(&own, Duration::from_secs(1));
+        self.stop_own_workers();
         if self.fresh {
             if let Err(e) = self.steering.teardown() {
                 log::warn!("removing the steering failed: {e}");
@@ -1388,6 +1454,21 @@ impl Master {
                 let _ = std::fs::remove_dir_all(paths::state_dir(&self.cfg.name));
             }
         }
+    }
+
+    /// Stop the workers this master started (they never served).
+    fn stop_own_workers(&mut self) {
+        let own: Vec<kill::Target<'_>> = self
+            .workers
+            .values()
+            .filter(|w| w.own_child)
+            .map(|w| kill::Target {
+                pid: w.pid,
+                pidfd: &w.pidfd,
+            })
+            .collect();
+        log::warn!("stopping the {} workers this master started", own.len());
+        kill::stop_workers(&own, Duration::from_secs(1));
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 use anyhow::{Context as _, Result};
 
 use super::process_tree::ProcessTable;
-use super::{Exit, Master, adopt, kill, own_rss};
+use super::{Exit, Master, adopt, identity, kill, own_rss};
 use crate::paths;
 use crate::policy::WorkerState;
 use crate::protocol::{
@@ -141,8 +141,9 @@ impl Master {
             }
             WorkerMessage::RequestRetire { reason } => {
                 log::info!(
-                    "worker {pid} (band {}) asks to be retired: {reason}",
-                    w.band
+                    "worker {pid} (band {}) asks to be retired: {}",
+                    w.band,
+                    super::control::printable(&reason, 200)
                 );
                 w.retire_requested = true;
             }
@@ -176,7 +177,7 @@ impl Master {
                         message: "the master exits".into(),
                     },
                 );
-                self.exit = Some(Exit::Handover("a new master took over".into()));
+                self.exit = Some(Exit::Handover(super::HANDED_OVER.into()));
             }
             AdminRequest::Stop => {
                 let message = match self.stop_everything() {
@@ -199,17 +200,41 @@ impl Master {
             self.cfg.name,
             pids.len()
         );
-        let killed = kill::stop_workers(&pids, self.cfg.soft_kill_timeout);
-        // Workers of this cluster we did not know of (e.g. spawned by a master that died
-        // while starting them) go too.
-        let strays: Vec<i32> = ProcessTable::read()
-            .map(|t| adopt::find_workers(&self.cfg.name, &t, &[]))
-            .unwrap_or_default()
-            .into_iter()
-            .map(|w| w.pid)
+        let targets: Vec<kill::Target<'_>> = self
+            .workers
+            .values()
+            .map(|w| kill::Target {
+                pid: w.pid,
+                pidfd: &w.pidfd,
+            })
             .collect();
+        let killed = kill::stop_workers(&targets, self.cfg.soft_kill_timeout);
+        // Workers of this cluster we did not know of (e.g. spawned by a master that died
+        // while starting them) go too, if they are verifiably ours.
+        let registry = identity::load_registry(&self.cfg.name);
+        let strays: Vec<adopt::Adopted> = ProcessTable::read()
+            .map(|t| {
+                adopt::discover(
+                    &adopt::Expect {
+                        cluster: &self.cfg.name,
+                        registry: registry.as_ref(),
+                        worker_uid: identity::worker_uid(self.cfg.run_as.as_ref()),
+                        newest_generation: Some(self.generation),
+                    },
+                    &t,
+                    &pids,
+                )
+            })
+            .unwrap_or_default();
         if !strays.is_empty() {
-            kill::stop_workers(&strays, self.cfg.soft_kill_timeout);
+            let targets: Vec<kill::Target<'_>> = strays
+                .iter()
+                .map(|a| kill::Target {
+                    pid: a.worker.pid,
+                    pidfd: &a.pidfd,
+                })
+                .collect();
+            kill::stop_workers(&targets, self.cfg.soft_kill_timeout);
         }
         self.workers.clear();
         self.steering

@@ -30,6 +30,77 @@ pub enum SpawnError {
     },
     #[error("no free port left in {first}-{last}")]
     NoFreePort { first: u16, last: u16 },
+    #[error("--env {0:?}: {1}")]
+    BadEnv(String, &'static str),
+    #[error(
+        "--env {0}: {0} is not set in the master's environment; give it a value with --env {0}=VALUE"
+    )]
+    EnvNotSet(String),
+    #[error("cannot read the directory `run` was started in: {0}")]
+    NoWorkingDirectory(std::io::Error),
+}
+
+/// Variables a worker gets from the master's environment when set there
+/// (besides every `LC_*`): what servers commonly need. Everything else
+/// comes only through `--env` (and ipcluster's own variables).
+pub const KEPT_VARIABLES: &[&str] = &[
+    "PATH",
+    "HOME",
+    "USER",
+    "LOGNAME",
+    "SHELL",
+    "LANG",
+    "LANGUAGE",
+    "TZ",
+    "TMPDIR",
+    "RUST_LOG",
+    "RUST_BACKTRACE",
+];
+
+/// Variables ipcluster sets itself: `--env` may not name them.
+fn reserved(key: &str) -> bool {
+    key == "PORT" || key.starts_with("IPCLUSTER_")
+}
+
+/// The worker environment taken from `master_env`: [`KEPT_VARIABLES`] and
+/// `LC_*`, then each `--env KEY=VALUE` (or `--env KEY`, the master's value).
+pub fn base_environment(
+    master_env: &[(String, String)],
+    extra: &[String],
+) -> Result<Vec<(String, String)>, SpawnError> {
+    let mut env: Vec<(String, String)> = master_env
+        .iter()
+        .filter(|(k, _)| KEPT_VARIABLES.contains(&k.as_str()) || k.starts_with("LC_"))
+        .cloned()
+        .collect();
+    if !env.iter().any(|(k, _)| k == "PATH") {
+        env.push(("PATH".into(), "/usr/local/bin:/usr/bin:/bin".into()));
+    }
+    for item in extra {
+        let (key, value) = match item.split_once('=') {
+            Some((k, v)) => (k.to_owned(), v.to_owned()),
+            None => {
+                let value = master_env
+                    .iter()
+                    .find(|(k, _)| k == item)
+                    .map(|(_, v)| v.clone())
+                    .ok_or_else(|| SpawnError::EnvNotSet(item.clone()))?;
+                (item.clone(), value)
+            }
+        };
+        if key.is_empty() || key.contains('\0') || value.contains('\0') {
+            return Err(SpawnError::BadEnv(item.clone(), "not a KEY or KEY=VALUE"));
+        }
+        if reserved(&key) {
+            return Err(SpawnError::BadEnv(
+                item.clone(),
+                "PORT and IPCLUSTER_* are set by ipcluster for each worker",
+            ));
+        }
+        env.retain(|(k, _)| *k != key);
+        env.push((key, value));
+    }
+    Ok(env)
 }
 
 /// The program every worker runs, resolved once at start-up.
@@ -38,23 +109,39 @@ pub struct WorkerCommand {
     pub program: PathBuf,
     /// Arguments with `{port}` and `{band}` still in them.
     pub args: Vec<String>,
+    /// The directory `run` was started in: the workers' working directory
+    /// (`/` for a worker user that may not enter it).
+    pub dir: PathBuf,
+    /// The environment every worker starts from ([`base_environment`]).
+    pub env: Vec<(String, String)>,
 }
 
 impl WorkerCommand {
     /// `CMD ARGS` from the command line, or the built-in demo worker
     /// (this binary's hidden `demo-worker` subcommand) when empty.
-    pub fn from_cli(command: &[String]) -> Result<WorkerCommand, SpawnError> {
+    pub fn from_cli(command: &[String], extra_env: &[String]) -> Result<WorkerCommand, SpawnError> {
+        let dir = std::env::current_dir().map_err(SpawnError::NoWorkingDirectory)?;
+        let master_env: Vec<(String, String)> = std::env::vars_os()
+            .filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+            .collect();
+        let env = base_environment(&master_env, extra_env)?;
         let Some((program, args)) = command.split_first() else {
             let exe = std::env::current_exe()
                 .map_err(|_| SpawnError::NotFound("/proc/self/exe".into()))?;
             return Ok(WorkerCommand {
                 program: exe,
                 args: vec!["demo-worker".into()],
+                dir,
+                env,
             });
         };
+        let program = resolve_program(program, std::env::var_os("PATH").as_deref())?;
         Ok(WorkerCommand {
-            program: resolve_program(program, std::env::var_os("PATH").as_deref())?,
+            // `./server` means the one in the directory `run` was started in.
+            program: dir.join(program),
             args: args.to_vec(),
+            dir,
+            env,
         })
     }
 
@@ -170,25 +257,33 @@ impl WorkerSpec {
     }
 }
 
-/// Start one worker in its own session; returns its pid. The child is not
-/// waited for here: the master watches it with a pidfd and reaps it.
+/// A worker just started, held by a pidfd opened before anyone could reap it.
+#[derive(Debug)]
+pub struct Spawned {
+    pub pid: i32,
+    pub pidfd: std::os::fd::OwnedFd,
+    /// /proc/PID/stat `starttime` (0 if it exited at once).
+    pub start_time: u64,
+}
+
+/// Start one worker in its own session. The child is not waited for here:
+/// the master watches it with its pidfd and reaps it.
 pub fn spawn_worker(
     command: &WorkerCommand,
     spec: &WorkerSpec,
     run_as: Option<&RunAs>,
-) -> Result<i32, SpawnError> {
+) -> Result<Spawned, SpawnError> {
     let first_port = spec.ports.first().map_or(0, |(_, local)| *local);
     let mut cmd = Command::new(&command.program);
     cmd.args(command.args_for(first_port, spec.band))
         .stdin(Stdio::null())
         .current_dir("/");
-    // A worker must not inherit another cluster's identity from the master's environment.
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("IPCLUSTER_") {
-            cmd.env_remove(key);
-        }
-    }
+    // Only the documented environment: nothing of the master's leaks through
+    // (least of all another cluster's IPCLUSTER_* identity).
+    cmd.env_clear();
+    cmd.envs(command.env.iter().map(|(k, v)| (k, v)));
     cmd.envs(spec.environment());
+    let dir = CString::new(command.dir.as_os_str().as_encoded_bytes()).ok();
     let ids = run_as.map(|r| (r.uid, r.gid, r.groups.clone()));
     if let Some(r) = run_as
         && let Some(home) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(r.uid))
@@ -213,19 +308,43 @@ pub fn spawn_worker(
             {
                 return Err(std::io::Error::last_os_error());
             }
+            // As the worker's user: the run directory if it may enter it.
+            if let Some(dir) = &dir
+                && libc::chdir(dir.as_ptr()) != 0
+            {
+                libc::chdir(c"/".as_ptr());
+            }
             Ok(())
         });
     }
-    let child = cmd.spawn().map_err(|source| SpawnError::Start {
+    let mut child = cmd.spawn().map_err(|source| SpawnError::Start {
         program: command.program.display().to_string(),
         band: spec.band,
         source,
     })?;
-    // Dropping `Child` neither kills nor waits: the master reaps by pid.
-    i32::try_from(child.id()).map_err(|_| SpawnError::Start {
+    // Dropping `Child` neither kills nor waits: the master reaps by pid. Until
+    // then the pid stays ours, so the pidfd opened here names this child.
+    let start_err = |source| SpawnError::Start {
         program: command.program.display().to_string(),
         band: spec.band,
-        source: std::io::Error::other("pid out of range"),
+        source,
+    };
+    let pid = i32::try_from(child.id())
+        .map_err(|_| start_err(std::io::Error::other("pid out of range")))?;
+    let pidfd = match super::pidfd::pidfd_open(pid) {
+        Ok(fd) => fd,
+        Err(e) => {
+            // Without a pidfd it could never be signalled: end it now.
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(start_err(e));
+        }
+    };
+    let start_time = super::pidfd::start_time(pid).unwrap_or(0);
+    Ok(Spawned {
+        pid,
+        pidfd,
+        start_time,
     })
 }
 
@@ -293,6 +412,8 @@ mod tests {
     #[test]
     fn placeholders_are_replaced() {
         let c = WorkerCommand {
+            dir: "/".into(),
+            env: Vec::new(),
             program: "/usr/bin/python3".into(),
             args: vec![
                 "-m".into(),
@@ -333,6 +454,55 @@ mod tests {
         assert_eq!(
             get("IPCLUSTER_CONTROL"),
             Some("/run/ipcluster/chat/control.sock")
+        );
+    }
+
+    #[test]
+    fn the_environment_is_the_documented_one_plus_env_flags() {
+        let master: Vec<(String, String)> = [
+            ("PATH", "/bin"),
+            ("LC_ALL", "C.UTF-8"),
+            ("SECRET_TOKEN", "x"),
+            ("DATABASE_URL", "pg://db"),
+            ("IPCLUSTER_NAME", "other"),
+        ]
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect();
+        let env = base_environment(
+            &master,
+            &["DATABASE_URL".into(), "MODE=prod".into(), "EMPTY=".into()],
+        )
+        .expect("valid --env");
+        let get = |k: &str| {
+            env.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(get("PATH"), Some("/bin"));
+        assert_eq!(get("LC_ALL"), Some("C.UTF-8"));
+        assert_eq!(get("SECRET_TOKEN"), None, "not passed unless asked");
+        assert_eq!(get("IPCLUSTER_NAME"), None);
+        assert_eq!(get("DATABASE_URL"), Some("pg://db"));
+        assert_eq!(get("MODE"), Some("prod"));
+        assert_eq!(get("EMPTY"), Some(""));
+        assert!(matches!(
+            base_environment(&master, &["NOT_SET".into()]),
+            Err(SpawnError::EnvNotSet(k)) if k == "NOT_SET"
+        ));
+        for bad in ["PORT=1", "IPCLUSTER_BAND=3", "=x"] {
+            assert!(
+                matches!(
+                    base_environment(&master, &[bad.into()]),
+                    Err(SpawnError::BadEnv(..))
+                ),
+                "{bad}"
+            );
+        }
+        let bare = base_environment(&[], &[]).expect("empty");
+        assert_eq!(
+            bare,
+            vec![("PATH".to_owned(), "/usr/local/bin:/usr/bin:/bin".to_owned())]
         );
     }
 

@@ -76,7 +76,7 @@ impl ClusterState {
             })
     }
 
-    /// Write atomically (temporary file, then rename).
+    /// Write atomically (a temporary file of unpredictable name, then rename).
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
         let write_err = |source| StateError::Write {
             path: path.display().to_string(),
@@ -84,9 +84,7 @@ impl ClusterState {
         };
         let text =
             serde_json::to_string_pretty(self).map_err(|e| write_err(std::io::Error::other(e)))?;
-        let tmp = path.with_extension("json.tmp");
-        std::fs::write(&tmp, text + "\n").map_err(write_err)?;
-        std::fs::rename(&tmp, path).map_err(write_err)
+        super::registry::write_atomically(path, (text + "\n").as_bytes()).map_err(write_err)
     }
 }
 

@@ -6,7 +6,6 @@ use std::fmt::Write as _;
 
 use anyhow::{Context as _, Result};
 
-use super::adopt::find_workers;
 use super::process_tree::{self, ProcessTable, SocketTable};
 use super::state::ClusterState;
 use crate::policy::WorkerState;
@@ -151,7 +150,8 @@ pub fn offline_report(state: &ClusterState) -> Result<StatusReport> {
         })
         .collect();
     let mut workers = Vec::new();
-    for found in find_workers(&state.name, &processes, &[]) {
+    for adopted in super::client::find_offline(&state.name, Some(state))? {
+        let found = adopted.worker;
         let ports: Vec<u16> = publics.iter().map(|&p| found.port_for(p)).collect();
         let m = process_tree::measure(&processes, &sockets, found.pid, &ports, &publics);
         let state = if live_ports.contains(&found.port) {

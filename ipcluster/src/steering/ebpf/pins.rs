@@ -41,13 +41,14 @@ pub fn ensure_bpffs() -> Result<(), SteeringError> {
     if mounted {
         return Ok(());
     }
-    log::info!("bpffs is not mounted on {BPFFS}; mounting it");
+    log::info!("bpffs is not mounted on {BPFFS}; mounting it (mode 0700)");
+    // Closed to others: the pins steer the cluster's traffic.
     mount(
         Some("bpf"),
         BPFFS,
         Some("bpf"),
         MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC,
-        None::<&str>,
+        Some("mode=0700"),
     )
     .map_err(|errno| SteeringError::Io {
         what: format!("mounting bpffs on {BPFFS} (needs root)"),
@@ -55,13 +56,20 @@ pub fn ensure_bpffs() -> Result<(), SteeringError> {
     })
 }
 
-/// The root folder of all clusters' pins, created when missing.
+/// The root folder of all clusters' pins, created when missing; refused
+/// unless root owns it and nobody else may write in it.
 pub fn ensure_pin_root() -> Result<PathBuf, SteeringError> {
     let root = PathBuf::from(PIN_ROOT);
-    match std::fs::create_dir(&root) {
-        Ok(()) => Ok(root),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(root),
-        Err(e) => Err(io_error(format!("creating {}", root.display()))(e)),
+    match crate::master::files::ensure_dir(&root) {
+        Ok(_) => Ok(root),
+        Err(crate::master::files::DirError::Io { path, source }) => Err(SteeringError::Io {
+            what: format!("creating {path}"),
+            source,
+        }),
+        Err(e) => Err(SteeringError::Io {
+            what: e.to_string(),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        }),
     }
 }
 
