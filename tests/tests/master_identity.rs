@@ -435,14 +435,20 @@ fn forged_workers_are_ignored_and_logged() {
         "{log}"
     );
 
-    cluster.stop();
+    let out = cluster.ipcluster(&["stop", "--name", &name], Duration::from_secs(60));
+    assert!(out.status.success(), "ipcluster stop failed: {out:?}");
     for child in children.borrow_mut().iter_mut() {
         assert!(
             matches!(child.try_wait(), Ok(None)),
             "forged process {} was signalled by stop",
             child.id()
         );
+        // Ours to end: they carry the cluster's variables, so the leftover
+        // check below would count them.
+        let _ = child.kill();
+        let _ = child.wait();
     }
+    cluster.assert_stopped();
 }
 
 /// Worker start: a relative program (`./worker.sh`) runs from the directory
@@ -938,4 +944,5 @@ fn a_registry_in_a_directory_open_to_others_is_not_trusted() {
                 .is_some_and(|r| r.trim_start().starts_with('Z'))),
         "the cluster's worker {worker_pid} survived stop: {stderr}"
     );
+    cluster.assert_stopped();
 }
