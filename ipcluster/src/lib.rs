@@ -12,6 +12,7 @@
 
 pub mod cli;
 pub mod demo;
+pub mod errors;
 pub mod master;
 pub mod paths;
 pub mod policy;
