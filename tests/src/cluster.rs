@@ -158,11 +158,22 @@ pub struct Cluster {
     /// Every master started, oldest first.
     pub masters: Vec<Child>,
     log_dir: PathBuf,
+    /// Extra environment of every master this value starts.
+    pub master_env: Vec<(String, String)>,
 }
 
 impl Cluster {
     /// Start a master and wait until generation 1 is live on every band.
     pub fn start(name: &str, spec: ClusterSpec) -> Cluster {
+        Cluster::start_with_env(name, spec, Vec::new())
+    }
+
+    /// [`Cluster::start`] with extra environment variables for the masters.
+    pub fn start_with_env(
+        name: &str,
+        spec: ClusterSpec,
+        master_env: Vec<(String, String)>,
+    ) -> Cluster {
         crate::require_root();
         let log_dir = std::env::temp_dir().join("ipcluster-tests").join(name);
         let _ = std::fs::remove_dir_all(&log_dir);
@@ -173,6 +184,7 @@ impl Cluster {
             port_range: worker_port_range(),
             masters: Vec::new(),
             log_dir,
+            master_env,
         };
         cluster.start_master();
         cluster.wait_generation_live(1, Duration::from_secs(30));
@@ -214,6 +226,7 @@ impl Cluster {
         let child = Command::new(ipcluster_bin())
             .args(self.run_args())
             .env("RUST_LOG", "info")
+            .envs(self.master_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
@@ -222,6 +235,11 @@ impl Cluster {
         let pid = child.id();
         self.masters.push(child);
         pid
+    }
+
+    /// A log file for a master started by the test itself (`run --detach`).
+    pub fn log_file(&self, file: &str) -> PathBuf {
+        self.log_dir.join(file)
     }
 
     /// The log of master `n` (1-based).

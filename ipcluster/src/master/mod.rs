@@ -21,9 +21,11 @@
 pub mod adopt;
 pub mod client;
 pub mod control;
+pub mod detach;
 pub mod generation;
 pub mod kill;
 pub mod lock;
+pub mod notify;
 pub mod pidfd;
 pub mod process_tree;
 mod requests;
@@ -80,6 +82,9 @@ pub fn public_ports(listens: &[SocketAddr]) -> Vec<u16> {
 
 /// `ipcluster run`.
 pub fn run(args: RunArgs) -> Result<()> {
+    if args.detach {
+        return detach::run_detached(&args.name.name);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -306,6 +311,8 @@ struct Master {
     created_dir: bool,
     next_monitor: Instant,
     exit: Option<Exit>,
+    /// systemd's notifications and the `--detach` pipe.
+    notifier: notify::Notifier,
     _lock: ClusterLock,
 }
 
@@ -353,12 +360,21 @@ impl Master {
                 cfg.backend
             );
         }
+        // A reload: tell systemd who the main process is before the old one exits.
+        let notifier = notify::Notifier::from_env(&paths::state_dir(&name));
+        if let Some(prev) = previous_state
+            .as_ref()
+            .filter(|s| kill::is_running(s.master_pid))
+        {
+            notifier.reloading(prev.master_pid);
+        }
         let (lock, replaced_master) = ClusterLock::take_over(
             &name,
             previous_state.as_ref().map(|s| s.master_pid),
             TAKEOVER_TIMEOUT,
         )?;
         log::info!("cluster {name:?}: lock {} taken", lock.path().display());
+        notifier.remember_watchdog(&paths::state_dir(&name));
 
         // Step 2: the workers the previous master left.
         let processes = ProcessTable::read()?;
@@ -488,6 +504,7 @@ impl Master {
             created_dir,
             next_monitor: now,
             exit: None,
+            notifier,
             _lock: lock,
         };
         master.adopt(&found, &processes, previous_table.as_ref());
@@ -595,8 +612,14 @@ impl Master {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while self.exit.is_none() {
             tokio::select! {
-                _ = sigterm.recv() => self.exit = Some(Exit::Handover("SIGTERM".into())),
-                _ = sigint.recv() => self.exit = Some(Exit::Handover("SIGINT".into())),
+                _ = sigterm.recv() => {
+                    self.notifier.stopping("SIGTERM");
+                    self.exit = Some(Exit::Handover("SIGTERM".into()));
+                }
+                _ = sigint.recv() => {
+                    self.notifier.stopping("SIGINT");
+                    self.exit = Some(Exit::Handover("SIGINT".into()));
+                }
                 _ = sighup.recv() => log::info!("SIGHUP ignored (reload = run `ipcluster run` again)"),
                 _ = sigusr1.recv() => {
                     let n = self.queue_kill_retired("SIGUSR1: kill the retired workers");
@@ -629,6 +652,7 @@ impl Master {
             }
             Some(Exit::Stopped) | None => Ok(()),
             Some(Exit::Failed(e)) => {
+                self.notifier.failed(&format!("{e:#}"));
                 self.clean_up_failed_start();
                 Err(e)
             }
@@ -679,6 +703,7 @@ impl Master {
             self.next_monitor = now + self.cfg.monitor_interval;
             self.monitor(now);
         }
+        self.notify(now);
     }
 
     fn spawn_due(&mut self, now: Instant) {
@@ -1319,6 +1344,15 @@ impl Master {
             self.crashed_at.insert(w.band, now);
             self.pending_spawns.insert(w.band, now);
         }
+    }
+
+    /// systemd: `READY=1` after the first publish, `STATUS=` on change, the watchdog.
+    fn notify(&mut self, now: Instant) {
+        let count = |state| self.workers.values().filter(|w| w.state == state).count();
+        let (live, retired) = (count(WorkerState::Live), count(WorkerState::Retired));
+        self.notifier
+            .update(self.generation, self.published, live, retired);
+        self.notifier.tick(now);
     }
 
     fn save_state(&self) -> Result<()> {

@@ -179,6 +179,7 @@ impl Master {
                 self.exit = Some(Exit::Handover("a new master took over".into()));
             }
             AdminRequest::Stop => {
+                self.notifier.stopping("ipcluster stop");
                 let message = match self.stop_everything() {
                     Ok(message) => AdminReply::Ok { message },
                     Err(e) => AdminReply::Error {

@@ -192,6 +192,10 @@ pub fn spawn_worker(
             cmd.env_remove(key);
         }
     }
+    // Nor systemd's: a worker that speaks sd_notify must not pose as the master.
+    for key in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+        cmd.env_remove(key);
+    }
     cmd.envs(spec.environment());
     let ids = run_as.map(|r| (r.uid, r.gid, r.groups.clone()));
     if let Some(r) = run_as
