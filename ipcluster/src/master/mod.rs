@@ -25,6 +25,7 @@ pub mod detach;
 pub mod generation;
 pub mod kill;
 pub mod lock;
+pub mod metrics;
 pub mod notify;
 pub mod pidfd;
 pub mod process_tree;
@@ -114,6 +115,7 @@ struct Config {
     monitor_interval: Duration,
     retire_renice: i32,
     port_range: std::ops::RangeInclusive<u16>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -160,6 +162,7 @@ impl Config {
             monitor_interval: args.monitor_interval,
             retire_renice: args.retire_renice,
             port_range: args.port_range.clone(),
+            metrics_listen: args.metrics_listen,
         })
     }
 
@@ -264,6 +267,8 @@ struct Peer {
 enum Event {
     Control(ControlEvent),
     WorkerExited(i32),
+    /// `GET /metrics` on `--metrics-listen`.
+    Scrape(metrics::ScrapeRequest),
 }
 
 /// Why the loop ended.
@@ -313,6 +318,7 @@ struct Master {
     exit: Option<Exit>,
     /// systemd's notifications and the `--detach` pipe.
     notifier: notify::Notifier,
+    metrics: metrics::Metrics,
     _lock: ClusterLock,
 }
 
@@ -375,6 +381,13 @@ impl Master {
         )?;
         log::info!("cluster {name:?}: lock {} taken", lock.path().display());
         notifier.remember_watchdog(&paths::state_dir(&name));
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        if let Some(addr) = cfg.metrics_listen {
+            let scrapes = events_tx.clone();
+            metrics::serve(metrics::bind(addr)?, move |request| {
+                scrapes.send(Event::Scrape(request)).is_ok()
+            })?;
+        }
 
         // Step 2: the workers the previous master left.
         let processes = ProcessTable::read()?;
@@ -426,7 +439,6 @@ impl Master {
         }
         let fresh = fresh && previous_table.is_none();
 
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
         let owner = cfg.run_as.as_ref().map(|r| (r.uid, r.gid));
         let listener = match control::bind(&paths::control_socket(&name), owner) {
             Ok(l) => l,
@@ -505,6 +517,7 @@ impl Master {
             next_monitor: now,
             exit: None,
             notifier,
+            metrics: metrics::Metrics::default(),
             _lock: lock,
         };
         master.adopt(&found, &processes, previous_table.as_ref());
@@ -662,6 +675,10 @@ impl Master {
     fn handle_event(&mut self, event: Event) {
         match event {
             Event::WorkerExited(pid) => self.on_worker_exit(pid),
+            Event::Scrape(request) => {
+                let text = self.metrics.encode(&self.metrics_snapshot());
+                let _ = request.reply.try_send(text);
+            }
             Event::Control(ControlEvent::Connected {
                 conn,
                 pid,
@@ -848,6 +865,7 @@ impl Master {
                 if let Some(w) = self.workers.get_mut(&pid) {
                     w.killed = true;
                 }
+                self.metrics.killed("not listening in time", "SIGKILL");
                 kill::signal_worker(pid, Signal::SIGKILL);
                 self.band_failed(band, now, "not ready in time");
             }
@@ -943,7 +961,10 @@ impl Master {
         };
         let all_ready = ready.len() == self.cfg.bands as usize;
         let started = Instant::now();
-        if let Err(e) = self.steering.publish(&table) {
+        let published = self.steering.publish(&table);
+        self.metrics
+            .published("table", started.elapsed(), published.is_ok());
+        if let Err(e) = published {
             log::error!(
                 "publishing the table of generation {} failed: {e}; retrying in 1s",
                 self.generation
@@ -988,7 +1009,11 @@ impl Master {
         };
         let (band, ports) = (w.band, self.cfg.service_ports(&w.ports));
         for (service, port) in ports.iter().enumerate() {
-            if let Err(e) = self.steering.set_band(service, band, *port) {
+            let started = Instant::now();
+            let set = self.steering.set_band(service, band, *port);
+            self.metrics
+                .published("band", started.elapsed(), set.is_ok());
+            if let Err(e) = set {
                 log::error!("steering band {band} to worker {pid} failed: {e}; will retry");
                 return;
             }
@@ -1054,6 +1079,7 @@ impl Master {
         w.state = WorkerState::Retired;
         w.retired_at = Some(Instant::now());
         w.reason = Some(reason.to_owned());
+        self.metrics.retired(reason);
         let (band, generation, conn) = (w.band, w.generation, w.conn);
         let reniced = ProcessTable::read()
             .map(|t| process_tree::renice(&t, &t.tree(pid), self.cfg.retire_renice))
@@ -1100,6 +1126,7 @@ impl Master {
                     w.generation
                 );
                 self.crashed_at.insert(w.band, now);
+                self.metrics.crashed();
                 if self.starting_for(w.band).is_none() {
                     self.pending_spawns.insert(w.band, now);
                     // A crash is not a start-up failure: no backoff, at once.
@@ -1139,6 +1166,8 @@ impl Master {
         w.dying_since = Some(Instant::now());
         w.reason = Some(reason.to_owned());
         let conn = w.conn;
+        self.metrics
+            .killed(reason, if conn.is_some() { "die" } else { "SIGTERM" });
         log::info!(
             "asking worker {pid} ({}) to die{}: {reason}",
             w.describe(),
@@ -1181,6 +1210,7 @@ impl Master {
                 self.cfg.soft_kill_timeout
             );
             log::warn!("killing worker {pid} ({}): {reason}", w.describe());
+            self.metrics.killed(&reason, "SIGKILL");
             w.killed = true;
             w.reason = Some(reason);
             kill::signal_worker(pid, Signal::SIGKILL);
@@ -1296,6 +1326,7 @@ impl Master {
                     return;
                 }
                 log::warn!("killing worker {pid} ({}): {reason}", w.describe());
+                self.metrics.killed(&reason, "SIGKILL");
                 w.killed = true;
                 w.state = WorkerState::Dying;
                 w.dying_since.get_or_insert(now);
@@ -1353,6 +1384,30 @@ impl Master {
         self.notifier
             .update(self.generation, self.published, live, retired);
         self.notifier.tick(now);
+    }
+
+    /// The master's state for a scrape of `/metrics`.
+    fn metrics_snapshot(&self) -> metrics::Snapshot {
+        metrics::Snapshot {
+            backend: self.cfg.backend.as_str(),
+            generation: self.generation,
+            bands: self.cfg.bands,
+            published: self.published,
+            master_rss: own_rss(),
+            workers: self
+                .workers
+                .values()
+                .map(|w| metrics::WorkerSample {
+                    pid: w.pid,
+                    band: w.band,
+                    generation: w.generation,
+                    state: w.state,
+                    rss: w.rss,
+                    connections: w.connections,
+                })
+                .collect(),
+            counters: self.steering.counters().ok(),
+        }
     }
 
     fn save_state(&self) -> Result<()> {
