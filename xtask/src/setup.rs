@@ -212,12 +212,14 @@ fn found_in_path(program: &str) -> bool {
         .any(|dir| dir.join(program).is_file())
 }
 
-/// Debian packages the tests and the iptables backend use.
+/// Debian packages the tests and the iptables backend use (promtool: Debian's prometheus).
 fn debian_tools() -> Result<()> {
     let wanted = [
         ("iptables", "iptables"),
         ("bpftool", "bpftool"),
         ("curl", "curl"),
+        // promtool validates the /metrics text in the metrics root test.
+        ("promtool", "prometheus"),
     ];
     let missing: Vec<&str> = wanted
         .iter()
@@ -225,7 +227,7 @@ fn debian_tools() -> Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        say("setup", "iptables, bpftool, curl: present");
+        say("setup", "iptables, bpftool, curl, promtool: present");
         return Ok(());
     }
     let debian = Path::new("/etc/debian_version").exists();
