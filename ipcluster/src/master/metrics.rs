@@ -475,7 +475,11 @@ where
             }
             r
         }
-        Err(_) => text(
+        Err(std_mpsc::RecvTimeoutError::Disconnected) => text(
+            503,
+            "the master is exiting (a reload or a stop): scrape again\n".into(),
+        ),
+        Err(std_mpsc::RecvTimeoutError::Timeout) => text(
             503,
             format!(
                 "the master did not answer within {SCRAPE_TIMEOUT:?} (busy stopping workers?)\n"
