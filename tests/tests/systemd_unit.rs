@@ -19,8 +19,8 @@ fn unit_text() -> String {
 /// `Key=value` of the [Service] section (the last one wins, as in systemd).
 fn setting(unit: &str, key: &str) -> String {
     unit.lines()
-        .filter_map(|l| l.strip_prefix(key)?.strip_prefix('='))
-        .last()
+        .rev()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
         .unwrap_or_else(|| panic!("the unit has no {key}="))
         .to_owned()
 }
