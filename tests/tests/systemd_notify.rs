@@ -344,3 +344,43 @@ fn detach_reports_a_master_that_fails() {
         "{stderr}"
     );
 }
+
+/// A new master started without `NOTIFY_SOCKET` (by hand, outside the unit)
+/// cannot announce itself: the old master names it (`MAINPID=`, from the
+/// hand-over request's peer credentials) before it exits, so that systemd
+/// follows it instead of taking the old master's exit for the service's.
+#[test]
+fn old_master_names_a_successor_that_cannot_notify() {
+    require_root();
+    let name = cluster_name("notify-handover");
+    let systemd = FakeSystemd::bind(&name);
+    let ports = Ports::reserve(1);
+    let listen = format!("127.0.0.1:{}", ports.get(0))
+        .parse()
+        .expect("listen address");
+    let mut cluster = Cluster::start_with_env(
+        &name,
+        ClusterSpec::demo("iptables", 2, listen),
+        vec![("NOTIFY_SOCKET".into(), systemd.path.display().to_string())],
+    );
+    let first = i32::try_from(cluster.masters[0].id()).expect("pid");
+    systemd.wait_for(first, "READY=1", Duration::from_secs(10));
+    cluster.master_env.clear();
+    let second = i32::try_from(cluster.start_master()).expect("pid");
+    cluster.wait_generation_live(2, Duration::from_secs(30));
+    let named = systemd.wait_for(first, &format!("MAINPID={second}"), Duration::from_secs(5));
+    let all = systemd.all();
+    assert!(
+        all[named..]
+            .iter()
+            .all(|n| n.pid != first || !n.has("STOPPING=1")),
+        "{}",
+        systemd.describe()
+    );
+    assert!(
+        all.iter().all(|n| n.pid != second),
+        "the master without NOTIFY_SOCKET sent notifications:\n{}",
+        systemd.describe()
+    );
+    cluster.stop();
+}

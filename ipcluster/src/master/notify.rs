@@ -5,7 +5,10 @@
 //! cluster. A master that replaces a running one (a reload) first says
 //! `RELOADING=1` and `MAINPID=<its pid>` and waits (`BARRIER=1`) until systemd
 //! has read that, so that the old master's exit is not taken for the
-//! service's; it says `READY=1` once its own generation is published.
+//! service's; it says `READY=1` once its own generation is published. The
+//! old master also names its successor (`MAINPID=`, from the peer
+//! credentials of the hand-over request) before it exits, which covers a new
+//! master started without `NOTIFY_SOCKET`.
 //!
 //! systemd gives `WATCHDOG_USEC` only to the process it started; a master
 //! that a reload started inherits the interval through a file in the state
@@ -114,6 +117,23 @@ impl Notifier {
                 "systemd did not confirm MAINPID={}: {e}",
                 std::process::id()
             );
+        }
+    }
+
+    /// A new master asked us to hand over: name it as the main process
+    /// ourselves, for a new master that cannot (started by hand, without
+    /// `NOTIFY_SOCKET`), before we exit; the same `MAINPID=` again is harmless.
+    pub fn hand_over(&self, successor: i32) {
+        let Some(socket) = &self.socket else {
+            return;
+        };
+        let Ok(pid) = u32::try_from(successor) else {
+            return;
+        };
+        let status = format!("handing over to master {successor}");
+        self.send(&[NotifyState::MainPid(pid), NotifyState::Status(&status)]);
+        if let Err(e) = barrier(socket, BARRIER_TIMEOUT) {
+            log::warn!("systemd did not confirm MAINPID={successor}: {e}");
         }
     }
 

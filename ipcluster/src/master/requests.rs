@@ -169,6 +169,9 @@ impl Master {
                 );
             }
             AdminRequest::Shutdown => {
+                if let Some(successor) = self.peers.get(&conn).and_then(|p| p.pid) {
+                    self.notifier.hand_over(successor);
+                }
                 log::info!("a new master takes over: exiting without touching workers or steering");
                 self.send(
                     conn,
