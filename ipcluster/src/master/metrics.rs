@@ -346,6 +346,32 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
     out
 }
 
+impl super::Master {
+    /// The master's state for a scrape of `/metrics`.
+    pub(super) fn metrics_snapshot(&self) -> Snapshot {
+        Snapshot {
+            backend: self.cfg.backend.as_str(),
+            generation: self.generation,
+            bands: self.cfg.bands,
+            published: self.published,
+            master_rss: super::own_rss(),
+            workers: self
+                .workers
+                .values()
+                .map(|w| WorkerSample {
+                    pid: w.pid,
+                    band: w.band,
+                    generation: w.generation,
+                    state: w.state,
+                    rss: w.rss,
+                    connections: w.connections,
+                })
+                .collect(),
+            counters: self.steering.counters().ok(),
+        }
+    }
+}
+
 fn state_label(state: WorkerState) -> &'static str {
     match state {
         WorkerState::Starting => "starting",

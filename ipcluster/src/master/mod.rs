@@ -1377,39 +1377,6 @@ impl Master {
         }
     }
 
-    /// systemd: `READY=1` after the first publish, `STATUS=` on change, the watchdog.
-    fn notify(&mut self, now: Instant) {
-        let count = |state| self.workers.values().filter(|w| w.state == state).count();
-        let (live, retired) = (count(WorkerState::Live), count(WorkerState::Retired));
-        self.notifier
-            .update(self.generation, self.published, live, retired);
-        self.notifier.tick(now);
-    }
-
-    /// The master's state for a scrape of `/metrics`.
-    fn metrics_snapshot(&self) -> metrics::Snapshot {
-        metrics::Snapshot {
-            backend: self.cfg.backend.as_str(),
-            generation: self.generation,
-            bands: self.cfg.bands,
-            published: self.published,
-            master_rss: own_rss(),
-            workers: self
-                .workers
-                .values()
-                .map(|w| metrics::WorkerSample {
-                    pid: w.pid,
-                    band: w.band,
-                    generation: w.generation,
-                    state: w.state,
-                    rss: w.rss,
-                    connections: w.connections,
-                })
-                .collect(),
-            counters: self.steering.counters().ok(),
-        }
-    }
-
     fn save_state(&self) -> Result<()> {
         let state = ClusterState {
             name: self.cfg.name.clone(),

@@ -192,6 +192,20 @@ impl Notifier {
     }
 }
 
+impl super::Master {
+    /// systemd: `READY=1` after the first publish, `STATUS=` on change, the watchdog.
+    pub(super) fn notify(&mut self, now: Instant) {
+        let count = |state| self.workers.values().filter(|w| w.state == state).count();
+        let (live, retired) = (
+            count(crate::policy::WorkerState::Live),
+            count(crate::policy::WorkerState::Retired),
+        );
+        self.notifier
+            .update(self.generation, self.published, live, retired);
+        self.notifier.tick(now);
+    }
+}
+
 fn watchdog_file(state_dir: &Path) -> PathBuf {
     state_dir.join(WATCHDOG_FILE)
 }
