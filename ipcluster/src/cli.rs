@@ -177,6 +177,17 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(1..=(1 << 24)))]
     pub flow_entries: u32,
 
+    /// Serve Prometheus metrics on http://IP:PORT/metrics (workers by state and generation, RSS
+    /// and connections per worker, steering counters, publishes, retirements, kills, reloads).
+    #[arg(long, value_name = "IP:PORT", value_parser = parse_listen)]
+    pub metrics_listen: Option<SocketAddr>,
+
+    /// Start the master in the background and exit once it serves: 0 when its generation is
+    /// published, non-zero (with its error) when it gave up. For systemd's ExecReload, which waits
+    /// for its command to finish.
+    #[arg(long)]
+    pub detach: bool,
+
     /// The worker command and its arguments; `{port}` and `{band}` are replaced. Without it, the
     /// built-in demo HTTP worker runs.
     #[arg(last = true, value_name = "CMD ARGS")]

@@ -14,6 +14,7 @@
 pub mod cli;
 pub mod demo;
 pub mod docgen;
+pub mod errors;
 pub mod master;
 pub mod paths;
 pub mod policy;

@@ -170,22 +170,38 @@ pub struct Cluster {
     /// The network namespace every `ipcluster` command of this cluster runs
     /// in (`nsenter --net`), if not the test's own.
     netns: Option<PathBuf>,
+    /// Extra environment of every master this value starts.
+    pub master_env: Vec<(String, String)>,
 }
 
 impl Cluster {
     /// Start a master and wait until generation 1 is live on every band.
     pub fn start(name: &str, spec: ClusterSpec) -> Cluster {
-        Cluster::start_maybe_in(name, spec, None)
+        Cluster::start_maybe_in(name, spec, None, Vec::new())
     }
 
     /// [`Cluster::start`] inside the network namespace `netns`
     /// (`/run/netns/<name>`): the master, its workers, `status` and `stop` all
     /// run there (through `nsenter --net`, so the bpffs pins stay shared).
     pub fn start_in(name: &str, spec: ClusterSpec, netns: &Path) -> Cluster {
-        Cluster::start_maybe_in(name, spec, Some(netns))
+        Cluster::start_maybe_in(name, spec, Some(netns), Vec::new())
     }
 
-    fn start_maybe_in(name: &str, spec: ClusterSpec, netns: Option<&Path>) -> Cluster {
+    /// [`Cluster::start`] with extra environment variables for the masters.
+    pub fn start_with_env(
+        name: &str,
+        spec: ClusterSpec,
+        master_env: Vec<(String, String)>,
+    ) -> Cluster {
+        Cluster::start_maybe_in(name, spec, None, master_env)
+    }
+
+    fn start_maybe_in(
+        name: &str,
+        spec: ClusterSpec,
+        netns: Option<&Path>,
+        master_env: Vec<(String, String)>,
+    ) -> Cluster {
         crate::require_root();
         let log_dir = std::env::temp_dir().join("ipcluster-tests").join(name);
         let _ = std::fs::remove_dir_all(&log_dir);
@@ -199,6 +215,7 @@ impl Cluster {
             map_ids: std::sync::Mutex::new(BTreeSet::new()),
             stopped: false,
             netns: netns.map(Path::to_path_buf),
+            master_env,
         };
         cluster.start_master();
         cluster.wait_generation_live(1, Duration::from_secs(30));
@@ -241,6 +258,7 @@ impl Cluster {
             .command()
             .args(self.run_args())
             .env("RUST_LOG", "info")
+            .envs(self.master_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log)
@@ -276,6 +294,11 @@ impl Cluster {
             .spawn()
             .expect("start ipcluster");
         wait_output(child, timeout, &format!("ipcluster {}", args.join(" ")))
+    }
+
+    /// A log file for a master started by the test itself (`run --detach`).
+    pub fn log_file(&self, file: &str) -> PathBuf {
+        self.log_dir.join(file)
     }
 
     /// The log of master `n` (1-based).

@@ -213,7 +213,7 @@ fn found_in_path(program: &str) -> bool {
         .any(|dir| dir.join(program).is_file())
 }
 
-/// Debian packages the tests and the iptables backend use.
+/// Debian packages the tests and the iptables backend use (promtool: Debian's prometheus).
 fn debian_tools() -> Result<()> {
     let wanted = [
         ("iptables", "iptables"),
@@ -222,6 +222,8 @@ fn debian_tools() -> Result<()> {
         // The worker-identity tests run real nginx workers (they overwrite
         // /proc/PID/environ with their process title).
         ("nginx", "nginx"),
+        // promtool validates the /metrics text in the metrics root test.
+        ("promtool", "prometheus"),
     ];
     install_missing(&wanted)
 }

@@ -86,7 +86,8 @@ pub fn status_command(args: &StatusArgs) -> Result<()> {
         Err(e) => {
             let Some(state) = ClusterState::load(&paths::state_file(cluster))? else {
                 bail!(
-                    "cluster {cluster:?} is not running: no state in {} ({e})",
+                    "cluster {cluster:?} is not running: no state in {} ({e}); start it with \
+                     `ipcluster run --name {cluster}`, or check the name",
                     paths::state_dir(cluster).display()
                 );
             };
@@ -107,7 +108,11 @@ pub fn status_command(args: &StatusArgs) -> Result<()> {
 /// `ipcluster kill-retired`.
 pub fn kill_retired_command(cluster: &str) -> Result<()> {
     let reply = request(cluster, &AdminRequest::KillRetired, Duration::from_secs(10))
-        .with_context(|| format!("cluster {cluster:?} has no running master"))?;
+        .with_context(|| {
+            format!(
+                "cluster {cluster:?} has no running master (start one with `ipcluster run --name {cluster}`)"
+            )
+        })?;
     println!("{}", ok_or_bail(&reply)?);
     Ok(())
 }

@@ -26,6 +26,7 @@
 pub mod adopt;
 pub mod client;
 pub mod control;
+pub mod detach;
 mod fallback;
 pub mod files;
 pub mod generation;
@@ -33,6 +34,8 @@ mod identity;
 pub mod kill;
 mod listeners;
 pub mod lock;
+pub mod metrics;
+pub mod notify;
 pub mod pidfd;
 pub mod process_tree;
 pub mod registry;
@@ -94,6 +97,9 @@ pub fn public_ports(listens: &[SocketAddr]) -> Vec<u16> {
 
 /// `ipcluster run`.
 pub fn run(args: RunArgs) -> Result<()> {
+    if args.detach {
+        return detach::run_detached(&args.name.name);
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -123,6 +129,7 @@ struct Config {
     monitor_interval: Duration,
     retire_renice: i32,
     port_range: std::ops::RangeInclusive<u16>,
+    metrics_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -169,6 +176,7 @@ impl Config {
             monitor_interval: args.monitor_interval,
             retire_renice: args.retire_renice,
             port_range: args.port_range.clone(),
+            metrics_listen: args.metrics_listen,
         })
     }
 
@@ -279,6 +287,8 @@ struct Peer {
 enum Event {
     Control(ControlEvent),
     WorkerExited(i32),
+    /// `GET /metrics` on `--metrics-listen`.
+    Scrape(metrics::ScrapeRequest),
 }
 
 /// Why the loop ended.
@@ -326,6 +336,9 @@ struct Master {
     created_dir: bool,
     next_monitor: Instant,
     exit: Option<Exit>,
+    /// systemd's notifications and the `--detach` pipe.
+    notifier: notify::Notifier,
+    metrics: metrics::Metrics,
     _lock: ClusterLock,
 }
 
@@ -377,12 +390,28 @@ impl Master {
                 cfg.backend
             );
         }
+        // A reload: tell systemd who the main process is before the old one exits.
+        let notifier = notify::Notifier::from_env(&paths::state_dir(&name));
+        if let Some(prev) = previous_state
+            .as_ref()
+            .filter(|s| kill::is_running(s.master_pid))
+        {
+            notifier.reloading(prev.master_pid);
+        }
         let (lock, replaced_master) = ClusterLock::take_over(
             &name,
             previous_state.as_ref().map(|s| s.master_pid),
             TAKEOVER_TIMEOUT,
         )?;
         log::info!("cluster {name:?}: lock {} taken", lock.path().display());
+        notifier.remember_watchdog(&paths::state_dir(&name));
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        if let Some(addr) = cfg.metrics_listen {
+            let scrapes = events_tx.clone();
+            metrics::serve(metrics::bind(addr)?, move |request| {
+                scrapes.send(Event::Scrape(request)).is_ok()
+            })?;
+        }
 
         // Step 2: the workers the previous master left.
         let processes = ProcessTable::read()?;
@@ -442,7 +471,6 @@ impl Master {
         }
         let fresh = fresh && previous_table.is_none();
 
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
         let owner = cfg.run_as.as_ref().map(|r| (r.uid, r.gid));
         let listener = match control::bind(&paths::control_socket(&name), owner) {
             Ok(l) => l,
@@ -520,6 +548,8 @@ impl Master {
             created_dir,
             next_monitor: now,
             exit: None,
+            notifier,
+            metrics: metrics::Metrics::default(),
             _lock: lock,
         };
         master.adopt(found, &processes, previous_table.as_ref());
@@ -634,8 +664,14 @@ impl Master {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while self.exit.is_none() {
             tokio::select! {
-                _ = sigterm.recv() => self.exit = Some(Exit::Handover("SIGTERM".into())),
-                _ = sigint.recv() => self.exit = Some(Exit::Handover("SIGINT".into())),
+                _ = sigterm.recv() => {
+                    self.notifier.stopping("SIGTERM");
+                    self.exit = Some(Exit::Handover("SIGTERM".into()));
+                }
+                _ = sigint.recv() => {
+                    self.notifier.stopping("SIGINT");
+                    self.exit = Some(Exit::Handover("SIGINT".into()));
+                }
                 _ = sighup.recv() => log::info!("SIGHUP ignored (reload = run `ipcluster run` again)"),
                 _ = sigusr1.recv() => {
                     let n = self.queue_kill_retired("SIGUSR1: kill the retired workers");
@@ -679,6 +715,7 @@ impl Master {
             }
             Some(Exit::Stopped) | None => Ok(()),
             Some(Exit::Failed(e)) => {
+                self.notifier.failed(&format!("{e:#}"));
                 self.clean_up_failed_start();
                 Err(e)
             }
@@ -688,6 +725,10 @@ impl Master {
     fn handle_event(&mut self, event: Event) {
         match event {
             Event::WorkerExited(pid) => self.on_worker_exit(pid),
+            Event::Scrape(request) => {
+                let text = self.metrics.encode(&self.metrics_snapshot());
+                let _ = request.reply.try_send(text);
+            }
             Event::Control(ControlEvent::Connected {
                 conn,
                 pid,
@@ -729,6 +770,7 @@ impl Master {
             self.next_monitor = now + self.cfg.monitor_interval;
             self.monitor(now);
         }
+        self.notify(now);
     }
 
     fn spawn_due(&mut self, now: Instant) {
@@ -917,6 +959,7 @@ impl Master {
                 if let Some(w) = self.workers.get_mut(&pid) {
                     w.killed = true;
                 }
+                self.metrics.killed("not listening in time", "SIGKILL");
                 self.signal(pid, Signal::SIGKILL);
                 self.band_failed(band, now, &why);
             }
@@ -1015,7 +1058,10 @@ impl Master {
         };
         let all_ready = ready.len() == self.cfg.bands as usize;
         let started = Instant::now();
-        if let Err(e) = self.steering.publish(&table) {
+        let published = self.steering.publish(&table);
+        self.metrics
+            .published("table", started.elapsed(), published.is_ok());
+        if let Err(e) = published {
             log::error!(
                 "publishing the table of generation {} failed: {e}; retrying in 1s",
                 self.generation
@@ -1060,7 +1106,11 @@ impl Master {
         };
         let (band, ports) = (w.band, self.cfg.service_ports(&w.ports));
         for (service, port) in ports.iter().enumerate() {
-            if let Err(e) = self.steering.set_band(service, band, *port) {
+            let started = Instant::now();
+            let set = self.steering.set_band(service, band, *port);
+            self.metrics
+                .published("band", started.elapsed(), set.is_ok());
+            if let Err(e) = set {
                 log::error!("steering band {band} to worker {pid} failed: {e}; will retry");
                 return;
             }
@@ -1126,6 +1176,7 @@ impl Master {
         w.state = WorkerState::Retired;
         w.retired_at = Some(Instant::now());
         w.reason = Some(reason.to_owned());
+        self.metrics.retired(reason);
         let (band, generation, conn) = (w.band, w.generation, w.conn);
         let reniced = ProcessTable::read()
             .map(|t| process_tree::renice(&t, &t.tree(pid), self.cfg.retire_renice))
@@ -1178,6 +1229,7 @@ impl Master {
                     w.generation
                 );
                 self.crashed_at.insert(w.band, now);
+                self.metrics.crashed();
                 if self.starting_for(w.band).is_none() {
                     self.pending_spawns.insert(w.band, now);
                     // A crash is not a start-up failure: no backoff, at once.
@@ -1217,6 +1269,8 @@ impl Master {
         w.dying_since = Some(Instant::now());
         w.reason = Some(reason.to_owned());
         let conn = w.conn;
+        self.metrics
+            .killed(reason, if conn.is_some() { "die" } else { "SIGTERM" });
         log::info!(
             "asking worker {pid} ({}) to die{}: {reason}",
             w.describe(),
@@ -1259,6 +1313,7 @@ impl Master {
                 self.cfg.soft_kill_timeout
             );
             log::warn!("killing worker {pid} ({}): {reason}", w.describe());
+            self.metrics.killed(&reason, "SIGKILL");
             w.killed = true;
             w.reason = Some(reason);
             self.signal(pid, Signal::SIGKILL);
@@ -1375,6 +1430,7 @@ impl Master {
                     return;
                 }
                 log::warn!("killing worker {pid} ({}): {reason}", w.describe());
+                self.metrics.killed(&reason, "SIGKILL");
                 w.killed = true;
                 w.state = WorkerState::Dying;
                 w.dying_since.get_or_insert(now);

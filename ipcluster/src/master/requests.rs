@@ -170,6 +170,9 @@ impl Master {
                 );
             }
             AdminRequest::Shutdown => {
+                if let Some(successor) = self.peers.get(&conn).and_then(|p| p.pid) {
+                    self.notifier.hand_over(successor);
+                }
                 log::info!("a new master takes over: exiting without touching workers or steering");
                 self.send(
                     conn,
@@ -180,6 +183,7 @@ impl Master {
                 self.exit = Some(Exit::Handover(super::HANDED_OVER.into()));
             }
             AdminRequest::Stop => {
+                self.notifier.stopping("ipcluster stop");
                 let message = match self.stop_everything() {
                     Ok(message) => AdminReply::Ok { message },
                     Err(e) => AdminReply::Error {

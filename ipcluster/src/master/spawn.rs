@@ -16,9 +16,13 @@ pub enum SpawnError {
         "worker command {0:?} not found: it is neither an executable path nor a program in PATH"
     )]
     NotFound(String),
-    #[error("worker command {0:?} is not executable")]
+    #[error(
+        "worker command {0:?} is not executable: make it executable (chmod +x) or run it through its interpreter"
+    )]
     NotExecutable(String),
-    #[error("user {0:?} does not exist")]
+    #[error(
+        "user {0:?} does not exist: give --user an existing user (`getent passwd` lists them) or create it"
+    )]
     NoSuchUser(String),
     #[error("cannot look up user {user:?}: {source}")]
     UserLookup { user: String, source: nix::Error },
