@@ -307,6 +307,7 @@ fn start_reload_stop() {
         "{}",
         systemd.describe()
     );
+    cluster.assert_stopped();
 }
 
 #[test]
