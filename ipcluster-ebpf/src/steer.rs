@@ -21,16 +21,20 @@
 use core::ffi::c_void;
 
 use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, TC_ACT_UNSPEC, bpf_sock_tuple},
+    bindings::{
+        BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED,
+        TC_ACT_UNSPEC, bpf_fib_lookup, bpf_sock_tuple,
+    },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    helpers::{bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_fib_lookup, bpf_sk_release, bpf_skc_lookup_tcp},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
 use ipcluster_common::{
     COUNTER_COUNT, Counter, DEFAULT_FLOW_ENTRIES, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue,
-    MAX_BANDS, MAX_SERVICES, MAX_WORKER_PORTS, Meta, SLOTS, STEERING_ENTRIES, ServiceKey,
-    ServiceValue, WorkerPortValue, steering_index,
+    MAX_BANDS, MAX_SERVICES, MAX_WORKER_PORTS, Meta, PORT_ENTRIES, PORT_KIND_PUBLIC,
+    PORT_KIND_WORKER, SLOTS, STEERING_ENTRIES, ServiceKey, ServiceValue, WorkerPortValue, port_bit,
+    steering_index,
 };
 
 #[btf_map(name = "meta")]
@@ -47,6 +51,8 @@ static FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOW_ENTRIES as usize }> 
 static WORKER_PORTS: HashMap<u32, WorkerPortValue, { MAX_WORKER_PORTS as usize }> = HashMap::new();
 #[btf_map(name = "counters")]
 static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+#[btf_map(name = "ports")]
+static PORTS: Array<u32, { PORT_ENTRIES as usize }> = Array::new();
 
 /// Let the next program (tcx) or filter (cls_bpf) decide: we never drop.
 const NEXT: i32 = TC_ACT_UNSPEC;
@@ -67,6 +73,15 @@ const TCP_FLAG_SYN: u8 = 0x02;
 const TCP_FLAG_ACK: u8 = 0x10;
 /// `sk_state` of a listening socket (include/net/tcp_states.h).
 const TCP_LISTEN: u32 = 10;
+const TCP_TIME_WAIT: u32 = 6;
+const TCP_CLOSE: u32 = 7;
+const TCP_FLAG_FIN: u8 = 0x01;
+const TCP_FLAG_RST: u8 = 0x04;
+/// `lo` has this index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// `port_bits` results.
+const PORT_PUBLIC: u32 = 1;
+const PORT_WORKER: u32 = 2;
 /// `BPF_F_HDR_FIELD_MASK` size of a 16-bit field for `l4_csum_replace`.
 const CSUM_FIELD_16: u64 = 2;
 
@@ -80,6 +95,8 @@ struct Tcp {
     l4: usize,
     sport: u16,
     dport: u16,
+    /// The sequence number as read (network order).
+    seq: u32,
     flags: u8,
 }
 
@@ -94,9 +111,10 @@ impl Tcp {
         }
     }
 
+    /// A plain SYN. SYN|ACK, SYN|RST and SYN|FIN never open a connection.
     #[inline(always)]
     fn is_new_connection(&self) -> bool {
-        self.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK) == TCP_FLAG_SYN
+        self.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN) == TCP_FLAG_SYN
     }
 }
 
@@ -130,6 +148,7 @@ fn parse_tcp(ctx: &TcContext) -> Option<Tcp> {
         l4,
         sport: u16::from_be_bytes([tcp[0], tcp[1]]),
         dport: u16::from_be_bytes([tcp[2], tcp[3]]),
+        seq: u32::from_ne_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]),
         flags: tcp[13],
     })
 }
@@ -197,8 +216,10 @@ fn parse_ipv6(ctx: &TcContext) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
 /// The service a packet is addressed to: the exact (address, port) entry,
 /// else the wildcard of its family, else (IPv4) the IPv6 wildcard, which a
 /// dual-stack `[::]` listener also serves.
+/// The flag is true when a wildcard entry matched (the destination address
+/// was not checked against the host's own addresses).
 #[inline(always)]
-fn find_service(pkt: &Tcp) -> Option<ServiceValue> {
+fn find_service(pkt: &Tcp) -> Option<(ServiceValue, bool)> {
     let mut key = ServiceKey {
         addr: pkt.dst,
         port: pkt.dport,
@@ -206,21 +227,100 @@ fn find_service(pkt: &Tcp) -> Option<ServiceValue> {
     };
     if let Some(v) = SERVICES.get_ptr(key) {
         // SAFETY: a valid map value pointer; we copy it out.
-        return Some(unsafe { *v });
+        return Some((unsafe { *v }, false));
     }
     key.addr = [0; 16];
     if let Some(v) = SERVICES.get_ptr(key) {
         // SAFETY: as above.
-        return Some(unsafe { *v });
+        return Some((unsafe { *v }, true));
     }
     if pkt.family == FAMILY_V4 {
         key.family = FAMILY_V6;
         if let Some(v) = SERVICES.get_ptr(key) {
             // SAFETY: as above.
-            return Some(unsafe { *v });
+            return Some((unsafe { *v }, true));
         }
     }
     None
+}
+
+/// The `ports` bitmap bits of `port`: `PORT_PUBLIC`, `PORT_WORKER`.
+#[inline(always)]
+fn port_bits(port: u16) -> u32 {
+    let mut bits = 0;
+    let (index, bit) = port_bit(PORT_KIND_PUBLIC, port);
+    if let Some(word) = PORTS.get(index)
+        && *word & bit != 0
+    {
+        bits |= PORT_PUBLIC;
+    }
+    let (index, bit) = port_bit(PORT_KIND_WORKER, port);
+    if let Some(word) = PORTS.get(index)
+        && *word & bit != 0
+    {
+        bits |= PORT_WORKER;
+    }
+    bits
+}
+
+/// Whether the routing table delivers this packet to the host itself, as the
+/// kernel's own input route lookup decides: `bpf_fib_lookup` answers "not
+/// forwarded" for a local destination, and "forwarding disabled" when the
+/// receiving device does not route (a packet not for this host is dropped
+/// there anyway). Packets received on `lo` are local by definition.
+#[inline(always)]
+fn is_local_destination(ctx: &TcContext, pkt: &Tcp) -> bool {
+    // SAFETY: reading a field of the program's own context.
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    if ifindex == LOOPBACK_IFINDEX {
+        return true;
+    }
+    // SAFETY: bpf_fib_lookup is plain integers; all-zero is a valid value.
+    let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };
+    params.family = pkt.family as u8;
+    params.l4_protocol = IPPROTO_TCP;
+    params.sport = pkt.sport.to_be();
+    params.dport = pkt.dport.to_be();
+    params.ifindex = ifindex;
+    // SAFETY: writing plain integer fields of the unions.
+    unsafe {
+        if pkt.family == FAMILY_V4 {
+            params.__bindgen_anon_3.ipv4_src =
+                u32::from_ne_bytes([pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]]);
+            params.__bindgen_anon_4.ipv4_dst =
+                u32::from_ne_bytes([pkt.dst[0], pkt.dst[1], pkt.dst[2], pkt.dst[3]]);
+        } else {
+            for i in 0..4 {
+                let j = i * 4;
+                params.__bindgen_anon_3.ipv6_src[i] = u32::from_ne_bytes([
+                    pkt.src[j],
+                    pkt.src[j + 1],
+                    pkt.src[j + 2],
+                    pkt.src[j + 3],
+                ]);
+                params.__bindgen_anon_4.ipv6_dst[i] = u32::from_ne_bytes([
+                    pkt.dst[j],
+                    pkt.dst[j + 1],
+                    pkt.dst[j + 2],
+                    pkt.dst[j + 3],
+                ]);
+            }
+        }
+    }
+    // SAFETY: the helper reads and writes `params`, of the size given.
+    let verdict = unsafe {
+        bpf_fib_lookup(
+            ctx.skb.skb.cast::<c_void>(),
+            &mut params,
+            core::mem::size_of::<bpf_fib_lookup>() as i32,
+            0,
+        )
+    };
+    // An error (which the helper reports only for malformed parameters)
+    // keeps the behaviour of a host-only service.
+    verdict < 0
+        || verdict == i64::from(BPF_FIB_LKUP_RET_NOT_FWDED)
+        || verdict == i64::from(BPF_FIB_LKUP_RET_FWD_DISABLED)
 }
 
 /// The worker port of the client's band in `slot`, 0 when the service is not
@@ -245,9 +345,27 @@ fn slot_port(service: &ServiceValue, slot: u32, low32: u32) -> u16 {
 
 /// Whether the kernel has a non-listening socket (established, SYN-received,
 /// closing…) for this packet's connection on `port`, i.e. the connection
-/// lives on that worker.
+/// lives (or lingers) on that worker.
 #[inline(always)]
 fn has_connection(ctx: &TcContext, pkt: &Tcp, port: u16) -> bool {
+    matches!(socket_state(ctx, pkt, port), Some(state) if state != TCP_LISTEN)
+}
+
+/// Whether a connection with this packet's addresses and ports lives on
+/// `port`: a socket that is neither listening nor closed (`TIME_WAIT` and
+/// `CLOSE` sockets let the client reuse its port for a new connection).
+#[inline(always)]
+fn is_alive(ctx: &TcContext, pkt: &Tcp, port: u16) -> bool {
+    matches!(
+        socket_state(ctx, pkt, port),
+        Some(state) if state != TCP_LISTEN && state != TCP_TIME_WAIT && state != TCP_CLOSE
+    )
+}
+
+/// The state of the socket the kernel would deliver this packet to if its
+/// destination port were `port` (`None`: no socket at all).
+#[inline(always)]
+fn socket_state(ctx: &TcContext, pkt: &Tcp, port: u16) -> Option<u32> {
     // SAFETY: bpf_sock_tuple is plain integers; all-zero is a valid value.
     let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
     let size = if pkt.family == FAMILY_V4 {
@@ -295,11 +413,11 @@ fn has_connection(ctx: &TcContext, pkt: &Tcp, port: u16) -> bool {
             0,
         );
         if sk.is_null() {
-            return false;
+            return None;
         }
         let state = (*sk).state;
         bpf_sk_release(sk.cast::<c_void>());
-        state != TCP_LISTEN
+        Some(state)
     }
 }
 
@@ -332,11 +450,24 @@ fn ingress(ctx: &TcContext) {
         count(Counter::Passed);
         return;
     };
-    let Some(service) = find_service(&pkt) else {
-        record_direct_connection(&pkt);
+    let bits = port_bits(pkt.dport);
+    if bits & (PORT_PUBLIC | PORT_WORKER) == 0 {
         count(Counter::Passed);
         return;
-    };
+    }
+    if bits & PORT_PUBLIC != 0 && steer(ctx, &pkt) {
+        return;
+    }
+    if bits & PORT_WORKER != 0 {
+        record_direct_connection(ctx, &pkt);
+    }
+    count(Counter::Passed);
+}
+
+/// Steer a packet to a public port. `false` when no service has this
+/// (address, port), so that the packet can still be a direct one.
+#[inline(always)]
+fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
     let flow_key = FlowKey {
         client_addr: pkt.src,
         local_addr: pkt.dst,
@@ -345,31 +476,64 @@ fn ingress(ctx: &TcContext) {
         family: pkt.family,
         _pad: 0,
     };
+    let new_connection = pkt.is_new_connection();
+    if !new_connection {
+        // The common case: one flow lookup decides, no service lookup.
+        if let Some(port) = flow_worker_port(&flow_key) {
+            count(Counter::FlowHits);
+            rewrite_dport(ctx, pkt, port);
+            return true;
+        }
+    }
+    let Some((service, wildcard)) = find_service(pkt) else {
+        return false;
+    };
+    // Only a connection to this host is steered: a wildcard service must not
+    // touch traffic the host routes elsewhere (a container's or a routed
+    // client's connection to a remote server's port).
+    if wildcard && !is_local_destination(ctx, pkt) {
+        count(Counter::Forwarded);
+        return true;
+    }
     let active = match ACTIVE.get(0) {
         Some(a) => *a & 1,
         None => 0,
     };
     let low32 = pkt.src_low32();
-
-    let worker_port = if pkt.is_new_connection() {
-        // A new connection always follows the active table (a reused client
-        // port must not stick to a worker of an older generation).
+    let worker_port = if new_connection {
+        // A new connection follows the active table (a reused client port
+        // must not stick to a worker of an older generation)...
         let port = slot_port(&service, active, low32);
         if port == 0 {
             count(Counter::TableMisses);
-            return;
+            return true;
         }
-        let flow = FlowValue {
-            worker_port: port,
-            service: service.index as u16,
-        };
-        if FLOWS.insert(flow_key, flow, 0).is_ok() {
-            count(Counter::NewFlows);
+        match FLOWS.get_ptr_mut(flow_key) {
+            // ...unless its flow entry names a connection that is still alive:
+            // then this SYN is forged or stray, and the live connection keeps
+            // its worker (whose socket answers the SYN with a challenge ACK).
+            Some(flow) => {
+                // SAFETY: a valid map value pointer, read and written in place.
+                let (old_port, old_seq) = unsafe { ((*flow).worker_port, (*flow).syn_seq) };
+                if old_port == port {
+                    if old_seq != pkt.seq {
+                        // SAFETY: as above.
+                        unsafe { (*flow).syn_seq = pkt.seq };
+                    }
+                    port
+                } else if old_port != 0 && is_alive(ctx, pkt, old_port) {
+                    count(Counter::RefusedHijacks);
+                    old_port
+                } else {
+                    record_flow(&flow_key, port, &service, pkt.seq);
+                    port
+                }
+            }
+            None => {
+                record_flow(&flow_key, port, &service, pkt.seq);
+                port
+            }
         }
-        port
-    } else if let Some(port) = flow_worker_port(&flow_key) {
-        count(Counter::FlowHits);
-        port
     } else {
         // No flow: evicted (tiny table, SYN flood) or older than the maps.
         // Ask the socket table which generation's worker has the connection.
@@ -379,34 +543,52 @@ fn ingress(ctx: &TcContext) {
             port_active
         } else if port_active == 0 {
             port_previous
-        } else if has_connection(ctx, &pkt, port_active) {
+        } else if has_connection(ctx, pkt, port_active) {
             port_active
-        } else if has_connection(ctx, &pkt, port_previous) {
+        } else if has_connection(ctx, pkt, port_previous) {
             port_previous
         } else {
             port_active
         };
         if port == 0 {
             count(Counter::TableMisses);
-            return;
+            return true;
         }
         count(Counter::FlowFallbacks);
         // Re-record the flow so that the replies keep being rewritten.
         let flow = FlowValue {
             worker_port: port,
             service: service.index as u16,
+            syn_seq: 0,
         };
         let _ = FLOWS.insert(flow_key, flow, 0);
         port
     };
+    rewrite_dport(ctx, pkt, worker_port);
+    true
+}
 
+#[inline(always)]
+fn record_flow(key: &FlowKey, port: u16, service: &ServiceValue, seq: u32) {
+    let flow = FlowValue {
+        worker_port: port,
+        service: service.index as u16,
+        syn_seq: seq,
+    };
+    if FLOWS.insert(key, flow, 0).is_ok() {
+        count(Counter::NewFlows);
+    }
+}
+
+#[inline(always)]
+fn rewrite_dport(ctx: &TcContext, pkt: &Tcp, worker_port: u16) {
     if worker_port != pkt.dport && rewrite_port(ctx, pkt.l4, TCP_DPORT, pkt.dport, worker_port) {
         count(Counter::Steered);
     }
 }
 
 /// The worker port a steered connection's flow entry names (`None` without
-/// an entry, or for a direct connection's entry).
+/// an entry).
 #[inline(always)]
 fn flow_worker_port(key: &FlowKey) -> Option<u16> {
     let flow = FLOWS.get_ptr(key)?;
@@ -416,10 +598,14 @@ fn flow_worker_port(key: &FlowKey) -> Option<u16> {
 }
 
 /// A SYN straight to a worker port (a health check, a debugging client) is
-/// recorded as a flow with worker port 0, so that its replies are never
-/// rewritten, even by the egress fallback below.
+/// recorded under its own key (the worker port in place of the public port)
+/// with worker port 0, so that its replies are never rewritten, even by the
+/// egress fallback. It never changes a steered connection's entry: the same
+/// SYN seen again on a second attached device (steered on the first) is
+/// recognised by its sequence number, and a SYN reusing the addresses and
+/// ports of a steered connection that is still alive is refused.
 #[inline(always)]
-fn record_direct_connection(pkt: &Tcp) {
+fn record_direct_connection(ctx: &TcContext, pkt: &Tcp) {
     if !pkt.is_new_connection() {
         return;
     }
@@ -428,7 +614,7 @@ fn record_direct_connection(pkt: &Tcp) {
     };
     // SAFETY: a valid map value pointer; we copy the fields out.
     let (public_port, service) = unsafe { ((*worker).public_port, (*worker).service) };
-    let key = FlowKey {
+    let mut key = FlowKey {
         client_addr: pkt.src,
         local_addr: pkt.dst,
         client_port: pkt.sport,
@@ -436,9 +622,26 @@ fn record_direct_connection(pkt: &Tcp) {
         family: pkt.family,
         _pad: 0,
     };
+    if let Some(steered) = FLOWS.get_ptr(key) {
+        // SAFETY: a valid map value pointer; we copy the fields out.
+        let (port, seq) = unsafe { ((*steered).worker_port, (*steered).syn_seq) };
+        if port == pkt.dport {
+            if seq == pkt.seq {
+                return;
+            }
+            if is_alive(ctx, pkt, pkt.dport) {
+                count(Counter::RefusedHijacks);
+                return;
+            }
+            // A dead connection's entry: the addresses and ports are reused.
+            let _ = FLOWS.remove(key);
+        }
+    }
+    key.public_port = pkt.dport;
     let direct = FlowValue {
         worker_port: 0,
         service,
+        syn_seq: pkt.seq,
     };
     let _ = FLOWS.insert(key, direct, 0);
 }
@@ -455,13 +658,17 @@ fn egress(ctx: &TcContext) {
         count(Counter::Passed);
         return;
     };
+    if port_bits(pkt.sport) & PORT_WORKER == 0 {
+        count(Counter::Passed);
+        return;
+    }
     let Some(worker) = WORKER_PORTS.get_ptr(u32::from(pkt.sport)) else {
         count(Counter::Passed);
         return;
     };
     // SAFETY: a valid map value pointer.
     let public_port = unsafe { (*worker).public_port };
-    let flow_key = FlowKey {
+    let mut flow_key = FlowKey {
         client_addr: pkt.dst,
         local_addr: pkt.src,
         client_port: pkt.dport,
@@ -472,16 +679,23 @@ fn egress(ctx: &TcContext) {
     match FLOWS.get_ptr(flow_key) {
         // SAFETY: a valid map value pointer.
         Some(flow) if unsafe { (*flow).worker_port } == pkt.sport => {}
-        // A direct connection (worker port 0), or one steered elsewhere.
+        // Steered to another worker: this reply is of another connection.
         Some(_) => {
             count(Counter::Passed);
             return;
         }
-        // No flow: evicted (tiny table, SYN flood). The reply is one of a
-        // steered connection if the table gives the client's band this very
-        // worker port, in the active or the previous slot.
         None => {
-            if !is_band_worker(&pkt, public_port) {
+            // A direct connection (a health check) keeps its worker port.
+            flow_key.public_port = pkt.sport;
+            if FLOWS.get_ptr(flow_key).is_some() {
+                count(Counter::Passed);
+                return;
+            }
+            // No flow at all: evicted (tiny table, SYN flood). The reply is
+            // one of a steered connection if this host sent it (a forwarded
+            // packet has no socket) and the table gives the client's band
+            // this very worker port, in the active or the previous slot.
+            if !sent_by_this_host(ctx) || !is_band_worker(&pkt, public_port) {
                 count(Counter::Passed);
                 return;
             }
@@ -491,6 +705,14 @@ fn egress(ctx: &TcContext) {
     if rewrite_port(ctx, pkt.l4, TCP_SPORT, pkt.sport, public_port) {
         count(Counter::EgressRewrites);
     }
+}
+
+/// Whether the packet comes from a local socket (a forwarded one has none).
+#[inline(always)]
+fn sent_by_this_host(ctx: &TcContext) -> bool {
+    // SAFETY: reading the `sk` field of the program's own context.
+    let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+    !sk.is_null()
 }
 
 /// Whether an egress packet's source (worker) port is what either slot of the
@@ -505,9 +727,10 @@ fn is_band_worker(pkt: &Tcp, public_port: u16) -> bool {
         l4: pkt.l4,
         sport: pkt.dport,
         dport: public_port,
+        seq: pkt.seq,
         flags: pkt.flags,
     };
-    let Some(service) = find_service(&as_ingress) else {
+    let Some((service, _)) = find_service(&as_ingress) else {
         return false;
     };
     let low32 = as_ingress.src_low32();

@@ -60,6 +60,12 @@ pub struct Counters {
     pub egress_rewrites: u64,
     pub passed: u64,
     pub flow_fallbacks: u64,
+    /// SYNs refused because they would have taken over a live connection (ebpf).
+    #[serde(default)]
+    pub refused_hijacks: u64,
+    /// Packets to a wildcard service that the host forwards elsewhere (ebpf).
+    #[serde(default)]
+    pub forwarded: u64,
 }
 
 /// Errors of the steering backends.

@@ -13,8 +13,8 @@ use aya::Ebpf;
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use ipcluster_common::{
     BandShape, COUNTER_COUNT, Counter, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, MAX_BANDS,
-    MAX_SERVICES, MAX_WORKER_PORTS, META_INDEX, Meta, ServiceKey, ServiceValue, WorkerPortValue,
-    map_names, steering_index,
+    MAX_SERVICES, MAX_WORKER_PORTS, META_INDEX, Meta, PORT_KIND_PUBLIC, PORT_KIND_WORKER,
+    ServiceKey, ServiceValue, WorkerPortValue, map_names, port_bit, steering_index,
 };
 
 use super::bpf_error;
@@ -29,6 +29,7 @@ pub struct SteeringMaps {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     worker_ports: HashMap<MapData, u32, WorkerPortValue>,
     counters: PerCpuArray<MapData, u64>,
+    ports: Array<MapData, u32>,
 }
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> SteeringError {
@@ -73,6 +74,7 @@ impl SteeringMaps {
                 .map_err(typed(map_names::WORKER_PORTS))?,
             counters: PerCpuArray::try_from(take(map_names::COUNTERS)?)
                 .map_err(typed(map_names::COUNTERS))?,
+            ports: Array::try_from(take(map_names::PORTS)?).map_err(typed(map_names::PORTS))?,
         })
     }
 
@@ -238,6 +240,14 @@ impl SteeringMaps {
                 .map_err(map_err(format!("removing stale service {key:?}")))?;
         }
 
+        // The port bitmap first: a set bit only sends packets on to the
+        // lookups below, which decide.
+        for route in &table.services {
+            self.mark_port(PORT_KIND_PUBLIC, route.listen.port())?;
+            for &port in &route.worker_ports {
+                self.mark_port(PORT_KIND_WORKER, port)?;
+            }
+        }
         // The idle slot: worker ports first, then the worker-port index, then
         // the band shapes; nothing here is read before the flip.
         for (route, value) in table.services.iter().zip(&values) {
@@ -297,6 +307,22 @@ impl SteeringMaps {
             .map_err(map_err("flipping the active slot"))
     }
 
+    /// Set the bit of `port` of `kind` in the `ports` bitmap (bits are never
+    /// cleared: a stale bit costs a hash lookup, a missing one a connection).
+    fn mark_port(&mut self, kind: u32, port: u16) -> Result<(), SteeringError> {
+        let (index, bit) = port_bit(kind, port);
+        let word = self
+            .ports
+            .get(&index, 0)
+            .map_err(map_err(format!("reading the port bitmap entry {index}")))?;
+        if word & bit == 0 {
+            self.ports
+                .set(index, word | bit, 0)
+                .map_err(map_err(format!("writing the port bitmap entry {index}")))?;
+        }
+        Ok(())
+    }
+
     /// Forget worker ports that neither slot uses and no flow refers to (run
     /// when the map is full). Ports of older generations stay while their
     /// connections live: egress needs them to restore the public port.
@@ -354,6 +380,8 @@ impl SteeringMaps {
             egress_rewrites: sums[Counter::EgressRewrites as usize],
             passed: sums[Counter::Passed as usize],
             flow_fallbacks: sums[Counter::FlowFallbacks as usize],
+            refused_hijacks: sums[Counter::RefusedHijacks as usize],
+            forwarded: sums[Counter::Forwarded as usize],
         })
     }
 

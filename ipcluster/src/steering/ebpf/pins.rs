@@ -75,7 +75,7 @@ pub enum Existing {
 }
 
 /// The expected kernel shape of each pinned map: (name, type, key size, value size).
-fn expected_maps() -> [(&'static str, MapType, usize, usize); 7] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize); 8] {
     use std::mem::size_of;
     [
         (map_names::META, MapType::Array, 4, size_of::<Meta>()),
@@ -100,6 +100,7 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 7] {
             size_of::<WorkerPortValue>(),
         ),
         (map_names::COUNTERS, MapType::PerCpuArray, 4, 8),
+        (map_names::PORTS, MapType::Array, 4, 4),
     ]
 }
 
