@@ -517,8 +517,13 @@ fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
                 let (old_port, old_seq) = unsafe { ((*flow).worker_port, (*flow).syn_seq) };
                 if old_port == port {
                     if old_seq != pkt.seq {
-                        // SAFETY: as above.
-                        unsafe { (*flow).syn_seq = pkt.seq };
+                        if is_alive(ctx, pkt, port) {
+                            count(Counter::RefusedHijacks);
+                        } else {
+                            // The client reuses its port for a new connection.
+                            // SAFETY: as above.
+                            unsafe { (*flow).syn_seq = pkt.seq };
+                        }
                     }
                     port
                 } else if old_port != 0 && is_alive(ctx, pkt, old_port) {

@@ -10,6 +10,7 @@
 //!   each connection with its port, then echoes lines.
 //! - [`guard`]: run cleanup on drop, even when the test panics.
 //! - [`netns`]: network namespaces (test hosts) joined by veth pairs, removed on drop.
+//! - [`raw`]: hand-made TCP segments (forged SYNs) sent through a raw socket.
 //! - [`conformance`]: the backend-agnostic steering suite, run by
 //!   `tests/conformance_<backend>.rs`.
 
@@ -18,6 +19,7 @@ pub mod cluster;
 pub mod conformance;
 pub mod guard;
 pub mod netns;
+pub mod raw;
 pub mod unique;
 pub mod worker;
 

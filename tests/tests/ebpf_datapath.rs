@@ -1,0 +1,233 @@
+//! What the tc data path guarantees on real sockets: forged SYNs do not take
+//! over live connections (before and right after a generation flip), and a
+//! wildcard service steers only connections to this host, never traffic the
+//! host forwards (client namespace → forwarding namespace running the
+//! cluster → remote namespace with its own server on the public port).
+//! Run as root: `cargo test -p ipcluster-tests --test ebpf_datapath -- --test-threads=1`
+
+mod ebpf_support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use ebpf_support::ebpf;
+use ipcluster::steering::{BackendKind, Steering, SteeringConfig, SteeringTable, backend};
+use ipcluster_tests::client::Conversation;
+use ipcluster_tests::conformance::{assert_none_wrong, teardown_guard, test_config};
+use ipcluster_tests::guard::defer;
+use ipcluster_tests::netns::{NetNs, veth};
+use ipcluster_tests::raw::{self, FIN, RST, SYN};
+use ipcluster_tests::unique::{Ports, cluster_name};
+use ipcluster_tests::worker::Worker;
+use ipcluster_tests::{loopback_clients, require_root};
+
+/// Forge, for every open connection, a SYN with its client address and port
+/// to the public port and to the worker port it lives on (plus SYN|RST and
+/// SYN|FIN to the public port); then every connection must still echo on its
+/// own worker. Returns what went wrong.
+fn forge_and_check(open: &mut [Conversation], public: SocketAddr, round: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    for conv in open.iter() {
+        let client = conv.local_addr().expect("client address");
+        let worker = SocketAddr::new(public.ip(), conv.worker_port());
+        // A sequence number far from the connection's own.
+        let seq = 0x5eed_0000 ^ u32::from(client.port());
+        for (target, flags) in [
+            (public, SYN),
+            (worker, SYN),
+            (public, SYN | RST),
+            (public, SYN | FIN),
+        ] {
+            if let Err(e) = raw::send_tcp(client, target, flags, seq) {
+                errors.push(format!("forging {flags:#x} {client} -> {target}: {e}"));
+            }
+        }
+    }
+    // Let the challenge ACKs and anything a broken flow would cause arrive.
+    std::thread::sleep(Duration::from_millis(100));
+    for conv in open.iter_mut() {
+        if let Err(e) = conv.echo(&format!("{round} from {}", conv.source())) {
+            errors.push(format!(
+                "{} after forged SYNs ({round}): {e}",
+                conv.source()
+            ));
+        }
+    }
+    errors
+}
+
+#[test]
+fn forged_syns_do_not_take_over_live_connections() {
+    require_root();
+    let ports = Ports::reserve(9);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.get(0));
+    let config = test_config(&cluster_name("hijack"), vec![public]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    steering.install().expect("install");
+    let old = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+    let new = SteeringTable::uniform(&[public], 0, &[ports.slice(5..9)]);
+    let _workers = Worker::start_all(ports.slice(1..9).as_slice()).expect("workers");
+    steering.publish(&old).expect("publish generation 1");
+
+    let mut open: Vec<Conversation> = loopback_clients(16)
+        .into_iter()
+        .map(|c| Conversation::open(c, public).expect("open a connection"))
+        .collect();
+    let before = steering.counters().expect("counters");
+    assert_none_wrong(
+        "connections under forged SYNs",
+        &forge_and_check(&mut open, public, "before the flip"),
+    );
+    steering.publish(&new).expect("publish generation 2");
+    assert_none_wrong(
+        "connections under forged SYNs right after a flip",
+        &forge_and_check(&mut open, public, "after the flip"),
+    );
+    for conv in &open {
+        assert_eq!(
+            Some(conv.worker_port()),
+            old.worker_port_for(0, conv.source()),
+            "{} moved",
+            conv.source()
+        );
+    }
+    let after = steering.counters().expect("counters");
+    // Every forged SYN (to the public port and to the worker port, before and
+    // after the flip) reuses a live connection's addresses: 16 × 2 × 2.
+    // SYN|RST and SYN|FIN are no new connections and are not counted.
+    let refused = after.refused_hijacks - before.refused_hijacks;
+    assert_eq!(refused, 64, "refused take-overs: {after:?}");
+}
+
+/// A three-host topology: client (10.211.1.2) — host (10.211.1.1 | 10.211.2.1,
+/// forwarding) — remote (10.211.2.2).
+struct Topology {
+    client: NetNs,
+    host: NetNs,
+    remote: NetNs,
+}
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 211, 1, 2);
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 211, 1, 1);
+const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 211, 2, 2);
+
+impl Topology {
+    fn new() -> Topology {
+        let client = NetNs::new("client");
+        let host = NetNs::new("fwdhost");
+        let remote = NetNs::new("remote");
+        veth(&client, "c0", &host, "h0");
+        veth(&host, "h1", &remote, "r0");
+        client.ip(&["addr", "add", "10.211.1.2/24", "dev", "c0"]);
+        client.ip(&["route", "add", "default", "via", "10.211.1.1"]);
+        host.ip(&["addr", "add", "10.211.1.1/24", "dev", "h0"]);
+        host.ip(&["addr", "add", "10.211.2.1/24", "dev", "h1"]);
+        host.sysctl("net.ipv4.ip_forward", "1");
+        remote.ip(&["addr", "add", "10.211.2.2/24", "dev", "r0"]);
+        remote.ip(&["route", "add", "default", "via", "10.211.2.1"]);
+        Topology {
+            client,
+            host,
+            remote,
+        }
+    }
+}
+
+fn forwarded_traffic_is_never_steered(kind: BackendKind) {
+    require_root();
+    let net = Topology::new();
+    let ports = Ports::reserve(5);
+    let public_port = ports.get(0);
+    let wildcard = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public_port);
+    let config = SteeringConfig {
+        interfaces: Vec::new(),
+        ..test_config(&cluster_name("forwarding"), vec![wildcard])
+    };
+    let table = SteeringTable::uniform(&[wildcard], 0, &[ports.slice(1..5)]);
+    let mut steering: Box<dyn Steering> = backend(kind, config.clone()).expect("backend");
+    // Torn down inside the host namespace (iptables rules live there).
+    let _teardown = defer(|| {
+        net.host.run(|| {
+            if let Err(e) = backend(kind, config.clone()).and_then(|mut b| b.teardown()) {
+                eprintln!("cleanup of {}: {e}", config.cluster);
+            }
+        })
+    });
+    let workers = net.host.run(|| {
+        steering.install().expect("install in the host namespace");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+                    .expect("worker in the host namespace")
+            })
+            .collect::<Vec<_>>()
+    });
+    let remote_server = net.remote.run(|| {
+        Worker::start_on(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            public_port,
+        ))
+        .expect("the remote's own server")
+    });
+
+    let (to_remote, to_host) = net.client.run(|| {
+        let client = IpAddr::V4(CLIENT_IP);
+        let mut to_remote = Vec::new();
+        let mut to_host = Vec::new();
+        for i in 0..8 {
+            to_remote.push(
+                Conversation::open(client, SocketAddr::new(IpAddr::V4(REMOTE_IP), public_port))
+                    .and_then(|mut c| c.echo(&format!("remote {i}")).map(|()| c.worker_port())),
+            );
+            to_host.push(
+                Conversation::open(client, SocketAddr::new(IpAddr::V4(HOST_IP), public_port))
+                    .and_then(|mut c| c.echo(&format!("host {i}")).map(|()| c.worker_port())),
+            );
+        }
+        (to_remote, to_host)
+    });
+    let band_port = table.worker_port_for(0, IpAddr::V4(CLIENT_IP));
+    let mut wrong = Vec::new();
+    for (i, got) in to_remote.iter().enumerate() {
+        match got {
+            Ok(port) if *port == public_port => {}
+            Ok(port) => wrong.push(format!(
+                "connection {i} to the remote server was answered by port {port}"
+            )),
+            Err(e) => wrong.push(format!("connection {i} to the remote server: {e}")),
+        }
+    }
+    for (i, got) in to_host.iter().enumerate() {
+        match got {
+            Ok(port) if Some(*port) == band_port => {}
+            Ok(port) => wrong.push(format!(
+                "connection {i} to the host went to port {port}, expected {band_port:?}"
+            )),
+            Err(e) => wrong.push(format!("connection {i} to the host: {e}")),
+        }
+    }
+    if kind == BackendKind::Ebpf {
+        let steering = &mut steering;
+        let counters = net.host.run(move || steering.counters().expect("counters"));
+        if counters.forwarded == 0 {
+            wrong.push(format!("no packet counted as forwarded: {counters:?}"));
+        }
+    }
+    net.remote.run(|| drop(remote_server));
+    net.host.run(|| drop(workers));
+    assert_none_wrong("client -> forwarding host -> remote", &wrong);
+}
+
+#[test]
+fn ebpf_forwarded_traffic_is_never_steered() {
+    forwarded_traffic_is_never_steered(BackendKind::Ebpf);
+}
+
+#[test]
+fn iptables_forwarded_traffic_is_never_steered() {
+    forwarded_traffic_is_never_steered(BackendKind::Iptables);
+}
