@@ -15,7 +15,7 @@ use ipcluster::steering::{BackendKind, Steering, SteeringConfig, SteeringTable, 
 use ipcluster_tests::client::Conversation;
 use ipcluster_tests::conformance::{assert_none_wrong, teardown_guard, test_config};
 use ipcluster_tests::guard::defer;
-use ipcluster_tests::netns::{NetNs, veth};
+use ipcluster_tests::netns::{NetNs, bridge, veth};
 use ipcluster_tests::raw::{self, FIN, RST, SYN};
 use ipcluster_tests::unique::{Ports, cluster_name};
 use ipcluster_tests::worker::Worker;
@@ -230,4 +230,73 @@ fn ebpf_forwarded_traffic_is_never_steered() {
 #[test]
 fn iptables_forwarded_traffic_is_never_steered() {
     forwarded_traffic_is_never_steered(BackendKind::Iptables);
+}
+
+/// A veth enslaved to a bridge, both attached: the client's packets cross
+/// the veth's hook and then the bridge's, replies the bridge's and then the
+/// veth's. Each connection must be steered once and restored once: it reaches
+/// its band's worker and keeps echoing; forged SYNs (which cross both hooks
+/// too) still change nothing.
+#[test]
+fn stacked_hooks_on_a_bridge_steer_once() {
+    require_root();
+    let client = NetNs::new("brclient");
+    let host = NetNs::new("brhost");
+    veth(&client, "c0", &host, "h0");
+    bridge(&host, "br0", &["h0"]);
+    client.ip(&["addr", "add", "10.212.0.2/24", "dev", "c0"]);
+    host.ip(&["addr", "add", "10.212.0.1/24", "dev", "br0"]);
+    let ports = Ports::reserve(5);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
+    let config = SteeringConfig {
+        interfaces: vec!["lo".into(), "h0".into(), "br0".into()],
+        ..test_config(&cluster_name("bridge"), vec![public])
+    };
+    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    let workers = host.run(|| {
+        steering.install().expect("install on h0 and br0");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+                    .expect("worker")
+            })
+            .collect::<Vec<_>>()
+    });
+    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 212, 0, 1)), public.port());
+    let source = IpAddr::V4(Ipv4Addr::new(10, 212, 0, 2));
+    let expected = table.worker_port_for(0, source);
+    let errors = client.run(|| {
+        let mut errors = Vec::new();
+        let mut open = Vec::new();
+        for i in 0..8 {
+            match Conversation::open(source, target) {
+                Ok(conv) if Some(conv.worker_port()) == expected => open.push(conv),
+                Ok(conv) => errors.push(format!(
+                    "connection {i} reached port {}, expected {expected:?}",
+                    conv.worker_port()
+                )),
+                Err(e) => errors.push(format!("connection {i}: {e}")),
+            }
+        }
+        for conv in open.iter_mut() {
+            if let Err(e) = conv.echo("through the bridge") {
+                errors.push(format!("echo: {e}"));
+            }
+        }
+        errors.extend(forge_and_check(&mut open, target, "through the bridge"));
+        errors
+    });
+    let steering = &mut steering;
+    let counters = host.run(move || steering.counters().expect("counters"));
+    host.run(|| drop(workers));
+    assert_none_wrong("connections across two attached hooks", &errors);
+    // Every connection's SYN was recorded once (no direct entry at the
+    // bridge's hook) and every forged SYN to the public or worker port was
+    // refused once per hook that saw it with a live flow.
+    assert_eq!(counters.new_flows, 8, "{counters:?}");
 }
