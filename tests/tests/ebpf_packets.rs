@@ -30,6 +30,8 @@ const ICMP: u8 = 1;
 const SYN: u8 = 0x02;
 const ACK: u8 = 0x10;
 const SYN_ACK: u8 = SYN | ACK;
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
 
 // ---------------------------------------------------------------- packets
 
@@ -73,10 +75,15 @@ fn pseudo_header(src: IpAddr, dst: IpAddr, proto: u8, len: usize) -> u32 {
 
 /// A TCP segment (20-byte header, `payload`) with a correct checksum.
 fn tcp(src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8]) -> Vec<u8> {
+    tcp_seq(src, dst, flags, payload, 0x1234_5678)
+}
+
+/// As [`tcp`], with the sequence number `seq`.
+fn tcp_seq(src: SocketAddr, dst: SocketAddr, flags: u8, payload: &[u8], seq: u32) -> Vec<u8> {
     let mut seg = Vec::new();
     seg.extend_from_slice(&src.port().to_be_bytes());
     seg.extend_from_slice(&dst.port().to_be_bytes());
-    seg.extend_from_slice(&0x1234_5678u32.to_be_bytes()); // seq
+    seg.extend_from_slice(&seq.to_be_bytes());
     seg.extend_from_slice(&(if flags & ACK != 0 { 0x0abc_def0u32 } else { 0 }).to_be_bytes());
     seg.push(5 << 4); // data offset
     seg.push(flags);
@@ -608,6 +615,137 @@ fn evicted_flow_falls_back_and_is_recorded_again() {
     ] {
         check(&loaded, &case).unwrap_or_else(|e| panic!("{}: {e}", case.name));
     }
+}
+
+/// Flows that cannot be taken over (no socket exists in a fixture, so every
+/// connection counts as dead; the live-socket refusal is covered end to end
+/// in `ebpf_datapath.rs`): SYN|RST and SYN|FIN are no new connections, the
+/// same SYN seen again at a second hook (already steered) changes nothing, a
+/// direct connection's entry never hides a steered one, and a SYN after a
+/// flip moves a dead connection's tuple to the new generation.
+#[test]
+fn flows_are_not_taken_over() {
+    let mut loaded = Loaded::new();
+    let ingress = program_names::INGRESS;
+    let egress = program_names::EGRESS;
+    let service = v4([127, 0, 0, 1], PUBLIC);
+    let client = v4([10, 7, 0, 9], 42000);
+    let old_worker = SocketAddr::new(service.ip(), loaded.worker_for(0, client));
+    let syn = tcp4(client, service, SYN);
+    let steps = [
+        (
+            "SYN to the service",
+            ingress,
+            syn.clone(),
+            Expect::DstPort(old_worker.port()),
+        ),
+        (
+            "the same SYN at a second hook (already steered): untouched",
+            ingress,
+            tcp4(client, old_worker, SYN),
+            Expect::Untouched,
+        ),
+        (
+            "SYN-ACK after the second hook: still restored",
+            egress,
+            tcp4(old_worker, client, SYN_ACK),
+            Expect::SrcPort(PUBLIC),
+        ),
+    ];
+    for (name, program, packet, expect) in steps {
+        let case = Case {
+            name,
+            program,
+            packet,
+            expect,
+        };
+        check(&loaded, &case).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+
+    // A new generation: other worker ports for every band.
+    let new_workers: Vec<u16> = WORKERS.iter().map(|p| p + 500).collect();
+    let table = SteeringTable::uniform(
+        &[
+            v4([127, 0, 0, 1], PUBLIC),
+            v6("::1", PUBLIC),
+            v4([0, 0, 0, 0], WILDCARD_PUBLIC),
+        ],
+        0,
+        &[
+            new_workers.clone(),
+            WORKERS.to_vec(),
+            WILDCARD_WORKERS.to_vec(),
+        ],
+    );
+    loaded.maps.publish(&table).expect("publish generation 2");
+    loaded.table = table;
+    let new_worker = SocketAddr::new(service.ip(), loaded.worker_for(0, client));
+    assert_ne!(new_worker, old_worker);
+    let steps = [
+        (
+            "SYN|RST after the flip: the flow decides",
+            ingress,
+            tcp4(client, service, SYN | RST),
+            Expect::DstPort(old_worker.port()),
+        ),
+        (
+            "SYN|FIN after the flip: the flow decides",
+            ingress,
+            tcp4(client, service, SYN | FIN),
+            Expect::DstPort(old_worker.port()),
+        ),
+        (
+            "direct SYN to the old worker with another sequence number (dead tuple reused)",
+            ingress,
+            ipv4(
+                Ipv4Addr::new(10, 7, 0, 9),
+                Ipv4Addr::LOCALHOST,
+                TCP,
+                &[],
+                0,
+                tcp_seq(client, old_worker, SYN, b"x", 0x0bad_5eed),
+            ),
+            Expect::Untouched,
+        ),
+        (
+            "its reply is not rewritten (a direct connection)",
+            egress,
+            tcp4(old_worker, client, SYN_ACK),
+            Expect::Untouched,
+        ),
+        (
+            "a plain SYN after the flip: the dead tuple moves to the new generation",
+            ingress,
+            syn.clone(),
+            Expect::DstPort(new_worker.port()),
+        ),
+        (
+            "reply from the new worker restored",
+            egress,
+            tcp4(new_worker, client, SYN_ACK),
+            Expect::SrcPort(PUBLIC),
+        ),
+        (
+            "reply from the old worker (the direct connection) still untouched",
+            egress,
+            tcp4(old_worker, client, ACK),
+            Expect::Untouched,
+        ),
+    ];
+    for (name, program, packet, expect) in steps {
+        let case = Case {
+            name,
+            program,
+            packet,
+            expect,
+        };
+        check(&loaded, &case).unwrap_or_else(|e| panic!("{name}: {e}"));
+    }
+    let counters = loaded.maps.counters().expect("counters");
+    assert_eq!(
+        counters.refused_hijacks, 0,
+        "no socket, nothing alive: {counters:?}"
+    );
 }
 
 /// Per-packet cost of the ingress program and the verifier's figures,
