@@ -22,6 +22,21 @@ pub const SLOTS: u32 = 2;
 pub const STEERING_ENTRIES: u32 = SLOTS * MAX_SERVICES * MAX_BANDS;
 /// Worker ports the egress side may have to rewrite: every port of both slots.
 pub const MAX_WORKER_PORTS: u32 = STEERING_ENTRIES;
+/// Tables remembered for the evicted-flow fallback: the last `HISTORY`
+/// published tables, newest first, so that a connection whose flow entry was
+/// evicted finds its worker among every generation still running (as long as
+/// it was in one of the last `HISTORY` tables), not only in the two slots.
+pub const HISTORY: u32 = 8;
+/// Entries of the `history` array: `HISTORY × MAX_SERVICES × MAX_BANDS` worker ports.
+pub const HISTORY_ENTRIES: u32 = HISTORY * MAX_SERVICES * MAX_BANDS;
+/// Entries of the `history_shapes` array: `HISTORY × MAX_SERVICES` band shapes.
+pub const HISTORY_SHAPE_ENTRIES: u32 = HISTORY * MAX_SERVICES;
+/// Index of the publish count in the `active` array (entry 0 is the active
+/// slot): the newest table of `history` is at `(count - 1) % HISTORY`.
+pub const ACTIVE_PUBLISHED: u32 = 1;
+/// Entries of the `active` array.
+pub const ACTIVE_ENTRIES: u32 = 2;
+
 /// Default size of the LRU flow table (entries).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
 
@@ -41,8 +56,10 @@ pub mod map_names {
     pub const WORKER_PORTS: &str = "worker_ports";
     pub const COUNTERS: &str = "counters";
     pub const PORTS: &str = "ports";
+    pub const HISTORY: &str = "history";
+    pub const HISTORY_SHAPES: &str = "history_shapes";
     /// Every pinned map, in the order they are checked when a master re-opens.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 10] = [
         META,
         SERVICES,
         STEERING,
@@ -51,6 +68,8 @@ pub mod map_names {
         WORKER_PORTS,
         COUNTERS,
         PORTS,
+        HISTORY,
+        HISTORY_SHAPES,
     ];
 }
 
@@ -127,6 +146,12 @@ pub struct ServiceValue {
     pub index: u32,
     pub _pad: u32,
     pub shapes: [BandShape; SLOTS as usize],
+}
+
+/// Index into the `history` array (`slot` is the history position here).
+#[inline(always)]
+pub const fn history_index(position: u32, service: u32, band: u32) -> u32 {
+    (position * MAX_SERVICES + service) * MAX_BANDS + band
 }
 
 /// Index into the `steering` array (value: the worker port as `u32`, 0 when empty).

@@ -31,6 +31,10 @@ use aya_ebpf::{
     programs::TcContext,
 };
 use ipcluster_common::{
+    ACTIVE_ENTRIES, ACTIVE_PUBLISHED, BandShape, HISTORY, HISTORY_ENTRIES, HISTORY_SHAPE_ENTRIES,
+    history_index,
+};
+use ipcluster_common::{
     COUNTER_COUNT, Counter, DEFAULT_FLOW_ENTRIES, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue,
     MAX_BANDS, MAX_SERVICES, MAX_WORKER_PORTS, Meta, PORT_ENTRIES, PORT_KIND_PUBLIC,
     PORT_KIND_WORKER, SLOTS, STEERING_ENTRIES, ServiceKey, ServiceValue, WorkerPortValue, port_bit,
@@ -44,13 +48,17 @@ static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = 
 #[btf_map(name = "steering")]
 static STEERING: Array<u32, { STEERING_ENTRIES as usize }> = Array::new();
 #[btf_map(name = "active")]
-static ACTIVE: Array<u32, 1> = Array::new();
+static ACTIVE: Array<u32, { ACTIVE_ENTRIES as usize }> = Array::new();
 #[btf_map(name = "flows")]
 static FLOWS: LruHashMap<FlowKey, FlowValue, { DEFAULT_FLOW_ENTRIES as usize }> = LruHashMap::new();
 #[btf_map(name = "worker_ports")]
 static WORKER_PORTS: HashMap<u32, WorkerPortValue, { MAX_WORKER_PORTS as usize }> = HashMap::new();
 #[btf_map(name = "counters")]
 static COUNTERS: PerCpuArray<u64, { COUNTER_COUNT as usize }> = PerCpuArray::new();
+#[btf_map(name = "history")]
+static HISTORY_PORTS: Array<u32, { HISTORY_ENTRIES as usize }> = Array::new();
+#[btf_map(name = "history_shapes")]
+static HISTORY_SHAPES: Array<BandShape, { HISTORY_SHAPE_ENTRIES as usize }> = Array::new();
 #[btf_map(name = "ports")]
 static PORTS: Array<u32, { PORT_ENTRIES as usize }> = Array::new();
 
@@ -343,6 +351,57 @@ fn slot_port(service: &ServiceValue, slot: u32, low32: u32) -> u16 {
     }
 }
 
+/// The worker port of the client's band in the remembered table at history
+/// `position`, 0 when the service was not in that table.
+#[inline(always)]
+fn history_port(index: u32, position: u32, low32: u32) -> u16 {
+    let index = index % MAX_SERVICES;
+    let position = position % HISTORY;
+    let Some(shape) = HISTORY_SHAPES.get(position * MAX_SERVICES + index) else {
+        return 0;
+    };
+    if shape.present == 0 {
+        return 0;
+    }
+    let band = (low32.checked_shr(shape.band_shift).unwrap_or(0) & shape.band_mask) % MAX_BANDS;
+    match HISTORY_PORTS.get(history_index(position, index, band)) {
+        Some(port) => *port as u16,
+        None => 0,
+    }
+}
+
+/// The number of tables published so far (the newest remembered one is at
+/// position `(published - 1) % HISTORY`).
+#[inline(always)]
+fn published() -> u32 {
+    match ACTIVE.get(ACTIVE_PUBLISHED) {
+        Some(n) => *n,
+        None => 0,
+    }
+}
+
+/// The worker port, among the remembered tables (newest first), that holds
+/// this packet's connection. `tried` was looked up already.
+#[inline(always)]
+fn owner_in_history(ctx: &TcContext, pkt: &Tcp, index: u32, low32: u32, tried: u16) -> Option<u16> {
+    let published = published();
+    let mut last = tried;
+    for age in 0..HISTORY {
+        if age >= published {
+            break;
+        }
+        let port = history_port(index, published.wrapping_sub(1 + age), low32);
+        if port == 0 || port == last || port == tried {
+            continue;
+        }
+        last = port;
+        if has_connection(ctx, pkt, port) {
+            return Some(port);
+        }
+    }
+    None
+}
+
 /// Whether the kernel has a non-listening socket (established, SYN-received,
 /// closing…) for this packet's connection on `port`, i.e. the connection
 /// lives (or lingers) on that worker.
@@ -541,19 +600,17 @@ fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
         }
     } else {
         // No flow: evicted (tiny table, SYN flood) or older than the maps.
-        // Ask the socket table which generation's worker has the connection.
+        // Ask the socket table which generation's worker has the connection:
+        // the active table's first, then every remembered table's, newest first.
         let port_active = slot_port(&service, active, low32);
-        let port_previous = slot_port(&service, 1 - active, low32);
-        let port = if port_previous == 0 || port_previous == port_active {
+        let port = if port_active != 0 && has_connection(ctx, pkt, port_active) {
             port_active
-        } else if port_active == 0 {
-            port_previous
-        } else if has_connection(ctx, pkt, port_active) {
-            port_active
-        } else if has_connection(ctx, pkt, port_previous) {
-            port_previous
         } else {
-            port_active
+            match owner_in_history(ctx, pkt, service.index, low32, port_active) {
+                Some(port) => port,
+                None if port_active != 0 => port_active,
+                None => slot_port(&service, 1 - active, low32),
+            }
         };
         if port == 0 {
             count(Counter::TableMisses);
@@ -721,7 +778,8 @@ fn sent_by_this_host(ctx: &TcContext) -> bool {
 }
 
 /// Whether an egress packet's source (worker) port is what either slot of the
-/// steering table assigns its destination (the client) for `public_port`.
+/// steering table, or one of the remembered tables, assigns its destination
+/// (the client) for `public_port`.
 #[inline(always)]
 fn is_band_worker(pkt: &Tcp, public_port: u16) -> bool {
     // The service as ingress saw it: local address and public port.
@@ -739,7 +797,15 @@ fn is_band_worker(pkt: &Tcp, public_port: u16) -> bool {
         return false;
     };
     let low32 = as_ingress.src_low32();
-    slot_port(&service, 0, low32) == pkt.sport || slot_port(&service, 1, low32) == pkt.sport
+    if slot_port(&service, 0, low32) == pkt.sport || slot_port(&service, 1, low32) == pkt.sport {
+        return true;
+    }
+    for position in 0..HISTORY {
+        if history_port(service.index, position, low32) == pkt.sport {
+            return true;
+        }
+    }
+    false
 }
 
 #[cfg(not(test))]

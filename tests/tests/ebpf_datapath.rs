@@ -300,3 +300,60 @@ fn stacked_hooks_on_a_bridge_steer_once() {
     // refused once per hook that saw it with a live flow.
     assert_eq!(counters.new_flows, 8, "{counters:?}");
 }
+
+/// A 4-entry flow table, three generations published one after the other
+/// with connections open on each (generation 1 is then in neither slot of the
+/// steering table), and a flood of new connections evicting every flow entry
+/// between rounds: every connection keeps echoing on its own worker.
+#[test]
+fn evicted_flows_find_every_running_generation() {
+    require_root();
+    let ports = Ports::reserve(13);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.get(0));
+    let mut config = test_config(&cluster_name("threegen"), vec![public]);
+    config.flow_entries = 4;
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    steering.install().expect("install");
+    let _workers = Worker::start_all(ports.slice(1..13).as_slice()).expect("workers");
+    let clients = loopback_clients(24);
+    let mut open: Vec<(Conversation, u16)> = Vec::new();
+    for (generation, first) in [(1usize, 1usize), (2, 5), (3, 9)] {
+        let table = SteeringTable::uniform(&[public], 0, &[ports.slice(first..first + 4)]);
+        steering
+            .publish(&table)
+            .unwrap_or_else(|e| panic!("publish generation {generation}: {e}"));
+        for &client in &clients[(generation - 1) * 8..generation * 8] {
+            let conv = Conversation::open(client, public).expect("open a connection");
+            let expected = table.worker_port_for(0, client).expect("a band port");
+            assert_eq!(conv.worker_port(), expected, "generation {generation}");
+            open.push((conv, expected));
+        }
+    }
+    let flood_source = IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1));
+    let mut errors = Vec::new();
+    for round in 0..5 {
+        for _ in 0..16 {
+            if let Err(e) = Conversation::open(flood_source, public) {
+                errors.push(format!("flood connection in round {round}: {e}"));
+            }
+        }
+        for (conv, expected) in open.iter_mut() {
+            if let Err(e) = conv.echo(&format!("round {round}")) {
+                errors.push(format!(
+                    "{} (worker {expected}) in round {round}: {e}",
+                    conv.source()
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            break;
+        }
+    }
+    let counters = steering.counters().expect("counters");
+    assert_none_wrong("connections of three generations under eviction", &errors);
+    assert!(
+        counters.flow_fallbacks > 0,
+        "the fallback was never needed: {counters:?}"
+    );
+}

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use ipcluster_common::{ACTIVE_PUBLISHED, HISTORY, history_index};
 use ipcluster_common::{
     BandShape, COUNTER_COUNT, Counter, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, MAX_BANDS,
     MAX_SERVICES, MAX_WORKER_PORTS, META_INDEX, Meta, PORT_KIND_PUBLIC, PORT_KIND_WORKER,
@@ -30,6 +31,8 @@ pub struct SteeringMaps {
     worker_ports: HashMap<MapData, u32, WorkerPortValue>,
     counters: PerCpuArray<MapData, u64>,
     ports: Array<MapData, u32>,
+    history: Array<MapData, u32>,
+    history_shapes: Array<MapData, BandShape>,
 }
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> SteeringError {
@@ -75,6 +78,10 @@ impl SteeringMaps {
             counters: PerCpuArray::try_from(take(map_names::COUNTERS)?)
                 .map_err(typed(map_names::COUNTERS))?,
             ports: Array::try_from(take(map_names::PORTS)?).map_err(typed(map_names::PORTS))?,
+            history: Array::try_from(take(map_names::HISTORY)?)
+                .map_err(typed(map_names::HISTORY))?,
+            history_shapes: Array::try_from(take(map_names::HISTORY_SHAPES)?)
+                .map_err(typed(map_names::HISTORY_SHAPES))?,
         })
     }
 
@@ -301,10 +308,53 @@ impl SteeringMaps {
                 .map_err(map_err(format!("clearing the idle slot of {key:?}")))?;
         }
 
+        self.remember(table, &values)?;
+
         // The flip: one 4-byte write switches every band at once.
         self.active
             .set(0, idle, 0)
             .map_err(map_err("flipping the active slot"))
+    }
+
+    /// Write `table` as the newest remembered table (the evicted-flow
+    /// fallback looks for a connection's worker in every one of them), then
+    /// count it as published.
+    fn remember(
+        &mut self,
+        table: &SteeringTable,
+        values: &[ServiceValue],
+    ) -> Result<(), SteeringError> {
+        let published = self
+            .active
+            .get(&ACTIVE_PUBLISHED, 0)
+            .map_err(map_err("reading the publish count"))?;
+        let position = published % HISTORY;
+        let mut shapes = [BandShape::default(); MAX_SERVICES as usize];
+        for (position_in_table, (route, value)) in table.services.iter().zip(values).enumerate() {
+            for (band, &port) in route.worker_ports.iter().enumerate() {
+                let index = history_index(position, value.index, band as u32);
+                self.history
+                    .set(index, u32::from(port), 0)
+                    .map_err(map_err(format!("writing history entry {index}")))?;
+            }
+            if let Some(shape) = shapes.get_mut(value.index as usize) {
+                *shape = BandShape {
+                    band_mask: route.worker_ports.len() as u32 - 1,
+                    band_shift: u32::from(table.band_shift),
+                    present: 1,
+                    position: position_in_table as u32,
+                };
+            }
+        }
+        for (index, shape) in shapes.iter().enumerate() {
+            let at = position * MAX_SERVICES + index as u32;
+            self.history_shapes
+                .set(at, *shape, 0)
+                .map_err(map_err(format!("writing history shape {at}")))?;
+        }
+        self.active
+            .set(ACTIVE_PUBLISHED, published.wrapping_add(1), 0)
+            .map_err(map_err("counting the publish"))
     }
 
     /// Set the bit of `port` of `kind` in the `ports` bitmap (bits are never

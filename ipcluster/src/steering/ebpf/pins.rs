@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, MapType};
 use ipcluster_common::{
-    FlowKey, FlowValue, LAYOUT_VERSION, META_INDEX, Meta, ServiceKey, ServiceValue,
+    BandShape, FlowKey, FlowValue, LAYOUT_VERSION, META_INDEX, Meta, ServiceKey, ServiceValue,
     WorkerPortValue, map_names,
 };
 use nix::mount::{MsFlags, mount};
@@ -75,7 +75,7 @@ pub enum Existing {
 }
 
 /// The expected kernel shape of each pinned map: (name, type, key size, value size).
-fn expected_maps() -> [(&'static str, MapType, usize, usize); 8] {
+fn expected_maps() -> [(&'static str, MapType, usize, usize); 10] {
     use std::mem::size_of;
     [
         (map_names::META, MapType::Array, 4, size_of::<Meta>()),
@@ -101,6 +101,13 @@ fn expected_maps() -> [(&'static str, MapType, usize, usize); 8] {
         ),
         (map_names::COUNTERS, MapType::PerCpuArray, 4, 8),
         (map_names::PORTS, MapType::Array, 4, 4),
+        (map_names::HISTORY, MapType::Array, 4, 4),
+        (
+            map_names::HISTORY_SHAPES,
+            MapType::Array,
+            4,
+            size_of::<BandShape>(),
+        ),
     ]
 }
 
