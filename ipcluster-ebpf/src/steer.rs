@@ -23,10 +23,10 @@ use core::ffi::c_void;
 use aya_ebpf::{
     bindings::{
         BPF_F_CURRENT_NETNS, BPF_FIB_LKUP_RET_FWD_DISABLED, BPF_FIB_LKUP_RET_NOT_FWDED,
-        TC_ACT_UNSPEC, bpf_fib_lookup, bpf_sock_tuple,
+        TC_ACT_UNSPEC, bpf_fib_lookup, bpf_hdr_start_off::BPF_HDR_START_NET, bpf_sock_tuple,
     },
     btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
-    helpers::{bpf_fib_lookup, bpf_sk_release, bpf_skc_lookup_tcp},
+    helpers::{bpf_fib_lookup, bpf_sk_release, bpf_skb_load_bytes_relative, bpf_skc_lookup_tcp},
     macros::{btf_map, classifier},
     programs::TcContext,
 };
@@ -134,16 +134,61 @@ fn count(counter: Counter) {
     }
 }
 
-/// Parse Ethernet (or loopback, which carries an Ethernet header too),
-/// IPv4/IPv6 and the TCP header. `None` for anything that is not a complete,
-/// unfragmented TCP header.
+/// Where the IP header starts: after an Ethernet header (Ethernet devices and
+/// `lo`), or at once on L3 devices (tun, WireGuard) that carry no link-layer
+/// header. The IP version comes from the skb's protocol, never from the
+/// bytes. `None` for anything but IPv4 and IPv6.
+#[inline(always)]
+fn network_offset(ctx: &TcContext) -> Option<(u16, usize)> {
+    let protocol = u16::from_be(ctx.skb.protocol() as u16);
+    let version = match protocol {
+        ETH_P_IP => 4,
+        ETH_P_IPV6 => 6,
+        _ => return None,
+    };
+    let first: u8 = ctx.load(0).ok()?;
+    if first >> 4 != version {
+        // Not an IP header at offset 0: a link-layer header comes first.
+        return Some((protocol, ETH_HLEN));
+    }
+    let at_ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    if at_ethertype != protocol {
+        // No ethertype where an Ethernet header has one: an L3 device.
+        return Some((protocol, 0));
+    }
+    // Both readings are possible (a MAC address starting like an IP header):
+    // ask the kernel where the network header is and compare.
+    let mut net = [0u8; 8];
+    // SAFETY: the helper writes at most `net.len()` bytes into `net`.
+    let loaded = unsafe {
+        bpf_skb_load_bytes_relative(
+            ctx.skb.skb.cast::<c_void>(),
+            0,
+            net.as_mut_ptr().cast::<c_void>(),
+            net.len() as u32,
+            BPF_HDR_START_NET,
+        )
+    };
+    if loaded < 0 {
+        return None;
+    }
+    let at_eth_hlen: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
+    if net == at_eth_hlen {
+        Some((protocol, ETH_HLEN))
+    } else {
+        Some((protocol, 0))
+    }
+}
+
+/// Parse the link-layer header (if any), IPv4/IPv6 and the TCP header.
+/// `None` for anything that is not a complete, unfragmented TCP header.
 #[inline(always)]
 fn parse_tcp(ctx: &TcContext) -> Option<Tcp> {
-    let ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
-    let (family, src, dst, l4) = match ethertype {
-        ETH_P_IP => parse_ipv4(ctx)?,
-        ETH_P_IPV6 => parse_ipv6(ctx)?,
-        _ => return None,
+    let (protocol, l3) = network_offset(ctx)?;
+    let (family, src, dst, l4) = if protocol == ETH_P_IP {
+        parse_ipv4(ctx, l3)?
+    } else {
+        parse_ipv6(ctx, l3)?
     };
     let tcp: [u8; TCP_HLEN] = ctx.load(l4).ok()?;
     if tcp[12] >> 4 < 5 {
@@ -162,8 +207,8 @@ fn parse_tcp(ctx: &TcContext) -> Option<Tcp> {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
-    let ip: [u8; 20] = ctx.load(ETH_HLEN).ok()?;
+fn parse_ipv4(ctx: &TcContext, l3: usize) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
+    let ip: [u8; 20] = ctx.load(l3).ok()?;
     if ip[0] >> 4 != 4 || ip[9] != IPPROTO_TCP {
         return None;
     }
@@ -175,24 +220,27 @@ fn parse_ipv4(ctx: &TcContext) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
     if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
         return None;
     }
-    if usize::from(u16::from_be_bytes([ip[2], ip[3]])) < ihl + TCP_HLEN {
+    // The total length must hold the TCP header. 0 is what a BIG TCP (GSO
+    // larger than 64 KiB) packet carries: steer and restore it too.
+    let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    if total != 0 && total < ihl + TCP_HLEN {
         return None;
     }
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     src[..4].copy_from_slice(&ip[12..16]);
     dst[..4].copy_from_slice(&ip[16..20]);
-    Some((FAMILY_V4, src, dst, ETH_HLEN + ihl))
+    Some((FAMILY_V4, src, dst, l3 + ihl))
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
-    let ip: [u8; IPV6_HLEN] = ctx.load(ETH_HLEN).ok()?;
+fn parse_ipv6(ctx: &TcContext, l3: usize) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
+    let ip: [u8; IPV6_HLEN] = ctx.load(l3).ok()?;
     if ip[0] >> 4 != 6 {
         return None;
     }
     let mut next = ip[6];
-    let mut offset = ETH_HLEN + IPV6_HLEN;
+    let mut offset = l3 + IPV6_HLEN;
     for _ in 0..MAX_IPV6_EXTENSIONS {
         match next {
             // Hop-by-hop, routing, destination options: length in 8-byte units.
@@ -212,6 +260,12 @@ fn parse_ipv6(ctx: &TcContext) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
         }
     }
     if next != IPPROTO_TCP {
+        return None;
+    }
+    // The payload length must cover the extension headers and the TCP
+    // header; 0 is a jumbogram or a BIG TCP packet.
+    let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+    if payload != 0 && payload < offset - l3 - IPV6_HLEN + TCP_HLEN {
         return None;
     }
     let mut src = [0u8; 16];

@@ -10,6 +10,7 @@
 //!   each connection with its port, then echoes lines.
 //! - [`guard`]: run cleanup on drop, even when the test panics.
 //! - [`netns`]: network namespaces (test hosts) joined by veth pairs, removed on drop.
+//! - [`tun`]: an L3 point-to-point link of two tun devices between namespaces.
 //! - [`raw`]: hand-made TCP segments (forged SYNs) sent through a raw socket.
 //! - [`conformance`]: the backend-agnostic steering suite, run by
 //!   `tests/conformance_<backend>.rs`.
@@ -20,6 +21,7 @@ pub mod conformance;
 pub mod guard;
 pub mod netns;
 pub mod raw;
+pub mod tun;
 pub mod unique;
 pub mod worker;
 

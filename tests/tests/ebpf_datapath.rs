@@ -17,6 +17,7 @@ use ipcluster_tests::conformance::{assert_none_wrong, teardown_guard, test_confi
 use ipcluster_tests::guard::defer;
 use ipcluster_tests::netns::{NetNs, bridge, veth};
 use ipcluster_tests::raw::{self, FIN, RST, SYN};
+use ipcluster_tests::tun::TunLink;
 use ipcluster_tests::unique::{Ports, cluster_name};
 use ipcluster_tests::worker::Worker;
 use ipcluster_tests::{loopback_clients, require_root};
@@ -356,4 +357,61 @@ fn evicted_flows_find_every_running_generation() {
         counters.flow_fallbacks > 0,
         "the fallback was never needed: {counters:?}"
     );
+}
+
+/// An L3 device (tun: no link-layer header) between a client and the host:
+/// connections to the host's wildcard service are steered to their band's
+/// worker and restored on the way back.
+#[test]
+fn l3_devices_are_steered() {
+    require_root();
+    let client = NetNs::new("tunclient");
+    let host = NetNs::new("tunhost");
+    let _link = TunLink::new(&client, "tun0", "10.213.0.2", &host, "tun1", "10.213.0.1");
+    let ports = Ports::reserve(5);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
+    let config = SteeringConfig {
+        interfaces: vec!["lo".into(), "tun1".into()],
+        ..test_config(&cluster_name("tun"), vec![public])
+    };
+    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    let workers = host.run(|| {
+        steering.install().expect("install on tun1");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+                    .expect("worker")
+            })
+            .collect::<Vec<_>>()
+    });
+    let source = IpAddr::V4(Ipv4Addr::new(10, 213, 0, 2));
+    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 213, 0, 1)), public.port());
+    let expected = table.worker_port_for(0, source);
+    let errors = client.run(|| {
+        let mut errors = Vec::new();
+        for i in 0..4 {
+            match Conversation::open(source, target) {
+                Ok(mut conv) => {
+                    if Some(conv.worker_port()) != expected {
+                        errors.push(format!(
+                            "connection {i} reached port {}, expected {expected:?}",
+                            conv.worker_port()
+                        ));
+                    }
+                    if let Err(e) = conv.echo("over tun") {
+                        errors.push(format!("connection {i} echo: {e}"));
+                    }
+                }
+                Err(e) => errors.push(format!("connection {i}: {e}")),
+            }
+        }
+        errors
+    });
+    host.run(|| drop(workers));
+    assert_none_wrong("connections over an L3 device", &errors);
 }
