@@ -227,10 +227,13 @@ pub enum Counter {
     /// SYNs (and flow-less packets) to a wildcard service that the routing
     /// table forwards elsewhere: passed untouched.
     Forwarded = 8,
+    /// ICMP / ICMPv6 errors quoting a steered connection's packet whose quoted
+    /// TCP source port was put back to the worker port (path-MTU discovery).
+    IcmpTranslated = 9,
 }
 
 /// Number of entries of the `counters` array.
-pub const COUNTER_COUNT: u32 = 9;
+pub const COUNTER_COUNT: u32 = 10;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -243,6 +246,7 @@ impl Counter {
         Counter::FlowFallbacks,
         Counter::RefusedHijacks,
         Counter::Forwarded,
+        Counter::IcmpTranslated,
     ];
 
     /// The name used in logs and in `status --json`.
@@ -257,6 +261,7 @@ impl Counter {
             Counter::FlowFallbacks => "flow_fallbacks",
             Counter::RefusedHijacks => "refused_hijacks",
             Counter::Forwarded => "forwarded",
+            Counter::IcmpTranslated => "icmp_translated",
         }
     }
 }

@@ -69,6 +69,11 @@ const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;
 const IPPROTO_TCP: u8 = 6;
+const IPPROTO_ICMP: u8 = 1;
+const IPPROTO_ICMPV6: u8 = 58;
+/// ICMP and ICMPv6 headers of error messages: type, code, checksum, 4 bytes.
+const ICMP_HLEN: usize = 8;
+const ICMP_CHECK: usize = 2;
 const IPV6_HLEN: usize = 40;
 /// IPv6 extension headers skipped before giving up on a packet.
 const MAX_IPV6_EXTENSIONS: usize = 4;
@@ -557,22 +562,38 @@ pub fn ipcluster_ingress(ctx: TcContext) -> i32 {
     NEXT
 }
 
+/// Two subprograms, so that the TCP path and the ICMP path each get their
+/// own stack frame (the verifier allows 512 bytes along a call chain).
 #[inline(always)]
 fn ingress(ctx: &TcContext) {
-    let Some(pkt) = parse_tcp(ctx) else {
+    if !ingress_tcp(ctx) {
+        translate_icmp_error(ctx);
         count(Counter::Passed);
-        return;
+    }
+}
+
+/// `false` when the packet is no (complete, unfragmented) TCP packet.
+#[inline(never)]
+fn ingress_tcp(ctx: &TcContext) -> bool {
+    let Some(pkt) = parse_tcp(ctx) else {
+        return false;
     };
+    ingress_steer(ctx, &pkt);
+    true
+}
+
+#[inline(always)]
+fn ingress_steer(ctx: &TcContext, pkt: &Tcp) {
     let bits = port_bits(pkt.dport);
     if bits & (PORT_PUBLIC | PORT_WORKER) == 0 {
         count(Counter::Passed);
         return;
     }
-    if bits & PORT_PUBLIC != 0 && steer(ctx, &pkt) {
+    if bits & PORT_PUBLIC != 0 && steer(ctx, pkt) {
         return;
     }
     if bits & PORT_WORKER != 0 {
-        record_direct_connection(ctx, &pkt);
+        record_direct_connection(ctx, pkt);
     }
     count(Counter::Passed);
 }
@@ -760,6 +781,96 @@ fn record_direct_connection(ctx: &TcContext, pkt: &Tcp) {
         syn_seq: pkt.seq,
     };
     let _ = FLOWS.insert(key, direct, 0);
+}
+
+/// An ICMP error (destination unreachable — fragmentation needed among them
+/// —, time exceeded, parameter problem) or ICMPv6 error (packet too big…)
+/// arriving for a packet this host sent on a steered connection quotes that
+/// packet as the client saw it: from the public port. The worker's socket has
+/// the worker port, so the kernel would not find it and path-MTU discovery
+/// would stall. Put the quoted source port back to the worker port, as NAT
+/// does, keeping the checksums right: the quoted TCP checksum when the quote
+/// holds it (the ICMP checksum then stays valid as is), else the ICMP checksum.
+#[inline(never)]
+fn translate_icmp_error(ctx: &TcContext) -> Option<()> {
+    let (protocol, l3) = network_offset(ctx)?;
+    let (family, icmp, inner_l3) = if protocol == ETH_P_IP {
+        let ip: [u8; 20] = ctx.load(l3).ok()?;
+        let ihl = usize::from(ip[0] & 0x0f) * 4;
+        if ip[0] >> 4 != 4 || ip[9] != IPPROTO_ICMP || ihl < 20 {
+            return None;
+        }
+        if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+            return None;
+        }
+        let icmp = l3 + ihl;
+        let kind: u8 = ctx.load(icmp).ok()?;
+        // Destination unreachable, time exceeded, parameter problem.
+        if kind != 3 && kind != 11 && kind != 12 {
+            return None;
+        }
+        (FAMILY_V4, icmp, icmp + ICMP_HLEN)
+    } else {
+        let ip: [u8; IPV6_HLEN] = ctx.load(l3).ok()?;
+        if ip[6] != IPPROTO_ICMPV6 {
+            return None;
+        }
+        let icmp = l3 + IPV6_HLEN;
+        let kind: u8 = ctx.load(icmp).ok()?;
+        // Destination unreachable, packet too big, time exceeded, parameter problem.
+        if !(1..=4).contains(&kind) {
+            return None;
+        }
+        (FAMILY_V6, icmp, icmp + ICMP_HLEN)
+    };
+    let mut local = [0u8; 16];
+    let mut client = [0u8; 16];
+    let inner_l4 = if family == FAMILY_V4 {
+        let inner: [u8; 20] = ctx.load(inner_l3).ok()?;
+        let ihl = usize::from(inner[0] & 0x0f) * 4;
+        if inner[0] >> 4 != 4 || inner[9] != IPPROTO_TCP || ihl < 20 {
+            return None;
+        }
+        local[..4].copy_from_slice(&inner[12..16]);
+        client[..4].copy_from_slice(&inner[16..20]);
+        inner_l3 + ihl
+    } else {
+        let inner: [u8; IPV6_HLEN] = ctx.load(inner_l3).ok()?;
+        if inner[0] >> 4 != 6 || inner[6] != IPPROTO_TCP {
+            return None;
+        }
+        local.copy_from_slice(&inner[8..24]);
+        client.copy_from_slice(&inner[24..40]);
+        inner_l3 + IPV6_HLEN
+    };
+    // Every ICMP error quotes at least the ports.
+    let ports: [u8; 4] = ctx.load(inner_l4).ok()?;
+    let public_port = u16::from_be_bytes([ports[0], ports[1]]);
+    if port_bits(public_port) & PORT_PUBLIC == 0 {
+        return None;
+    }
+    let key = FlowKey {
+        client_addr: client,
+        local_addr: local,
+        client_port: u16::from_be_bytes([ports[2], ports[3]]),
+        public_port,
+        family,
+        _pad: 0,
+    };
+    let worker_port = flow_worker_port(&key)?;
+    let old = u64::from(public_port.to_be());
+    let new = u64::from(worker_port.to_be());
+    let checksum = if (ctx.len() as usize) >= inner_l4 + TCP_CHECK + 2 {
+        inner_l4 + TCP_CHECK
+    } else {
+        icmp + ICMP_CHECK
+    };
+    ctx.l4_csum_replace(checksum, old, new, CSUM_FIELD_16)
+        .ok()?;
+    ctx.store(inner_l4 + TCP_SPORT, &worker_port.to_be(), 0)
+        .ok()?;
+    count(Counter::IcmpTranslated);
+    Some(())
 }
 
 #[classifier]

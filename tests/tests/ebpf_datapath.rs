@@ -415,3 +415,66 @@ fn l3_devices_are_steered() {
     host.run(|| drop(workers));
     assert_none_wrong("connections over an L3 device", &errors);
 }
+
+/// Path-MTU discovery through a low-MTU hop: client — router (its link
+/// towards the client has MTU 1280) — host running the cluster. The
+/// worker's large replies are refused by the router with ICMP
+/// "fragmentation needed" quoting the public port; translated back to the
+/// worker port, they reach the worker's socket, which resends smaller
+/// segments: a 64 KiB echo arrives whole.
+#[test]
+fn icmp_fragmentation_needed_reaches_the_worker() {
+    require_root();
+    let client = NetNs::new("mtuclient");
+    let router = NetNs::new("mturouter");
+    let host = NetNs::new("mtuhost");
+    veth(&client, "c0", &router, "r0");
+    veth(&router, "r1", &host, "h0");
+    router.ip(&["link", "set", "r0", "mtu", "1280"]);
+    client.ip(&["addr", "add", "10.214.1.2/24", "dev", "c0"]);
+    client.ip(&["route", "add", "default", "via", "10.214.1.1"]);
+    router.ip(&["addr", "add", "10.214.1.1/24", "dev", "r0"]);
+    router.ip(&["addr", "add", "10.214.2.1/24", "dev", "r1"]);
+    router.sysctl("net.ipv4.ip_forward", "1");
+    host.ip(&["addr", "add", "10.214.2.2/24", "dev", "h0"]);
+    host.ip(&["route", "add", "default", "via", "10.214.2.1"]);
+    let ports = Ports::reserve(5);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
+    let config = SteeringConfig {
+        interfaces: vec!["lo".into(), "h0".into()],
+        ..test_config(&cluster_name("pmtu"), vec![public])
+    };
+    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    let workers = host.run(|| {
+        steering.install().expect("install on h0");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+                    .expect("worker")
+            })
+            .collect::<Vec<_>>()
+    });
+    let source = IpAddr::V4(Ipv4Addr::new(10, 214, 1, 2));
+    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 214, 2, 2)), public.port());
+    let big = "x".repeat(65_536);
+    let result = client.run(|| {
+        let mut conv = Conversation::open(source, target)?;
+        conv.echo(&big).map(|()| conv.worker_port())
+    });
+    let steering = &mut steering;
+    let counters = host.run(move || steering.counters().expect("counters"));
+    host.run(|| drop(workers));
+    match result {
+        Ok(port) => assert_eq!(Some(port), table.worker_port_for(0, source)),
+        Err(e) => panic!("a 64 KiB echo through a 1280-byte hop failed: {e} ({counters:?})"),
+    }
+    assert!(
+        counters.icmp_translated > 0,
+        "no ICMP error was translated: {counters:?}"
+    );
+}

@@ -66,6 +66,9 @@ pub struct Counters {
     /// Packets to a wildcard service that the host forwards elsewhere (ebpf).
     #[serde(default)]
     pub forwarded: u64,
+    /// ICMP errors about steered connections translated for the worker (ebpf).
+    #[serde(default)]
+    pub icmp_translated: u64,
 }
 
 /// Errors of the steering backends.

@@ -432,6 +432,7 @@ impl SteeringMaps {
             flow_fallbacks: sums[Counter::FlowFallbacks as usize],
             refused_hijacks: sums[Counter::RefusedHijacks as usize],
             forwarded: sums[Counter::Forwarded as usize],
+            icmp_translated: sums[Counter::IcmpTranslated as usize],
         })
     }
 
