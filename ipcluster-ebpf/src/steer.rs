@@ -186,20 +186,21 @@ fn network_offset(ctx: &TcContext) -> Option<(u16, usize)> {
 }
 
 /// Parse the link-layer header (if any), IPv4/IPv6 and the TCP header.
-/// `None` for anything that is not a complete, unfragmented TCP header.
+/// An error for anything that is not a complete, unfragmented TCP header
+/// (saying whether it is ICMP).
 #[inline(always)]
-fn parse_tcp(ctx: &TcContext) -> Option<Tcp> {
-    let (protocol, l3) = network_offset(ctx)?;
+fn parse_tcp(ctx: &TcContext) -> Result<Tcp, NotTcp> {
+    let (protocol, l3) = network_offset(ctx).ok_or(NotTcp::Other)?;
     let (family, src, dst, l4) = if protocol == ETH_P_IP {
         parse_ipv4(ctx, l3)?
     } else {
         parse_ipv6(ctx, l3)?
     };
-    let tcp: [u8; TCP_HLEN] = ctx.load(l4).ok()?;
+    let tcp: [u8; TCP_HLEN] = ctx.load(l4).map_err(|_| NotTcp::Other)?;
     if tcp[12] >> 4 < 5 {
-        return None;
+        return Err(NotTcp::Other);
     }
-    Some(Tcp {
+    Ok(Tcp {
         family,
         src,
         dst,
@@ -212,37 +213,47 @@ fn parse_tcp(ctx: &TcContext) -> Option<Tcp> {
 }
 
 #[inline(always)]
-fn parse_ipv4(ctx: &TcContext, l3: usize) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
-    let ip: [u8; 20] = ctx.load(l3).ok()?;
-    if ip[0] >> 4 != 4 || ip[9] != IPPROTO_TCP {
-        return None;
+fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<(u16, [u8; 16], [u8; 16], usize), NotTcp> {
+    let ip: [u8; 20] = ctx.load(l3).map_err(|_| NotTcp::Other)?;
+    if ip[0] >> 4 != 4 {
+        return Err(NotTcp::Other);
+    }
+    if ip[9] != IPPROTO_TCP {
+        return Err(if ip[9] == IPPROTO_ICMP {
+            NotTcp::Icmp
+        } else {
+            NotTcp::Other
+        });
     }
     let ihl = usize::from(ip[0] & 0x0f) * 4;
     if ihl < 20 {
-        return None;
+        return Err(NotTcp::Other);
     }
     // More-fragments flag or a fragment offset: only a whole datagram is steered.
     if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
-        return None;
+        return Err(NotTcp::Other);
     }
     // The total length must hold the TCP header. 0 is what a BIG TCP (GSO
     // larger than 64 KiB) packet carries: steer and restore it too.
     let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
     if total != 0 && total < ihl + TCP_HLEN {
-        return None;
+        return Err(NotTcp::Other);
     }
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     src[..4].copy_from_slice(&ip[12..16]);
     dst[..4].copy_from_slice(&ip[16..20]);
-    Some((FAMILY_V4, src, dst, l3 + ihl))
+    Ok((FAMILY_V4, src, dst, l3 + ihl))
 }
 
 #[inline(always)]
-fn parse_ipv6(ctx: &TcContext, l3: usize) -> Option<(u16, [u8; 16], [u8; 16], usize)> {
-    let ip: [u8; IPV6_HLEN] = ctx.load(l3).ok()?;
+fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<(u16, [u8; 16], [u8; 16], usize), NotTcp> {
+    let ip: [u8; IPV6_HLEN] = ctx.load(l3).map_err(|_| NotTcp::Other)?;
     if ip[0] >> 4 != 6 {
-        return None;
+        return Err(NotTcp::Other);
+    }
+    if ip[6] == IPPROTO_ICMPV6 {
+        return Err(NotTcp::Icmp);
     }
     let mut next = ip[6];
     let mut offset = l3 + IPV6_HLEN;
@@ -250,13 +261,13 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Option<(u16, [u8; 16], [u8; 16], us
         match next {
             // Hop-by-hop, routing, destination options: length in 8-byte units.
             0 | 43 | 60 => {
-                let ext: [u8; 2] = ctx.load(offset).ok()?;
+                let ext: [u8; 2] = ctx.load(offset).map_err(|_| NotTcp::Other)?;
                 next = ext[0];
                 offset += (usize::from(ext[1]) + 1) * 8;
             }
             // Authentication header: length in 4-byte units, minus 2.
             51 => {
-                let ext: [u8; 2] = ctx.load(offset).ok()?;
+                let ext: [u8; 2] = ctx.load(offset).map_err(|_| NotTcp::Other)?;
                 next = ext[0];
                 offset += (usize::from(ext[1]) + 2) * 4;
             }
@@ -265,19 +276,19 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Option<(u16, [u8; 16], [u8; 16], us
         }
     }
     if next != IPPROTO_TCP {
-        return None;
+        return Err(NotTcp::Other);
     }
     // The payload length must cover the extension headers and the TCP
     // header; 0 is a jumbogram or a BIG TCP packet.
     let payload = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
     if payload != 0 && payload < offset - l3 - IPV6_HLEN + TCP_HLEN {
-        return None;
+        return Err(NotTcp::Other);
     }
     let mut src = [0u8; 16];
     let mut dst = [0u8; 16];
     src.copy_from_slice(&ip[8..24]);
     dst.copy_from_slice(&ip[24..40]);
-    Some((FAMILY_V6, src, dst, offset))
+    Ok((FAMILY_V6, src, dst, offset))
 }
 
 /// The service a packet is addressed to: the exact (address, port) entry,
@@ -566,20 +577,36 @@ pub fn ipcluster_ingress(ctx: TcContext) -> i32 {
 /// own stack frame (the verifier allows 512 bytes along a call chain).
 #[inline(always)]
 fn ingress(ctx: &TcContext) {
-    if !ingress_tcp(ctx) {
-        translate_icmp_error(ctx);
-        count(Counter::Passed);
+    match ingress_tcp(ctx) {
+        NotTcp::Icmp => {
+            translate_icmp_error(ctx);
+            count(Counter::Passed);
+        }
+        NotTcp::Other => count(Counter::Passed),
+        NotTcp::No => {}
     }
 }
 
-/// `false` when the packet is no (complete, unfragmented) TCP packet.
+/// What a packet was when it was not steered as TCP.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum NotTcp {
+    /// It was TCP (and handled).
+    No,
+    /// ICMP or ICMPv6: maybe an error about a steered connection.
+    Icmp,
+    /// Anything else: passes.
+    Other,
+}
+
 #[inline(never)]
-fn ingress_tcp(ctx: &TcContext) -> bool {
-    let Some(pkt) = parse_tcp(ctx) else {
-        return false;
-    };
-    ingress_steer(ctx, &pkt);
-    true
+fn ingress_tcp(ctx: &TcContext) -> NotTcp {
+    match parse_tcp(ctx) {
+        Ok(pkt) => {
+            ingress_steer(ctx, &pkt);
+            NotTcp::No
+        }
+        Err(kind) => kind,
+    }
 }
 
 #[inline(always)]
@@ -881,7 +908,7 @@ pub fn ipcluster_egress(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn egress(ctx: &TcContext) {
-    let Some(pkt) = parse_tcp(ctx) else {
+    let Ok(pkt) = parse_tcp(ctx) else {
         count(Counter::Passed);
         return;
     };

@@ -532,6 +532,26 @@ fn packet_fixtures() {
             expect: Expect::Untouched,
         },
         Case {
+            name: "IPv4 total length 0 (a BIG TCP packet): steered",
+            program: ingress,
+            packet: {
+                let mut p = tcp4(other_client, service4, SYN);
+                p[16..18].copy_from_slice(&0u16.to_be_bytes());
+                p
+            },
+            expect: Expect::DstPort(loaded.worker_for(0, other_client)),
+        },
+        Case {
+            name: "IPv6 payload length shorter than the TCP header",
+            program: ingress,
+            packet: {
+                let mut p = tcp6(client6, service6, SYN);
+                p[18..20].copy_from_slice(&12u16.to_be_bytes());
+                p
+            },
+            expect: Expect::Untouched,
+        },
+        Case {
             name: "ARP-sized garbage with another ethertype",
             program: ingress,
             packet: ethernet(0x0806, vec![0; 28]),
@@ -821,4 +841,160 @@ fn measure_ingress_cost() {
         median < Duration::from_micros(50),
         "ingress took {median:?} per packet"
     );
+}
+
+/// An ICMP (or ICMPv6) error quoting `inner` (an IP packet without link
+/// header), from `router` to `to`, with a correct checksum.
+fn icmp_error(router: IpAddr, to: IpAddr, kind: u8, code: u8, extra: u32, inner: &[u8]) -> Vec<u8> {
+    let mut msg = vec![kind, code, 0, 0];
+    msg.extend_from_slice(&extra.to_be_bytes());
+    msg.extend_from_slice(inner);
+    match (router, to) {
+        (IpAddr::V4(r), IpAddr::V4(t)) => {
+            let check = !fold(ones_complement_sum(&msg, 0));
+            msg[2..4].copy_from_slice(&check.to_be_bytes());
+            ipv4(r, t, ICMP, &[], 0, msg)
+        }
+        (IpAddr::V6(r), IpAddr::V6(t)) => {
+            let sum = ones_complement_sum(&msg, pseudo_header(router, to, 58, msg.len()));
+            let check = !fold(sum);
+            msg[2..4].copy_from_slice(&check.to_be_bytes());
+            ipv6(r, t, 58, &[], msg)
+        }
+        _ => panic!("mixed address families"),
+    }
+}
+
+/// Does the ICMP / ICMPv6 checksum of `frame` verify?
+fn icmp_checksum_ok(frame: &[u8]) -> bool {
+    let (l4, src, dst, _) = l4_of(frame);
+    let msg = &frame[l4..];
+    let start = match src {
+        IpAddr::V4(_) => 0,
+        IpAddr::V6(_) => pseudo_header(src, dst, 58, msg.len()),
+    };
+    fold(ones_complement_sum(msg, start)) == 0xffff
+}
+
+/// ICMP "fragmentation needed" and ICMPv6 "packet too big" quoting a packet
+/// of a steered connection (as the client saw it, from the public port) get
+/// the worker port back in the quote, with valid checksums; an error about
+/// a connection with no steered flow passes untouched.
+#[test]
+fn icmp_errors_are_translated() {
+    let loaded = Loaded::new();
+    let ingress = program_names::INGRESS;
+    let service4 = v4([127, 0, 0, 1], PUBLIC);
+    let service6 = v6("::1", PUBLIC);
+    let client4 = v4([10, 3, 0, 5], 43000);
+    let client6 = v6("2001:db8::3:5", 43001);
+    let stranger = v4([10, 3, 0, 6], 43002);
+    for (client, service) in [(client4, service4), (client6, service6)] {
+        let syn = if client.is_ipv4() {
+            tcp4(client, service, SYN)
+        } else {
+            tcp6(client, service, SYN)
+        };
+        loaded.run(ingress, &syn);
+    }
+    let worker4 = loaded.worker_for(0, client4);
+    let worker6 = loaded.worker_for(1, client6);
+    let data = vec![0x61u8; 1400];
+    let quote4 = |to: SocketAddr, whole: bool| -> Vec<u8> {
+        let IpAddr::V4(c) = to.ip() else {
+            unreachable!()
+        };
+        let packet = ipv4(
+            Ipv4Addr::LOCALHOST,
+            c,
+            TCP,
+            &[],
+            0,
+            tcp(service4, to, ACK, &data),
+        );
+        let inner = packet[14..].to_vec();
+        if whole {
+            inner[..576 - 28].to_vec()
+        } else {
+            inner[..28].to_vec()
+        }
+    };
+    let IpAddr::V6(c6) = client6.ip() else {
+        unreachable!()
+    };
+    let quote6 = ipv6(
+        Ipv6Addr::LOCALHOST,
+        c6,
+        TCP,
+        &[],
+        tcp(service6, client6, ACK, &data),
+    )[14..14 + 1232]
+        .to_vec();
+    let router4 = IpAddr::V4(Ipv4Addr::new(10, 3, 0, 1));
+    let router6: IpAddr = "2001:db8::1".parse().expect("address");
+    let local4 = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let local6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
+    // (name, packet, offset of the quoted source port from the ICMP header, expected port)
+    let cases = [
+        (
+            "fragmentation needed, long quote (TCP checksum adjusted)",
+            icmp_error(router4, local4, 3, 4, 1280, &quote4(client4, true)),
+            8 + 20,
+            Some(worker4),
+        ),
+        (
+            "fragmentation needed, 8-byte quote (ICMP checksum adjusted)",
+            icmp_error(router4, local4, 3, 4, 1280, &quote4(client4, false)),
+            8 + 20,
+            Some(worker4),
+        ),
+        (
+            "time exceeded about an unsteered connection: untouched",
+            icmp_error(router4, local4, 11, 0, 0, &quote4(stranger, true)),
+            8 + 20,
+            None,
+        ),
+        (
+            "ICMPv6 packet too big",
+            icmp_error(router6, local6, 2, 0, 1280, &quote6),
+            8 + 40,
+            Some(worker6),
+        ),
+    ];
+    let mut failures = Vec::new();
+    for (name, packet, port_at, expect) in cases {
+        let (verdict, out, _) = loaded.run(ingress, &packet);
+        let (l4, ..) = l4_of(&out);
+        let at = l4 + port_at;
+        let port = u16::from_be_bytes([out[at], out[at + 1]]);
+        let problem = if verdict != NEXT {
+            Some(format!("verdict {verdict:#x}"))
+        } else if out.len() != packet.len() {
+            Some("length changed".to_owned())
+        } else if !icmp_checksum_ok(&out) {
+            Some("the ICMP checksum does not verify".to_owned())
+        } else {
+            match expect {
+                Some(worker) if port != worker => {
+                    Some(format!("quoted source port {port}, expected {worker}"))
+                }
+                None if out != packet => Some("the packet was changed".to_owned()),
+                _ => None,
+            }
+        };
+        match problem {
+            None => println!("ok   {name}"),
+            Some(p) => {
+                println!("FAIL {name}: {p}");
+                failures.push(format!("{name}: {p}"));
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "failed cases:\n  {}",
+        failures.join("\n  ")
+    );
+    let counters = loaded.maps.counters().expect("counters");
+    assert_eq!(counters.icmp_translated, 3, "{counters:?}");
 }
