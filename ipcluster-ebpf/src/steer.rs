@@ -30,6 +30,7 @@ use aya_ebpf::{
     macros::{btf_map, classifier},
     programs::TcContext,
 };
+use aya_log_ebpf::{debug, info, warn};
 use ipcluster_common::{
     ACTIVE_ENTRIES, ACTIVE_PUBLISHED, BandShape, HISTORY, HISTORY_ENTRIES, HISTORY_SHAPE_ENTRIES,
     history_index,
@@ -128,6 +129,58 @@ impl Tcp {
     #[inline(always)]
     fn is_new_connection(&self) -> bool {
         self.flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN) == TCP_FLAG_SYN
+    }
+}
+
+/// Kernel-side log records for rare events, through aya-log (the master
+/// forwards them into its own log with `--ebpf-log`; without it the level is
+/// patched to off at load and each call costs one global read).
+#[derive(Clone, Copy)]
+enum Event {
+    RefusedHijack,
+    TableMiss,
+    Fallback,
+}
+
+/// A subprogram: its code (and the verifier's walk of it) is not repeated at
+/// every call site.
+#[inline(never)]
+fn log_event(ctx: &TcContext, event: Event, pkt: &Tcp, port: u16) {
+    let v4 = u32::from_be_bytes([pkt.src[0], pkt.src[1], pkt.src[2], pkt.src[3]]);
+    let client_port = pkt.sport;
+    match (event, pkt.family == FAMILY_V4) {
+        (Event::RefusedHijack, true) => info!(
+            ctx,
+            "refused a SYN from {:i}:{} that would take over a live connection on worker port {}",
+            v4,
+            client_port,
+            port
+        ),
+        (Event::RefusedHijack, false) => info!(
+            ctx,
+            "refused a SYN from [{:i}]:{} that would take over a live connection on worker port {}",
+            pkt.src,
+            client_port,
+            port
+        ),
+        (Event::TableMiss, _) => warn!(
+            ctx,
+            "table miss: no worker for the band of a client of public port {}", port
+        ),
+        (Event::Fallback, true) => debug!(
+            ctx,
+            "no flow entry for {:i}:{}: the socket table names worker port {}",
+            v4,
+            client_port,
+            port
+        ),
+        (Event::Fallback, false) => debug!(
+            ctx,
+            "no flow entry for [{:i}]:{}: the socket table names worker port {}",
+            pkt.src,
+            client_port,
+            port
+        ),
     }
 }
 
@@ -667,6 +720,7 @@ fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
         let port = slot_port(&service, active, low32);
         if port == 0 {
             count(Counter::TableMisses);
+            log_event(ctx, Event::TableMiss, pkt, pkt.dport);
             return true;
         }
         match FLOWS.get_ptr_mut(flow_key) {
@@ -680,6 +734,7 @@ fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
                     if old_seq != pkt.seq {
                         if is_alive(ctx, pkt, port) {
                             count(Counter::RefusedHijacks);
+                            log_event(ctx, Event::RefusedHijack, pkt, port);
                         } else {
                             // The client reuses its port for a new connection.
                             // SAFETY: as above.
@@ -689,6 +744,7 @@ fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
                     port
                 } else if old_port != 0 && is_alive(ctx, pkt, old_port) {
                     count(Counter::RefusedHijacks);
+                    log_event(ctx, Event::RefusedHijack, pkt, old_port);
                     old_port
                 } else {
                     record_flow(&flow_key, port, &service, pkt.seq);
@@ -716,9 +772,11 @@ fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
         };
         if port == 0 {
             count(Counter::TableMisses);
+            log_event(ctx, Event::TableMiss, pkt, pkt.dport);
             return true;
         }
         count(Counter::FlowFallbacks);
+        log_event(ctx, Event::Fallback, pkt, port);
         // Re-record the flow so that the replies keep being rewritten.
         let flow = FlowValue {
             worker_port: port,
@@ -795,6 +853,7 @@ fn record_direct_connection(ctx: &TcContext, pkt: &Tcp) {
             }
             if is_alive(ctx, pkt, pkt.dport) {
                 count(Counter::RefusedHijacks);
+                log_event(ctx, Event::RefusedHijack, pkt, pkt.dport);
                 return;
             }
             // A dead connection's entry: the addresses and ports are reused.
@@ -897,6 +956,10 @@ fn translate_icmp_error(ctx: &TcContext) -> Option<()> {
     ctx.store(inner_l4 + TCP_SPORT, &worker_port.to_be(), 0)
         .ok()?;
     count(Counter::IcmpTranslated);
+    debug!(
+        ctx,
+        "an ICMP error about a steered connection now names worker port {}", worker_port
+    );
     Some(())
 }
 

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use ebpf_support::ebpf;
 use ipcluster::steering::{BackendKind, Steering, SteeringConfig, SteeringTable, backend};
-use ipcluster_tests::client::Conversation;
+use ipcluster_tests::client::{Conversation, connect_from};
+use ipcluster_tests::cluster::{Cluster, ClusterSpec};
 use ipcluster_tests::conformance::{assert_none_wrong, teardown_guard, test_config};
 use ipcluster_tests::guard::defer;
 use ipcluster_tests::netns::{NetNs, bridge, veth};
@@ -476,5 +477,37 @@ fn icmp_fragmentation_needed_reaches_the_worker() {
     assert!(
         counters.icmp_translated > 0,
         "no ICMP error was translated: {counters:?}"
+    );
+}
+
+/// `--ebpf-log`: a rare kernel-side event (a refused take-over of a live
+/// connection) shows up in the master's log, forwarded through aya-log.
+#[test]
+fn ebpf_log_reaches_the_master_log() {
+    let ports = Ports::reserve(1);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.get(0));
+    let mut spec = ClusterSpec::demo("ebpf", 2, public);
+    spec.flags.push("--ebpf-log".into());
+    let name = cluster_name("ebpflog");
+    // Stopped (everything removed) when dropped, also on failure.
+    let cluster = Cluster::start(&name, spec);
+    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 77));
+    let stream = connect_from(source, public).expect("connect");
+    let client = stream.local_addr().expect("client address");
+    raw::send_tcp(client, public, SYN, 0x0bad_0001).expect("forge a SYN");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let expected = format!("refused a SYN from {}:{}", client.ip(), client.port());
+    let mut log = String::new();
+    while std::time::Instant::now() < deadline {
+        log = cluster.master_log(1);
+        if log.contains(&expected) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(stream);
+    assert!(
+        log.contains(&expected),
+        "the master log does not say {expected:?}:\n{log}"
     );
 }

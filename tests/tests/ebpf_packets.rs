@@ -772,7 +772,12 @@ fn flows_are_not_taken_over() {
 /// printed for the README (`--nocapture`).
 #[test]
 fn measure_ingress_cost() {
+    let started = std::time::Instant::now();
     let loaded = Loaded::new();
+    println!(
+        "loading the object and verifying both programs: {} ms",
+        started.elapsed().as_millis()
+    );
     let service = v4([127, 0, 0, 1], PUBLIC);
     let client = v4([10, 1, 2, 5], 40001);
     // Record the flow, then time the steady state: an ACK that hits its flow

@@ -177,6 +177,10 @@ pub trait Steering: Send {
 
     /// Remove everything this cluster installed (links, programs, pins, rules).
     fn teardown(&mut self) -> Result<(), SteeringError>;
+
+    /// Forward what the kernel side logged since the last call into this
+    /// process's log (the ebpf backend with `--ebpf-log`); cheap, called often.
+    fn poll_kernel_log(&mut self) {}
 }
 
 /// Build the backend `kind` for `config`. Nothing touches the kernel until
