@@ -511,3 +511,97 @@ fn ebpf_log_reaches_the_master_log() {
         "the master log does not say {expected:?}:\n{log}"
     );
 }
+
+/// The IPv6 version of the forwarding topology (ebpf): a cluster on `[::]:P`
+/// in a forwarding host must not touch the client's connections to a remote
+/// server's port P, and still serves clients that address the host.
+#[test]
+fn ebpf_forwarded_ipv6_traffic_is_never_steered() {
+    require_root();
+    let client = NetNs::new("client6");
+    let host = NetNs::new("fwdhost6");
+    let remote = NetNs::new("remote6");
+    veth(&client, "c0", &host, "h0");
+    veth(&host, "h1", &remote, "r0");
+    for (ns, dev, addr) in [
+        (&client, "c0", "fd00:211:1::2/64"),
+        (&host, "h0", "fd00:211:1::1/64"),
+        (&host, "h1", "fd00:211:2::1/64"),
+        (&remote, "r0", "fd00:211:2::2/64"),
+    ] {
+        ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+    client.ip(&["-6", "route", "add", "default", "via", "fd00:211:1::1"]);
+    remote.ip(&["-6", "route", "add", "default", "via", "fd00:211:2::1"]);
+    host.sysctl("net.ipv6.conf.all.forwarding", "1");
+    let ports = Ports::reserve(5);
+    let public_port = ports.get(0);
+    let wildcard = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), public_port);
+    let config = SteeringConfig {
+        interfaces: vec!["lo".into(), "h0".into(), "h1".into()],
+        ..test_config(&cluster_name("forwarding6"), vec![wildcard])
+    };
+    let table = SteeringTable::uniform(&[wildcard], 0, &[ports.slice(1..5)]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    let workers = host.run(|| {
+        steering.install().expect("install in the host namespace");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(
+                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    p,
+                ))
+                .expect("worker in the host namespace")
+            })
+            .collect::<Vec<_>>()
+    });
+    let remote_server = remote.run(|| {
+        Worker::start_on(SocketAddr::new(
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            public_port,
+        ))
+        .expect("the remote's own server")
+    });
+    let source: IpAddr = "fd00:211:1::2".parse().expect("address");
+    let remote_ip: IpAddr = "fd00:211:2::2".parse().expect("address");
+    let host_ip: IpAddr = "fd00:211:1::1".parse().expect("address");
+    let results = client.run(|| {
+        let mut results = Vec::new();
+        for (what, ip) in [("remote", remote_ip), ("host", host_ip)] {
+            for i in 0..4 {
+                let got = Conversation::open(source, SocketAddr::new(ip, public_port))
+                    .and_then(|mut c| c.echo(&format!("{what} {i}")).map(|()| c.worker_port()));
+                results.push((what, i, got));
+            }
+        }
+        results
+    });
+    let steering = &mut steering;
+    let counters = host.run(move || steering.counters().expect("counters"));
+    remote.run(|| drop(remote_server));
+    host.run(|| drop(workers));
+    let band_port = table.worker_port_for(0, source);
+    let mut wrong = Vec::new();
+    for (what, i, got) in results {
+        let expected = if what == "remote" {
+            Some(public_port)
+        } else {
+            band_port
+        };
+        match got {
+            Ok(port) if Some(port) == expected => {}
+            Ok(port) => wrong.push(format!(
+                "connection {i} to the {what} reached port {port}, expected {expected:?}"
+            )),
+            Err(e) => wrong.push(format!("connection {i} to the {what}: {e}")),
+        }
+    }
+    if counters.forwarded == 0 {
+        wrong.push(format!("no packet counted as forwarded: {counters:?}"));
+    }
+    assert_none_wrong("IPv6 client -> forwarding host -> remote", &wrong);
+}
