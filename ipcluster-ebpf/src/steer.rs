@@ -1,22 +1,29 @@
 //! The two tc programs.
 //!
 //! Ingress: a TCP packet to a configured service (destination address and
-//! public port, or the wildcard entry of its family) gets its destination port
+//! public port, or the wildcard entry of its family, then only when the
+//! routing table delivers it to this host) gets its destination port
 //! rewritten to the worker port of the client's band. The connection's flow
-//! entry decides first; a new connection (SYN) is steered by the active slot of
-//! the steering table and recorded; a later packet whose flow entry was evicted
-//! asks the kernel's socket table which generation's worker owns it.
+//! entry decides first; a new connection (a plain SYN) is steered by the
+//! active slot of the steering table and recorded, unless its flow entry
+//! names a connection still alive in the socket table (then the SYN is
+//! refused the take-over); a later packet whose flow entry was evicted asks
+//! the socket table which generation's worker owns it, among the last
+//! `HISTORY` published tables. An ICMP/ICMPv6 error about a steered
+//! connection gets the worker port back in its quote.
 //!
 //! Egress: a reply from a worker port gets its source port rewritten back to
 //! the public port when the flow table says this very connection was steered
 //! to that worker port. A direct connection to a worker (a health check) is
-//! recorded as such on its SYN and never rewritten. Without any flow entry
-//! (evicted), a reply is rewritten when the table gives the client's band that
-//! worker port in the active or the previous slot.
+//! recorded under its own key on its SYN and never rewritten. Without any
+//! flow entry (evicted), a reply sent by a local socket is rewritten when a
+//! remembered table gives the client's band that worker port.
 //!
-//! Everything else (other ports, UDP, ICMP, fragments, malformed or truncated
-//! headers) passes untouched. Verdicts are `TC_ACT_UNSPEC` (`TCX_NEXT`): the
-//! next program or filter on the hook, if any, still runs.
+//! Both programs test a port bitmap first: packets of unrelated ports pass
+//! after one array lookup. Everything else (UDP, fragments, malformed or
+//! truncated headers) passes untouched. Verdicts are `TC_ACT_UNSPEC`
+//! (`TCX_NEXT`): the next program or filter on the hook, if any, still runs.
+//! The docs: `docs/ebpf-datapath.md`.
 
 use core::ffi::c_void;
 
@@ -679,9 +686,21 @@ fn ingress_steer(ctx: &TcContext, pkt: &Tcp) {
 }
 
 /// Steer a packet to a public port. `false` when no service has this
-/// (address, port), so that the packet can still be a direct one.
+/// (address, port), so that the packet can still be a direct one. A rare
+/// event on the way is logged once, after the decision (one call site keeps
+/// the verifier's walk short).
 #[inline(always)]
 fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
+    let mut note: Option<(Event, u16)> = None;
+    let handled = decide(ctx, pkt, &mut note);
+    if let Some((event, port)) = note {
+        log_event(ctx, event, pkt, port);
+    }
+    handled
+}
+
+#[inline(always)]
+fn decide(ctx: &TcContext, pkt: &Tcp, note: &mut Option<(Event, u16)>) -> bool {
     let flow_key = FlowKey {
         client_addr: pkt.src,
         local_addr: pkt.dst,
@@ -720,7 +739,7 @@ fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
         let port = slot_port(&service, active, low32);
         if port == 0 {
             count(Counter::TableMisses);
-            log_event(ctx, Event::TableMiss, pkt, pkt.dport);
+            *note = Some((Event::TableMiss, pkt.dport));
             return true;
         }
         match FLOWS.get_ptr_mut(flow_key) {
@@ -734,7 +753,7 @@ fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
                     if old_seq != pkt.seq {
                         if is_alive(ctx, pkt, port) {
                             count(Counter::RefusedHijacks);
-                            log_event(ctx, Event::RefusedHijack, pkt, port);
+                            *note = Some((Event::RefusedHijack, port));
                         } else {
                             // The client reuses its port for a new connection.
                             // SAFETY: as above.
@@ -744,7 +763,7 @@ fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
                     port
                 } else if old_port != 0 && is_alive(ctx, pkt, old_port) {
                     count(Counter::RefusedHijacks);
-                    log_event(ctx, Event::RefusedHijack, pkt, old_port);
+                    *note = Some((Event::RefusedHijack, old_port));
                     old_port
                 } else {
                     record_flow(&flow_key, port, &service, pkt.seq);
@@ -772,11 +791,11 @@ fn steer(ctx: &TcContext, pkt: &Tcp) -> bool {
         };
         if port == 0 {
             count(Counter::TableMisses);
-            log_event(ctx, Event::TableMiss, pkt, pkt.dport);
+            *note = Some((Event::TableMiss, pkt.dport));
             return true;
         }
         count(Counter::FlowFallbacks);
-        log_event(ctx, Event::Fallback, pkt, port);
+        *note = Some((Event::Fallback, port));
         // Re-record the flow so that the replies keep being rewritten.
         let flow = FlowValue {
             worker_port: port,
