@@ -98,6 +98,8 @@ const TCP_TIME_WAIT: u32 = 6;
 const TCP_CLOSE: u32 = 7;
 const TCP_FLAG_FIN: u8 = 0x01;
 const TCP_FLAG_RST: u8 = 0x04;
+/// `skb->pkt_type` of a frame for another host's MAC address.
+const PACKET_OTHERHOST: u32 = 3;
 /// `lo` has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 /// `port_bits` results.
@@ -405,13 +407,23 @@ fn port_bits(port: u16) -> u32 {
 /// kernel's own input route lookup decides: `bpf_fib_lookup` answers "not
 /// forwarded" for a local destination, and "forwarding disabled" when the
 /// receiving device does not route (a packet not for this host is dropped
-/// there anyway). Packets received on `lo` are local by definition.
+/// there anyway — frames for other hosts' MAC addresses, which a bridge
+/// port carries, are told apart before). Packets received on `lo` are local
+/// by definition.
 #[inline(always)]
 fn is_local_destination(ctx: &TcContext, pkt: &Tcp) -> bool {
     // SAFETY: reading a field of the program's own context.
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     if ifindex == LOOPBACK_IFINDEX {
         return true;
+    }
+    // A frame addressed to another host's MAC address (a bridge port, a
+    // device in promiscuous mode) is never delivered locally by this device:
+    // IP drops it, and a bridge passes what is for this host up through the
+    // bridge device, whose own hook sees it as the host's.
+    // SAFETY: reading a field of the program's own context.
+    if unsafe { (*ctx.skb.skb).pkt_type } == PACKET_OTHERHOST {
+        return false;
     }
     // SAFETY: bpf_fib_lookup is plain integers; all-zero is a valid value.
     let mut params: bpf_fib_lookup = unsafe { core::mem::zeroed() };

@@ -605,3 +605,84 @@ fn ebpf_forwarded_ipv6_traffic_is_never_steered() {
     }
     assert_none_wrong("IPv6 client -> forwarding host -> remote", &wrong);
 }
+
+/// A bridge with two guests on it (as on a KVM host) and IP forwarding off
+/// in the host: a wildcard cluster attached to the bridge and its ports must
+/// leave guest-to-guest traffic to port P alone (it is bridged, not routed,
+/// so the route lookup alone would say "forwarding disabled"), and still
+/// steer the guests' connections to the host.
+#[test]
+fn bridged_traffic_between_guests_is_never_steered() {
+    require_root();
+    let host = NetNs::new("kvmhost");
+    let guest1 = NetNs::new("guest1");
+    let guest2 = NetNs::new("guest2");
+    veth(&guest1, "g1", &host, "p1");
+    veth(&guest2, "g2", &host, "p2");
+    bridge(&host, "br0", &["p1", "p2"]);
+    host.ip(&["addr", "add", "10.215.0.1/24", "dev", "br0"]);
+    host.sysctl("net.ipv4.ip_forward", "0");
+    guest1.ip(&["addr", "add", "10.215.0.2/24", "dev", "g1"]);
+    guest2.ip(&["addr", "add", "10.215.0.3/24", "dev", "g2"]);
+    let ports = Ports::reserve(5);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
+    let config = SteeringConfig {
+        interfaces: Vec::new(),
+        ..test_config(&cluster_name("kvmbridge"), vec![public])
+    };
+    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    let workers = host.run(|| {
+        steering.install().expect("install on every up interface");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+                    .expect("worker")
+            })
+            .collect::<Vec<_>>()
+    });
+    let guest_server = guest2.run(|| {
+        Worker::start_on(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            public.port(),
+        ))
+        .expect("guest 2's own server")
+    });
+    let source = IpAddr::V4(Ipv4Addr::new(10, 215, 0, 2));
+    let results = guest1.run(|| {
+        let mut results = Vec::new();
+        for (what, last) in [("guest 2", 3u8), ("host", 1u8)] {
+            let target =
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 215, 0, last)), public.port());
+            for i in 0..4 {
+                let got = Conversation::open(source, target)
+                    .and_then(|mut c| c.echo(&format!("{what} {i}")).map(|()| c.worker_port()));
+                results.push((what, i, got));
+            }
+        }
+        results
+    });
+    guest2.run(|| drop(guest_server));
+    host.run(|| drop(workers));
+    let band_port = table.worker_port_for(0, source);
+    let mut wrong = Vec::new();
+    for (what, i, got) in results {
+        let expected = if what == "host" {
+            band_port
+        } else {
+            Some(public.port())
+        };
+        match got {
+            Ok(port) if Some(port) == expected => {}
+            Ok(port) => wrong.push(format!(
+                "connection {i} to {what} reached port {port}, expected {expected:?}"
+            )),
+            Err(e) => wrong.push(format!("connection {i} to {what}: {e}")),
+        }
+    }
+    assert_none_wrong("guests on a bridge of a non-forwarding host", &wrong);
+}
