@@ -14,6 +14,7 @@ use aya::{Ebpf, EbpfLoader};
 use ipcluster::steering::ebpf::{SteeringMaps, object};
 use ipcluster::steering::{SteeringTable, band_of};
 use ipcluster_common::program_names;
+use ipcluster_tests::netns::{NetNs, veth};
 use ipcluster_tests::require_root;
 
 /// `TC_ACT_UNSPEC` (tcx: `TCX_NEXT`): the programs never drop.
@@ -287,6 +288,26 @@ impl Loaded {
             .expect("BPF_PROG_TEST_RUN");
         out.truncate(result.data_size_out as usize);
         (result.return_value, out, result.duration)
+    }
+
+    /// Run `program` once on `packet` as if it arrived on interface `ifindex`
+    /// (of the calling thread's network namespace): (verdict, output packet).
+    fn run_on(&self, name: &str, packet: &[u8], ifindex: u32) -> (u32, Vec<u8>) {
+        let mut out = vec![0u8; packet.len() + 256];
+        // The head of `struct __sk_buff` up to `ifindex` (offset 40).
+        let mut ctx = [0u8; 44];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let result = self
+            .program(name)
+            .test_run(TestRunOptions {
+                data_in: Some(packet),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN with an interface");
+        out.truncate(result.data_size_out as usize);
+        (result.return_value, out)
     }
 
     fn worker_for(&self, service: usize, client: SocketAddr) -> u16 {
@@ -1002,4 +1023,90 @@ fn icmp_errors_are_translated() {
     );
     let counters = loaded.maps.counters().expect("counters");
     assert_eq!(counters.icmp_translated, 3, "{counters:?}");
+}
+
+/// Local destinations only, decided by the kernel's route lookup, checked in a
+/// namespace the test creates: a host with an address on `f0`, a route to
+/// another network behind a neighbour, forwarding on. A SYN to the wildcard
+/// service's port is steered when addressed to the host, passed when the
+/// host would forward it or when the frame is for another MAC address; with
+/// forwarding off, nothing can be forwarded through `f0` and it is steered.
+#[test]
+fn wildcard_services_steer_only_local_destinations() {
+    require_root();
+    let host = NetNs::new("fibhost");
+    let peer = NetNs::new("fibpeer");
+    veth(&host, "f0", &peer, "p0");
+    host.ip(&["addr", "add", "10.216.0.1/24", "dev", "f0"]);
+    peer.ip(&["addr", "add", "10.216.0.2/24", "dev", "p0"]);
+    host.ip(&["route", "add", "10.216.9.0/24", "via", "10.216.0.2"]);
+    host.sysctl("net.ipv4.ip_forward", "1");
+    let link = host.ip(&["-j", "link", "show", "dev", "f0"]);
+    let link: serde_json::Value = serde_json::from_slice(&link.stdout).expect("ip -j output");
+    let ifindex = link[0]["ifindex"].as_u64().expect("ifindex") as u32;
+    let mac: Vec<u8> = link[0]["address"]
+        .as_str()
+        .expect("MAC address")
+        .split(':')
+        .map(|h| u8::from_str_radix(h, 16).expect("hex"))
+        .collect();
+    let client = v4([10, 216, 0, 2], 44000);
+    let local = v4([10, 216, 0, 1], WILDCARD_PUBLIC);
+    let remote = v4([10, 216, 9, 9], WILDCARD_PUBLIC);
+    let to_host_mac = |mut frame: Vec<u8>| {
+        frame[..6].copy_from_slice(&mac);
+        frame
+    };
+    let results = host.run(|| {
+        let loaded = Loaded::new();
+        let worker = loaded.worker_for(2, client);
+        let ingress = program_names::INGRESS;
+        let mut results = Vec::new();
+        let mut check_on = |name: &str, packet: Vec<u8>, expect: Option<u16>| {
+            let (verdict, out) = loaded.run_on(ingress, &packet, ifindex);
+            let (l4, ..) = l4_of(&out);
+            let dport = u16::from_be_bytes([out[l4 + 2], out[l4 + 3]]);
+            let ok = verdict == NEXT
+                && match expect {
+                    Some(port) => dport == port && tcp_checksum_ok(&out),
+                    None => out == packet,
+                };
+            results.push(format!(
+                "{} {name} (destination port {dport})",
+                if ok { "ok  " } else { "FAIL" }
+            ));
+        };
+        check_on(
+            "SYN to the host's own address: steered",
+            to_host_mac(tcp4(client, local, SYN)),
+            Some(worker),
+        );
+        check_on(
+            "SYN the host forwards to another network: untouched",
+            to_host_mac(tcp4(client, remote, SYN)),
+            None,
+        );
+        check_on(
+            "SYN to the host's address in a frame for another MAC: untouched",
+            tcp4(client, local, SYN),
+            None,
+        );
+        let forwarded = loaded.maps.counters().expect("counters").forwarded;
+        host.sysctl("net.ipv4.ip_forward", "0");
+        check_on(
+            "forwarding off: nothing is forwarded through f0, steered",
+            to_host_mac(tcp4(v4([10, 216, 0, 2], 44001), remote, SYN)),
+            Some(loaded.worker_for(2, v4([10, 216, 0, 2], 44001))),
+        );
+        results.push(format!(
+            "{} forwarded counter {forwarded} (expected 2)",
+            if forwarded == 2 { "ok  " } else { "FAIL" }
+        ));
+        results
+    });
+    for line in &results {
+        println!("{line}");
+    }
+    let failed: Vec<&String> = results.iter().filter(|l| l.starts_with("FAIL")).collect();
+    assert!(failed.is_empty(), "failed cases:\n{failed:#?}");
 }
