@@ -686,3 +686,76 @@ fn bridged_traffic_between_guests_is_never_steered() {
     }
     assert_none_wrong("guests on a bridge of a non-forwarding host", &wrong);
 }
+
+/// The IPv6 version: the router's ICMPv6 "packet too big" (IPv6 routers never
+/// fragment) quoting the public port is translated, and a 64 KiB echo through
+/// a 1280-byte hop arrives whole.
+///
+/// KNOWN FAILURE, not yet understood: echoes above about 1.2 KB stall here and
+/// `icmp_translated` stays 0 (a 1000-byte echo passes; the same topology
+/// without steering carries 64 KiB). The ICMPv6 translation itself passes its
+/// `BPF_PROG_TEST_RUN` fixture. Run it with `--ignored` while investigating.
+#[test]
+#[ignore = "known failure under investigation: IPv6 PMTU through a steered connection stalls (see the doc comment)"]
+fn icmpv6_packet_too_big_reaches_the_worker() {
+    require_root();
+    let client = NetNs::new("mtuclient6");
+    let router = NetNs::new("mturouter6");
+    let host = NetNs::new("mtuhost6");
+    veth(&client, "c0", &router, "r0");
+    veth(&router, "r1", &host, "h0");
+    router.ip(&["link", "set", "r0", "mtu", "1280"]);
+    for (ns, dev, addr) in [
+        (&client, "c0", "fd00:214:1::2/64"),
+        (&router, "r0", "fd00:214:1::1/64"),
+        (&router, "r1", "fd00:214:2::1/64"),
+        (&host, "h0", "fd00:214:2::2/64"),
+    ] {
+        ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+    client.ip(&["-6", "route", "add", "default", "via", "fd00:214:1::1"]);
+    host.ip(&["-6", "route", "add", "default", "via", "fd00:214:2::1"]);
+    router.sysctl("net.ipv6.conf.all.forwarding", "1");
+    let ports = Ports::reserve(5);
+    let public = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), ports.get(0));
+    let config = SteeringConfig {
+        interfaces: vec!["lo".into(), "h0".into()],
+        ..test_config(&cluster_name("pmtu6"), vec![public])
+    };
+    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    let workers = host.run(|| {
+        steering.install().expect("install on h0");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(
+                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    p,
+                ))
+                .expect("worker")
+            })
+            .collect::<Vec<_>>()
+    });
+    let source: IpAddr = "fd00:214:1::2".parse().expect("address");
+    let target = SocketAddr::new("fd00:214:2::2".parse().expect("address"), public.port());
+    let big = "x".repeat(65_536);
+    let result = client.run(|| {
+        let mut conv = Conversation::open(source, target)?;
+        conv.echo(&big).map(|()| conv.worker_port())
+    });
+    let steering = &mut steering;
+    let counters = host.run(move || steering.counters().expect("counters"));
+    host.run(|| drop(workers));
+    match result {
+        Ok(port) => assert_eq!(Some(port), table.worker_port_for(0, source)),
+        Err(e) => panic!("a 64 KiB echo through a 1280-byte IPv6 hop failed: {e} ({counters:?})"),
+    }
+    assert!(
+        counters.icmp_translated > 0,
+        "no ICMPv6 error was translated: {counters:?}"
+    );
+}
