@@ -10,7 +10,7 @@
 
 /// Bumped whenever a map's key, value, size or meaning changes. A master that
 /// finds pinned maps of another layout refuses to reuse them.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// How many (address, public port) services one cluster can steer.
 pub const MAX_SERVICES: u32 = 16;
@@ -22,6 +22,21 @@ pub const SLOTS: u32 = 2;
 pub const STEERING_ENTRIES: u32 = SLOTS * MAX_SERVICES * MAX_BANDS;
 /// Worker ports the egress side may have to rewrite: every port of both slots.
 pub const MAX_WORKER_PORTS: u32 = STEERING_ENTRIES;
+/// Tables remembered for the evicted-flow fallback: the last `HISTORY`
+/// published tables, newest first, so that a connection whose flow entry was
+/// evicted finds its worker among every generation still running (as long as
+/// it was in one of the last `HISTORY` tables), not only in the two slots.
+pub const HISTORY: u32 = 8;
+/// Entries of the `history` array: `HISTORY × MAX_SERVICES × MAX_BANDS` worker ports.
+pub const HISTORY_ENTRIES: u32 = HISTORY * MAX_SERVICES * MAX_BANDS;
+/// Entries of the `history_shapes` array: `HISTORY × MAX_SERVICES` band shapes.
+pub const HISTORY_SHAPE_ENTRIES: u32 = HISTORY * MAX_SERVICES;
+/// Index of the publish count in the `active` array (entry 0 is the active
+/// slot): the newest table of `history` is at `(count - 1) % HISTORY`.
+pub const ACTIVE_PUBLISHED: u32 = 1;
+/// Entries of the `active` array.
+pub const ACTIVE_ENTRIES: u32 = 2;
+
 /// Default size of the LRU flow table (entries).
 pub const DEFAULT_FLOW_ENTRIES: u32 = 262_144;
 
@@ -40,8 +55,11 @@ pub mod map_names {
     pub const FLOWS: &str = "flows";
     pub const WORKER_PORTS: &str = "worker_ports";
     pub const COUNTERS: &str = "counters";
+    pub const PORTS: &str = "ports";
+    pub const HISTORY: &str = "history";
+    pub const HISTORY_SHAPES: &str = "history_shapes";
     /// Every pinned map, in the order they are checked when a master re-opens.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 10] = [
         META,
         SERVICES,
         STEERING,
@@ -49,6 +67,9 @@ pub mod map_names {
         FLOWS,
         WORKER_PORTS,
         COUNTERS,
+        PORTS,
+        HISTORY,
+        HISTORY_SHAPES,
     ];
 }
 
@@ -108,6 +129,28 @@ pub mod sk_lookup {
     }
 }
 
+/// The `ports` array is a bitmap per kind of port, 32 ports per entry:
+/// entry `kind * PORT_WORDS + port / 32`, bit `port % 32`. It lets both
+/// programs pass a packet of an unrelated port after one array lookup,
+/// before any hash lookup. A set bit only means "look further": bits may
+/// stay set after a port stops being used.
+pub const PORT_WORDS: u32 = 65_536 / 32;
+/// Port kind of the `ports` bitmap: a public port of some service.
+pub const PORT_KIND_PUBLIC: u32 = 0;
+/// Port kind of the `ports` bitmap: a worker port (in `worker_ports`).
+pub const PORT_KIND_WORKER: u32 = 1;
+/// Entries of the `ports` array.
+pub const PORT_ENTRIES: u32 = 2 * PORT_WORDS;
+
+/// Index and bit of `port` of `kind` in the `ports` bitmap.
+#[inline(always)]
+pub const fn port_bit(kind: u32, port: u16) -> (u32, u32) {
+    (
+        kind * PORT_WORDS + (port as u32) / 32,
+        1u32 << ((port as u32) % 32),
+    )
+}
+
 /// Index of the only entry of the `meta` array.
 pub const META_INDEX: u32 = 0;
 
@@ -155,16 +198,26 @@ pub struct ServiceValue {
     pub shapes: [BandShape; SLOTS as usize],
 }
 
+/// Index into the `history` array (`slot` is the history position here).
+#[inline(always)]
+pub const fn history_index(position: u32, service: u32, band: u32) -> u32 {
+    (position * MAX_SERVICES + service) * MAX_BANDS + band
+}
+
 /// Index into the `steering` array (value: the worker port as `u32`, 0 when empty).
 #[inline(always)]
 pub const fn steering_index(slot: u32, service: u32, band: u32) -> u32 {
     (slot * MAX_SERVICES + service) * MAX_BANDS + band
 }
 
-/// Key of the `flows` LRU hash: one entry per steered connection, named by
-/// both of its ends as seen by the server (client address and port, the local
-/// address it connected to and the public port), so that the egress side can
-/// build the same key from a reply without knowing the service index.
+/// Key of the `flows` LRU hash: one entry per connection, named by both of its
+/// ends as the client addressed them (client address and port, the local
+/// address and the port it connected to), so that the egress side can build the
+/// same key from a reply without knowing the service index.
+///
+/// A steered connection's key holds the public port; a direct connection to a
+/// worker port (a health check) is keyed by that worker port. Public and worker
+/// ports never coincide, so the two kinds cannot overwrite each other.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FlowKey {
@@ -180,9 +233,14 @@ pub struct FlowKey {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FlowValue {
+    /// The worker port of a steered connection; 0 for a direct connection.
     pub worker_port: u16,
     /// The service index (for `bpftool map dump` readers; not used to steer).
     pub service: u16,
+    /// Sequence number of the SYN that created the entry (network order as
+    /// read): the same SYN seen again on a second attached device (a bridge
+    /// over its port) is recognised and changes nothing.
+    pub syn_seq: u32,
 }
 
 /// Value of the `worker_ports` hash (key: the worker port as `u32`): which
@@ -213,10 +271,19 @@ pub enum Counter {
     /// Non-SYN packets of a service with no flow entry (evicted or pre-existing),
     /// steered by the fallback rule.
     FlowFallbacks = 6,
+    /// SYNs that would have replaced the flow entry of a connection still
+    /// alive in the socket table (forged or stray), kept on the old worker.
+    RefusedHijacks = 7,
+    /// SYNs (and flow-less packets) to a wildcard service that the routing
+    /// table forwards elsewhere: passed untouched.
+    Forwarded = 8,
+    /// ICMP / ICMPv6 errors quoting a steered connection's packet whose quoted
+    /// TCP source port was put back to the worker port (path-MTU discovery).
+    IcmpTranslated = 9,
 }
 
 /// Number of entries of the `counters` array.
-pub const COUNTER_COUNT: u32 = 7;
+pub const COUNTER_COUNT: u32 = 10;
 
 impl Counter {
     pub const ALL: [Counter; COUNTER_COUNT as usize] = [
@@ -227,6 +294,9 @@ impl Counter {
         Counter::EgressRewrites,
         Counter::Passed,
         Counter::FlowFallbacks,
+        Counter::RefusedHijacks,
+        Counter::Forwarded,
+        Counter::IcmpTranslated,
     ];
 
     /// The name used in logs and in `status --json`.
@@ -239,6 +309,9 @@ impl Counter {
             Counter::EgressRewrites => "egress_rewrites",
             Counter::Passed => "passed",
             Counter::FlowFallbacks => "flow_fallbacks",
+            Counter::RefusedHijacks => "refused_hijacks",
+            Counter::Forwarded => "forwarded",
+            Counter::IcmpTranslated => "icmp_translated",
         }
     }
 }
@@ -300,9 +373,10 @@ mod tests {
         assert_eq!(offset_of!(FlowKey, family), 36);
         assert_eq!(offset_of!(FlowKey, _pad), 38);
 
-        assert_eq!(size_of::<FlowValue>(), 4);
+        assert_eq!(size_of::<FlowValue>(), 8);
         assert_eq!(offset_of!(FlowValue, worker_port), 0);
         assert_eq!(offset_of!(FlowValue, service), 2);
+        assert_eq!(offset_of!(FlowValue, syn_seq), 4);
 
         assert_eq!(size_of::<WorkerPortValue>(), 4);
         assert_eq!(offset_of!(WorkerPortValue, service), 0);
@@ -318,6 +392,21 @@ mod tests {
         assert_eq!(
             steering_index(SLOTS - 1, MAX_SERVICES - 1, MAX_BANDS - 1),
             STEERING_ENTRIES - 1
+        );
+    }
+
+    #[test]
+    fn port_bits_cover_both_kinds_without_overlap() {
+        assert_eq!(port_bit(PORT_KIND_PUBLIC, 0), (0, 1));
+        assert_eq!(port_bit(PORT_KIND_PUBLIC, 33), (1, 2));
+        assert_eq!(
+            port_bit(PORT_KIND_PUBLIC, u16::MAX),
+            (PORT_WORDS - 1, 1 << 31)
+        );
+        assert_eq!(port_bit(PORT_KIND_WORKER, 0), (PORT_WORDS, 1));
+        assert_eq!(
+            port_bit(PORT_KIND_WORKER, u16::MAX),
+            (PORT_ENTRIES - 1, 1 << 31)
         );
     }
 

@@ -90,7 +90,9 @@ fn steer(ctx: &SkLookupContext) {
     }
     // SAFETY: as above; the local port is in host byte order.
     let port = unsafe { read_volatile(&(*l).local_port) } as u16;
-    let Some(service) = find_service(family, local, port) else {
+    // A wildcard service needs no local-destination check here: the kernel
+    // runs sk_lookup only for packets it delivers to this host.
+    let Some((service, _)) = find_service(family, local, port) else {
         return;
     };
     let low = low32(family, &remote);

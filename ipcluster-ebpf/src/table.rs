@@ -9,8 +9,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use ipcluster_common::{
-    FAMILY_V4, FAMILY_V6, MAX_BANDS, MAX_SERVICES, Meta, SLOTS, STEERING_ENTRIES, ServiceKey,
-    ServiceValue, steering_index,
+    ACTIVE_ENTRIES, FAMILY_V4, FAMILY_V6, MAX_BANDS, MAX_SERVICES, Meta, SLOTS, STEERING_ENTRIES,
+    ServiceKey, ServiceValue, steering_index,
 };
 
 #[btf_map(name = "meta")]
@@ -19,8 +19,10 @@ pub static META: Array<Meta, 1> = Array::new();
 pub static SERVICES: HashMap<ServiceKey, ServiceValue, { MAX_SERVICES as usize }> = HashMap::new();
 #[btf_map(name = "steering")]
 pub static STEERING: Array<u32, { STEERING_ENTRIES as usize }> = Array::new();
+/// Entry 0: the active slot; entry `ACTIVE_PUBLISHED`: tables published so
+/// far (the tc programs find the newest remembered table with it).
 #[btf_map(name = "active")]
-pub static ACTIVE: Array<u32, 1> = Array::new();
+pub static ACTIVE: Array<u32, { ACTIVE_ENTRIES as usize }> = Array::new();
 
 /// The slot the programs read now (0 or 1).
 #[inline(always)]
@@ -43,24 +45,26 @@ pub fn low32(family: u16, addr: &[u8; 16]) -> u32 {
 
 /// The service a connection to (`addr`, `port`) belongs to: the exact
 /// (address, port) entry, else the wildcard of its family, else (IPv4) the
-/// IPv6 wildcard, which a dual-stack `[::]` listener also serves.
+/// IPv6 wildcard, which a dual-stack `[::]` listener also serves. The flag is
+/// true when a wildcard entry matched (the destination address was not
+/// checked against the host's own addresses).
 #[inline(always)]
-pub fn find_service(family: u16, addr: [u8; 16], port: u16) -> Option<ServiceValue> {
+pub fn find_service(family: u16, addr: [u8; 16], port: u16) -> Option<(ServiceValue, bool)> {
     let mut key = ServiceKey { addr, port, family };
     if let Some(v) = SERVICES.get_ptr(key) {
         // SAFETY: a valid map value pointer; we copy it out.
-        return Some(unsafe { *v });
+        return Some((unsafe { *v }, false));
     }
     key.addr = [0; 16];
     if let Some(v) = SERVICES.get_ptr(key) {
         // SAFETY: as above.
-        return Some(unsafe { *v });
+        return Some((unsafe { *v }, true));
     }
     if family == FAMILY_V4 {
         key.family = FAMILY_V6;
         if let Some(v) = SERVICES.get_ptr(key) {
             // SAFETY: as above.
-            return Some(unsafe { *v });
+            return Some((unsafe { *v }, true));
         }
     }
     None

@@ -188,6 +188,12 @@ pub struct RunArgs {
     #[arg(long)]
     pub detach: bool,
 
+    /// Forward the tc programs' records of rare events (a SYN refused because it would take
+    /// over a live connection, a table miss, an evicted-flow fallback, an ICMP error
+    /// translated) into the master's log (ebpf backend).
+    #[arg(long)]
+    pub ebpf_log: bool,
+
     /// The worker command and its arguments; `{port}` and `{band}` are replaced. Without it, the
     /// built-in demo HTTP worker runs.
     #[arg(last = true, value_name = "CMD ARGS")]

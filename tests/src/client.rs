@@ -63,6 +63,11 @@ impl Conversation {
         self.source
     }
 
+    /// The client's own end of the connection (address and port).
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.writer.local_addr()
+    }
+
     /// The port of the worker that answered (from its greeting).
     pub fn worker_port(&self) -> u16 {
         self.worker_port

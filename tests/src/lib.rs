@@ -14,6 +14,8 @@
 //! - [`netns`]: network namespaces (test hosts) joined by veth pairs, removed on drop.
 //! - [`multihost`]: clients, a router and two hosts each running a master, in
 //!   network namespaces (ECMP or a low-bit split in front).
+//! - [`tun`]: an L3 point-to-point link of two tun devices between namespaces.
+//! - [`raw`]: hand-made TCP segments (forged SYNs) sent through a raw socket.
 //! - [`conformance`]: the backend-agnostic steering suite, run by
 //!   `tests/conformance_<backend>.rs`.
 
@@ -24,7 +26,9 @@ pub mod conformance;
 pub mod guard;
 pub mod multihost;
 pub mod netns;
+pub mod raw;
 pub mod reload;
+pub mod tun;
 pub mod unique;
 pub mod worker;
 

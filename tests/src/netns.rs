@@ -154,6 +154,16 @@ pub fn veth(a: &NetNs, a_if: &str, b: &NetNs, b_if: &str) {
     b.ip(&["link", "set", b_if, "up"]);
 }
 
+/// Create bridge `bridge` inside `ns`, enslave `ports` (interfaces already in
+/// `ns`) to it, and bring it up. The bridge goes away with the namespace.
+pub fn bridge(ns: &NetNs, bridge: &str, ports: &[&str]) {
+    ns.ip(&["link", "add", bridge, "type", "bridge"]);
+    for port in ports {
+        ns.ip(&["link", "set", port, "master", bridge]);
+    }
+    ns.ip(&["link", "set", bridge, "up"]);
+}
+
 /// Run `cmd`, panic with its stderr unless it succeeds.
 pub fn run_ok(cmd: &mut Command) -> Output {
     let out = cmd

@@ -120,6 +120,7 @@ struct Config {
     band_shift: u8,
     interfaces: Vec<String>,
     flow_entries: u32,
+    ebpf_log: bool,
     command: WorkerCommand,
     run_as: Option<RunAs>,
     policy: PolicySettings,
@@ -167,6 +168,7 @@ impl Config {
             band_shift: args.band_shift,
             interfaces: args.iface.clone(),
             flow_entries: args.flow_entries,
+            ebpf_log: args.ebpf_log,
             command,
             run_as,
             policy: PolicySettings::from_run_args(args),
@@ -443,6 +445,7 @@ impl Master {
         }
 
         // Step 3: the steering state, and the table in force.
+        steering::ebpf::set_kernel_log(cfg.ebpf_log);
         let mut steering = steering::backend(cfg.backend, cfg.steering_config())
             .with_context(|| format!("creating the {} steering backend", cfg.backend))?;
         let fresh = previous_state.is_none() && found.is_empty() && !replaced_master;
@@ -760,6 +763,7 @@ impl Master {
     // ---- spawning and readiness -------------------------------------------------
 
     fn on_tick(&mut self) {
+        self.steering.poll_kernel_log();
         let now = Instant::now();
         self.spawn_due(now);
         self.check_starting(now);

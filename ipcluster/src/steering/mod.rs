@@ -77,6 +77,15 @@ pub struct Counters {
     /// sk-lookup: new connections to a service whose band had no socket at all.
     #[serde(default)]
     pub misses: u64,
+    /// SYNs refused because they would have taken over a live connection (ebpf).
+    #[serde(default)]
+    pub refused_hijacks: u64,
+    /// Packets to a wildcard service that the host forwards elsewhere (ebpf).
+    #[serde(default)]
+    pub forwarded: u64,
+    /// ICMP errors about steered connections translated for the worker (ebpf).
+    #[serde(default)]
+    pub icmp_translated: u64,
 }
 
 /// Errors of the steering backends.
@@ -188,6 +197,10 @@ pub trait Steering: Send {
 
     /// Remove everything this cluster installed (links, programs, pins, rules).
     fn teardown(&mut self) -> Result<(), SteeringError>;
+
+    /// Forward what the kernel side logged since the last call into this
+    /// process's log (the ebpf backend with `--ebpf-log`); cheap, called often.
+    fn poll_kernel_log(&mut self) {}
 
     /// Make sure new connections for `listener.port` can reach the worker's
     /// own listening socket. Only backends that hand connections to the

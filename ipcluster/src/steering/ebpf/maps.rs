@@ -11,10 +11,11 @@ use std::path::Path;
 
 use aya::Ebpf;
 use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use ipcluster_common::{ACTIVE_PUBLISHED, HISTORY, history_index};
 use ipcluster_common::{
     BandShape, COUNTER_COUNT, Counter, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, MAX_BANDS,
-    MAX_SERVICES, MAX_WORKER_PORTS, META_INDEX, Meta, ServiceKey, ServiceValue, WorkerPortValue,
-    map_names, steering_index,
+    MAX_SERVICES, MAX_WORKER_PORTS, META_INDEX, Meta, PORT_KIND_PUBLIC, PORT_KIND_WORKER,
+    ServiceKey, ServiceValue, WorkerPortValue, map_names, port_bit, steering_index,
 };
 
 use super::bpf_error;
@@ -35,6 +36,9 @@ struct TcMaps {
     flows: HashMap<MapData, FlowKey, FlowValue>,
     worker_ports: HashMap<MapData, u32, WorkerPortValue>,
     counters: PerCpuArray<MapData, u64>,
+    ports: Array<MapData, u32>,
+    history: Array<MapData, u32>,
+    history_shapes: Array<MapData, BandShape>,
 }
 
 fn map_err(what: impl Into<String>) -> impl FnOnce(MapError) -> SteeringError {
@@ -109,6 +113,12 @@ impl SteeringMaps {
                         .map_err(typed(map_names::WORKER_PORTS))?,
                     counters: PerCpuArray::try_from(take(map_names::COUNTERS)?)
                         .map_err(typed(map_names::COUNTERS))?,
+                    ports: Array::try_from(take(map_names::PORTS)?)
+                        .map_err(typed(map_names::PORTS))?,
+                    history: Array::try_from(take(map_names::HISTORY)?)
+                        .map_err(typed(map_names::HISTORY))?,
+                    history_shapes: Array::try_from(take(map_names::HISTORY_SHAPES)?)
+                        .map_err(typed(map_names::HISTORY_SHAPES))?,
                 })
             } else {
                 None
@@ -278,6 +288,16 @@ impl SteeringMaps {
                 .map_err(map_err(format!("removing stale service {key:?}")))?;
         }
 
+        // The port bitmap first (tc maps): a set bit only sends packets on to
+        // the lookups below, which decide.
+        if let Some(tc) = &mut self.tc {
+            for route in &table.services {
+                tc.mark_port(PORT_KIND_PUBLIC, route.listen.port())?;
+                for &port in &route.worker_ports {
+                    tc.mark_port(PORT_KIND_WORKER, port)?;
+                }
+            }
+        }
         // The idle slot: worker ports first, then the worker-port index, then
         // the band shapes; nothing here is read before the flip.
         for (route, value) in table.services.iter().zip(&values) {
@@ -337,10 +357,33 @@ impl SteeringMaps {
                 .map_err(map_err(format!("clearing the idle slot of {key:?}")))?;
         }
 
+        self.remember(table, &values)?;
+
         // The flip: one 4-byte write switches every band at once.
         self.active
             .set(0, idle, 0)
             .map_err(map_err("flipping the active slot"))
+    }
+
+    /// Count `table` as published (entry [`ACTIVE_PUBLISHED`] of `active`,
+    /// kept by every backend) and, with the tc maps, write it as the newest
+    /// remembered table first (the evicted-flow fallback looks for a
+    /// connection's worker in every one of them).
+    fn remember(
+        &mut self,
+        table: &SteeringTable,
+        values: &[ServiceValue],
+    ) -> Result<(), SteeringError> {
+        let published = self
+            .active
+            .get(&ACTIVE_PUBLISHED, 0)
+            .map_err(map_err("reading the publish count"))?;
+        if let Some(tc) = &mut self.tc {
+            tc.remember(published % HISTORY, table, values)?;
+        }
+        self.active
+            .set(ACTIVE_PUBLISHED, published.wrapping_add(1), 0)
+            .map_err(map_err("counting the publish"))
     }
 
     /// Every worker port either slot of the table uses.
@@ -385,6 +428,9 @@ impl SteeringMaps {
             egress_rewrites: sums[Counter::EgressRewrites as usize],
             passed: sums[Counter::Passed as usize],
             flow_fallbacks: sums[Counter::FlowFallbacks as usize],
+            refused_hijacks: sums[Counter::RefusedHijacks as usize],
+            forwarded: sums[Counter::Forwarded as usize],
+            icmp_translated: sums[Counter::IcmpTranslated as usize],
             ..Counters::default()
         })
     }
@@ -422,6 +468,55 @@ impl TcMaps {
             // Gone already is fine: only the map's size matters here.
             let _ = self.worker_ports.remove(port);
         }
+    }
+
+    /// Write `table` at `position` of the `history` maps.
+    fn remember(
+        &mut self,
+        position: u32,
+        table: &SteeringTable,
+        values: &[ServiceValue],
+    ) -> Result<(), SteeringError> {
+        let mut shapes = [BandShape::default(); MAX_SERVICES as usize];
+        for (position_in_table, (route, value)) in table.services.iter().zip(values).enumerate() {
+            for (band, &port) in route.worker_ports.iter().enumerate() {
+                let index = history_index(position, value.index, band as u32);
+                self.history
+                    .set(index, u32::from(port), 0)
+                    .map_err(map_err(format!("writing history entry {index}")))?;
+            }
+            if let Some(shape) = shapes.get_mut(value.index as usize) {
+                *shape = BandShape {
+                    band_mask: route.worker_ports.len() as u32 - 1,
+                    band_shift: u32::from(table.band_shift),
+                    present: 1,
+                    position: position_in_table as u32,
+                };
+            }
+        }
+        for (index, shape) in shapes.iter().enumerate() {
+            let at = position * MAX_SERVICES + index as u32;
+            self.history_shapes
+                .set(at, *shape, 0)
+                .map_err(map_err(format!("writing history shape {at}")))?;
+        }
+        Ok(())
+    }
+
+    /// Set the bit of `port` of `kind` in the `ports` bitmap (bits are never
+    /// cleared: a stale bit costs a hash lookup, a missing one a connection).
+    fn mark_port(&mut self, kind: u32, port: u16) -> Result<(), SteeringError> {
+        let (index, bit) = port_bit(kind, port);
+        let word = self
+            .ports
+            .get(&index, 0)
+            .map_err(map_err(format!("reading the port bitmap entry {index}")))?;
+        if word & bit == 0 {
+            self.ports
+                .set(index, word | bit, 0)
+                .map_err(map_err(format!("writing the port bitmap entry {index}")))?;
+        }
+        Ok(())
     }
 }
 

@@ -14,6 +14,7 @@ pub mod maps;
 pub mod pins;
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use aya::{Ebpf, EbpfLoader};
 use ipcluster_common::{LAYOUT_VERSION, Meta, map_names};
@@ -44,10 +45,53 @@ pub(crate) fn bpf_error(
     }
 }
 
+/// Whether the programs loaded by this process log their rare events
+/// (refused take-overs, table misses, evicted-flow fallbacks, ICMP
+/// translations) through aya-log (`--ebpf-log`). Off: the programs' log
+/// level is patched to nothing at load.
+static KERNEL_LOG: AtomicBool = AtomicBool::new(false);
+
+/// Turn the kernel-side log on or off for programs loaded from now on.
+pub fn set_kernel_log(enabled: bool) {
+    KERNEL_LOG.store(enabled, Ordering::Relaxed);
+}
+
+/// The aya-log level the programs get: debug when the log is on, off otherwise.
+fn kernel_log_level() -> u8 {
+    if KERNEL_LOG.load(Ordering::Relaxed) {
+        4 // aya_log_common::Level::Debug
+    } else {
+        0
+    }
+}
+
+/// The name of the global variable that holds the programs' aya-log level.
+const LOG_LEVEL_GLOBAL: &str = "AYA_LOG_LEVEL";
+
+/// A reader of the programs' log records, when `--ebpf-log` is on.
+type KernelLogger = aya_log::EbpfLogger<&'static dyn log::Log>;
+
+/// Start reading the log of `ebpf`'s programs (before they are loaded: the
+/// reader owns the log map they refer to, so it must outlive their loading).
+fn kernel_logger(ebpf: &mut Ebpf) -> Option<KernelLogger> {
+    if !KERNEL_LOG.load(Ordering::Relaxed) {
+        return None;
+    }
+    match aya_log::EbpfLogger::init(ebpf) {
+        Ok(logger) => Some(logger),
+        Err(e) => {
+            log::warn!("--ebpf-log: cannot read the programs' log: {e}");
+            None
+        }
+    }
+}
+
 /// Load the object against the maps pinned (or to be pinned) in `dir`; the
 /// flow table gets `flow_entries` entries when it is created.
 pub fn load_object(dir: &Path, flow_entries: u32) -> Result<Ebpf, SteeringError> {
     let mut loader = EbpfLoader::new();
+    let level = kernel_log_level();
+    loader.override_global(LOG_LEVEL_GLOBAL, &level, false);
     let paths: Vec<(&'static str, PathBuf)> = map_names::ALL
         .iter()
         .map(|name| (*name, dir.join(name)))
@@ -73,6 +117,7 @@ pub struct EbpfSteering {
     dir: PathBuf,
     mode: AttachMode,
     maps: Option<SteeringMaps>,
+    logger: Option<KernelLogger>,
 }
 
 impl EbpfSteering {
@@ -90,6 +135,7 @@ impl EbpfSteering {
             dir,
             mode: AttachMode::for_this_kernel(),
             maps: None,
+            logger: None,
         })
     }
 
@@ -150,6 +196,7 @@ impl EbpfSteering {
         let tmp = pins::temporary_dir(&root, &self.config.cluster)?;
         let built = (|| {
             let mut ebpf = load_object(&tmp, self.config.flow_entries)?;
+            self.logger = kernel_logger(&mut ebpf);
             let mut maps = SteeringMaps::take_from(&mut ebpf)?;
             maps.write_meta(Meta {
                 layout_version: LAYOUT_VERSION,
@@ -190,6 +237,7 @@ impl EbpfSteering {
             );
         }
         let mut ebpf = load_object(&self.dir, meta.flow_entries)?;
+        self.logger = kernel_logger(&mut ebpf);
         let maps = SteeringMaps::take_from(&mut ebpf)?;
         attach::attach_all(&mut ebpf, &self.dir, interfaces, self.mode)?;
         self.maps = Some(maps);
@@ -265,8 +313,15 @@ impl Steering for EbpfSteering {
         }
     }
 
+    fn poll_kernel_log(&mut self) {
+        if let Some(logger) = &mut self.logger {
+            logger.flush();
+        }
+    }
+
     fn teardown(&mut self) -> Result<(), SteeringError> {
         self.maps = None;
+        self.logger = None;
         // Works whatever the layout: this is how incompatible state is removed.
         attach::detach_all(&self.dir)?;
         pins::remove_folder(&self.dir)?;

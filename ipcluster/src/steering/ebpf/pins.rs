@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapData, MapType};
 use ipcluster_common::{
-    FlowKey, FlowValue, LAYOUT_VERSION, META_INDEX, Meta, ServiceKey, ServiceValue,
+    BandShape, FlowKey, FlowValue, LAYOUT_VERSION, META_INDEX, Meta, ServiceKey, ServiceValue,
     WorkerPortValue, map_names,
 };
 use nix::mount::{MsFlags, mount};
@@ -88,7 +88,7 @@ pub type MapShape = (&'static str, MapType, usize, usize);
 /// The expected kernel shape of each pinned map: (name, type, key size, value
 /// size). The first four (`meta`, `services`, `steering`, `active`) are the
 /// steering table, which the sk-lookup backend pins too.
-pub fn expected_maps() -> [MapShape; 7] {
+pub fn expected_maps() -> [MapShape; 10] {
     use std::mem::size_of;
     [
         (map_names::META, MapType::Array, 4, size_of::<Meta>()),
@@ -113,6 +113,14 @@ pub fn expected_maps() -> [MapShape; 7] {
             size_of::<WorkerPortValue>(),
         ),
         (map_names::COUNTERS, MapType::PerCpuArray, 4, 8),
+        (map_names::PORTS, MapType::Array, 4, 4),
+        (map_names::HISTORY, MapType::Array, 4, 4),
+        (
+            map_names::HISTORY_SHAPES,
+            MapType::Array,
+            4,
+            size_of::<BandShape>(),
+        ),
     ]
 }
 

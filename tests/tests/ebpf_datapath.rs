@@ -1,0 +1,688 @@
+//! What the tc data path guarantees on real sockets: forged SYNs do not take
+//! over live connections (before and right after a generation flip), and a
+//! wildcard service steers only connections to this host, never traffic the
+//! host forwards (client namespace → forwarding namespace running the
+//! cluster → remote namespace with its own server on the public port).
+//! Run as root: `cargo test -p ipcluster-tests --test ebpf_datapath -- --test-threads=1`
+
+mod ebpf_support;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use ebpf_support::ebpf;
+use ipcluster::steering::{BackendKind, Steering, SteeringConfig, SteeringTable, backend};
+use ipcluster_tests::client::{Conversation, connect_from};
+use ipcluster_tests::cluster::{Cluster, ClusterSpec};
+use ipcluster_tests::conformance::{assert_none_wrong, teardown_guard, test_config};
+use ipcluster_tests::guard::defer;
+use ipcluster_tests::netns::{NetNs, bridge, veth};
+use ipcluster_tests::raw::{self, FIN, RST, SYN};
+use ipcluster_tests::tun::TunLink;
+use ipcluster_tests::unique::{Ports, cluster_name};
+use ipcluster_tests::worker::Worker;
+use ipcluster_tests::{loopback_clients, require_root};
+
+/// Forge, for every open connection, a SYN with its client address and port
+/// to the public port and to the worker port it lives on (plus SYN|RST and
+/// SYN|FIN to the public port); then every connection must still echo on its
+/// own worker. Returns what went wrong.
+fn forge_and_check(open: &mut [Conversation], public: SocketAddr, round: &str) -> Vec<String> {
+    let mut errors = Vec::new();
+    for conv in open.iter() {
+        let client = conv.local_addr().expect("client address");
+        let worker = SocketAddr::new(public.ip(), conv.worker_port());
+        // A sequence number far from the connection's own.
+        let seq = 0x5eed_0000 ^ u32::from(client.port());
+        for (target, flags) in [
+            (public, SYN),
+            (worker, SYN),
+            (public, SYN | RST),
+            (public, SYN | FIN),
+        ] {
+            if let Err(e) = raw::send_tcp(client, target, flags, seq) {
+                errors.push(format!("forging {flags:#x} {client} -> {target}: {e}"));
+            }
+        }
+    }
+    // Let the challenge ACKs and anything a broken flow would cause arrive.
+    std::thread::sleep(Duration::from_millis(100));
+    for conv in open.iter_mut() {
+        if let Err(e) = conv.echo(&format!("{round} from {}", conv.source())) {
+            errors.push(format!(
+                "{} after forged SYNs ({round}): {e}",
+                conv.source()
+            ));
+        }
+    }
+    errors
+}
+
+#[test]
+fn forged_syns_do_not_take_over_live_connections() {
+    require_root();
+    let ports = Ports::reserve(9);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.get(0));
+    let config = test_config(&cluster_name("hijack"), vec![public]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    steering.install().expect("install");
+    let old = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+    let new = SteeringTable::uniform(&[public], 0, &[ports.slice(5..9)]);
+    let _workers = Worker::start_all(ports.slice(1..9).as_slice()).expect("workers");
+    steering.publish(&old).expect("publish generation 1");
+
+    let mut open: Vec<Conversation> = loopback_clients(16)
+        .into_iter()
+        .map(|c| Conversation::open(c, public).expect("open a connection"))
+        .collect();
+    let before = steering.counters().expect("counters");
+    assert_none_wrong(
+        "connections under forged SYNs",
+        &forge_and_check(&mut open, public, "before the flip"),
+    );
+    steering.publish(&new).expect("publish generation 2");
+    assert_none_wrong(
+        "connections under forged SYNs right after a flip",
+        &forge_and_check(&mut open, public, "after the flip"),
+    );
+    for conv in &open {
+        assert_eq!(
+            Some(conv.worker_port()),
+            old.worker_port_for(0, conv.source()),
+            "{} moved",
+            conv.source()
+        );
+    }
+    let after = steering.counters().expect("counters");
+    // Every forged SYN (to the public port and to the worker port, before and
+    // after the flip) reuses a live connection's addresses: 16 × 2 × 2.
+    // SYN|RST and SYN|FIN are no new connections and are not counted.
+    let refused = after.refused_hijacks - before.refused_hijacks;
+    assert_eq!(refused, 64, "refused take-overs: {after:?}");
+}
+
+/// A three-host topology: client (10.211.1.2) — host (10.211.1.1 | 10.211.2.1,
+/// forwarding) — remote (10.211.2.2).
+struct Topology {
+    client: NetNs,
+    host: NetNs,
+    remote: NetNs,
+}
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 211, 1, 2);
+const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 211, 1, 1);
+const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 211, 2, 2);
+
+impl Topology {
+    fn new() -> Topology {
+        let client = NetNs::new("client");
+        let host = NetNs::new("fwdhost");
+        let remote = NetNs::new("remote");
+        veth(&client, "c0", &host, "h0");
+        veth(&host, "h1", &remote, "r0");
+        client.ip(&["addr", "add", "10.211.1.2/24", "dev", "c0"]);
+        client.ip(&["route", "add", "default", "via", "10.211.1.1"]);
+        host.ip(&["addr", "add", "10.211.1.1/24", "dev", "h0"]);
+        host.ip(&["addr", "add", "10.211.2.1/24", "dev", "h1"]);
+        host.sysctl("net.ipv4.ip_forward", "1");
+        remote.ip(&["addr", "add", "10.211.2.2/24", "dev", "r0"]);
+        remote.ip(&["route", "add", "default", "via", "10.211.2.1"]);
+        Topology {
+            client,
+            host,
+            remote,
+        }
+    }
+}
+
+fn forwarded_traffic_is_never_steered(kind: BackendKind) {
+    require_root();
+    let net = Topology::new();
+    let ports = Ports::reserve(5);
+    let public_port = ports.get(0);
+    let wildcard = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public_port);
+    let config = SteeringConfig {
+        interfaces: Vec::new(),
+        ..test_config(&cluster_name("forwarding"), vec![wildcard])
+    };
+    let table = SteeringTable::uniform(&[wildcard], 0, &[ports.slice(1..5)]);
+    let mut steering: Box<dyn Steering> = backend(kind, config.clone()).expect("backend");
+    // Torn down inside the host namespace (iptables rules live there).
+    let _teardown = defer(|| {
+        net.host.run(|| {
+            if let Err(e) = backend(kind, config.clone()).and_then(|mut b| b.teardown()) {
+                eprintln!("cleanup of {}: {e}", config.cluster);
+            }
+        })
+    });
+    let workers = net.host.run(|| {
+        steering.install().expect("install in the host namespace");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+                    .expect("worker in the host namespace")
+            })
+            .collect::<Vec<_>>()
+    });
+    let remote_server = net.remote.run(|| {
+        Worker::start_on(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            public_port,
+        ))
+        .expect("the remote's own server")
+    });
+
+    let (to_remote, to_host) = net.client.run(|| {
+        let client = IpAddr::V4(CLIENT_IP);
+        let mut to_remote = Vec::new();
+        let mut to_host = Vec::new();
+        for i in 0..8 {
+            to_remote.push(
+                Conversation::open(client, SocketAddr::new(IpAddr::V4(REMOTE_IP), public_port))
+                    .and_then(|mut c| c.echo(&format!("remote {i}")).map(|()| c.worker_port())),
+            );
+            to_host.push(
+                Conversation::open(client, SocketAddr::new(IpAddr::V4(HOST_IP), public_port))
+                    .and_then(|mut c| c.echo(&format!("host {i}")).map(|()| c.worker_port())),
+            );
+        }
+        (to_remote, to_host)
+    });
+    let band_port = table.worker_port_for(0, IpAddr::V4(CLIENT_IP));
+    let mut wrong = Vec::new();
+    for (i, got) in to_remote.iter().enumerate() {
+        match got {
+            Ok(port) if *port == public_port => {}
+            Ok(port) => wrong.push(format!(
+                "connection {i} to the remote server was answered by port {port}"
+            )),
+            Err(e) => wrong.push(format!("connection {i} to the remote server: {e}")),
+        }
+    }
+    for (i, got) in to_host.iter().enumerate() {
+        match got {
+            Ok(port) if Some(*port) == band_port => {}
+            Ok(port) => wrong.push(format!(
+                "connection {i} to the host went to port {port}, expected {band_port:?}"
+            )),
+            Err(e) => wrong.push(format!("connection {i} to the host: {e}")),
+        }
+    }
+    if kind == BackendKind::Ebpf {
+        let steering = &mut steering;
+        let counters = net.host.run(move || steering.counters().expect("counters"));
+        if counters.forwarded == 0 {
+            wrong.push(format!("no packet counted as forwarded: {counters:?}"));
+        }
+    }
+    net.remote.run(|| drop(remote_server));
+    net.host.run(|| drop(workers));
+    assert_none_wrong("client -> forwarding host -> remote", &wrong);
+}
+
+#[test]
+fn ebpf_forwarded_traffic_is_never_steered() {
+    forwarded_traffic_is_never_steered(BackendKind::Ebpf);
+}
+
+#[test]
+fn iptables_forwarded_traffic_is_never_steered() {
+    forwarded_traffic_is_never_steered(BackendKind::Iptables);
+}
+
+/// A veth enslaved to a bridge, both attached: the client's packets cross
+/// the veth's hook and then the bridge's, replies the bridge's and then the
+/// veth's. Each connection must be steered once and restored once: it reaches
+/// its band's worker and keeps echoing; forged SYNs (which cross both hooks
+/// too) still change nothing.
+#[test]
+fn stacked_hooks_on_a_bridge_steer_once() {
+    require_root();
+    let client = NetNs::new("brclient");
+    let host = NetNs::new("brhost");
+    veth(&client, "c0", &host, "h0");
+    bridge(&host, "br0", &["h0"]);
+    client.ip(&["addr", "add", "10.212.0.2/24", "dev", "c0"]);
+    host.ip(&["addr", "add", "10.212.0.1/24", "dev", "br0"]);
+    let ports = Ports::reserve(5);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
+    let config = SteeringConfig {
+        interfaces: vec!["lo".into(), "h0".into(), "br0".into()],
+        ..test_config(&cluster_name("bridge"), vec![public])
+    };
+    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    let workers = host.run(|| {
+        steering.install().expect("install on h0 and br0");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+                    .expect("worker")
+            })
+            .collect::<Vec<_>>()
+    });
+    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 212, 0, 1)), public.port());
+    let source = IpAddr::V4(Ipv4Addr::new(10, 212, 0, 2));
+    let expected = table.worker_port_for(0, source);
+    let errors = client.run(|| {
+        let mut errors = Vec::new();
+        let mut open = Vec::new();
+        for i in 0..8 {
+            match Conversation::open(source, target) {
+                Ok(conv) if Some(conv.worker_port()) == expected => open.push(conv),
+                Ok(conv) => errors.push(format!(
+                    "connection {i} reached port {}, expected {expected:?}",
+                    conv.worker_port()
+                )),
+                Err(e) => errors.push(format!("connection {i}: {e}")),
+            }
+        }
+        for conv in open.iter_mut() {
+            if let Err(e) = conv.echo("through the bridge") {
+                errors.push(format!("echo: {e}"));
+            }
+        }
+        errors.extend(forge_and_check(&mut open, target, "through the bridge"));
+        errors
+    });
+    let steering = &mut steering;
+    let counters = host.run(move || steering.counters().expect("counters"));
+    host.run(|| drop(workers));
+    assert_none_wrong("connections across two attached hooks", &errors);
+    // Every connection's SYN was recorded once (no direct entry at the
+    // bridge's hook) and every forged SYN to the public or worker port was
+    // refused once per hook that saw it with a live flow.
+    assert_eq!(counters.new_flows, 8, "{counters:?}");
+}
+
+/// A 4-entry flow table, three generations published one after the other
+/// with connections open on each (generation 1 is then in neither slot of the
+/// steering table), and a flood of new connections evicting every flow entry
+/// between rounds: every connection keeps echoing on its own worker.
+#[test]
+fn evicted_flows_find_every_running_generation() {
+    require_root();
+    let ports = Ports::reserve(13);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.get(0));
+    let mut config = test_config(&cluster_name("threegen"), vec![public]);
+    config.flow_entries = 4;
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    steering.install().expect("install");
+    let _workers = Worker::start_all(ports.slice(1..13).as_slice()).expect("workers");
+    let clients = loopback_clients(24);
+    let mut open: Vec<(Conversation, u16)> = Vec::new();
+    for (generation, first) in [(1usize, 1usize), (2, 5), (3, 9)] {
+        let table = SteeringTable::uniform(&[public], 0, &[ports.slice(first..first + 4)]);
+        steering
+            .publish(&table)
+            .unwrap_or_else(|e| panic!("publish generation {generation}: {e}"));
+        for &client in &clients[(generation - 1) * 8..generation * 8] {
+            let conv = Conversation::open(client, public).expect("open a connection");
+            let expected = table.worker_port_for(0, client).expect("a band port");
+            assert_eq!(conv.worker_port(), expected, "generation {generation}");
+            open.push((conv, expected));
+        }
+    }
+    let flood_source = IpAddr::V4(Ipv4Addr::new(127, 0, 1, 1));
+    let mut errors = Vec::new();
+    for round in 0..5 {
+        for _ in 0..16 {
+            if let Err(e) = Conversation::open(flood_source, public) {
+                errors.push(format!("flood connection in round {round}: {e}"));
+            }
+        }
+        for (conv, expected) in open.iter_mut() {
+            if let Err(e) = conv.echo(&format!("round {round}")) {
+                errors.push(format!(
+                    "{} (worker {expected}) in round {round}: {e}",
+                    conv.source()
+                ));
+            }
+        }
+        if !errors.is_empty() {
+            break;
+        }
+    }
+    let counters = steering.counters().expect("counters");
+    assert_none_wrong("connections of three generations under eviction", &errors);
+    assert!(
+        counters.flow_fallbacks > 0,
+        "the fallback was never needed: {counters:?}"
+    );
+}
+
+/// An L3 device (tun: no link-layer header) between a client and the host:
+/// connections to the host's wildcard service are steered to their band's
+/// worker and restored on the way back.
+#[test]
+fn l3_devices_are_steered() {
+    require_root();
+    let client = NetNs::new("tunclient");
+    let host = NetNs::new("tunhost");
+    let _link = TunLink::new(&client, "tun0", "10.213.0.2", &host, "tun1", "10.213.0.1");
+    let ports = Ports::reserve(5);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
+    let config = SteeringConfig {
+        interfaces: vec!["lo".into(), "tun1".into()],
+        ..test_config(&cluster_name("tun"), vec![public])
+    };
+    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    let workers = host.run(|| {
+        steering.install().expect("install on tun1");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+                    .expect("worker")
+            })
+            .collect::<Vec<_>>()
+    });
+    let source = IpAddr::V4(Ipv4Addr::new(10, 213, 0, 2));
+    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 213, 0, 1)), public.port());
+    let expected = table.worker_port_for(0, source);
+    let errors = client.run(|| {
+        let mut errors = Vec::new();
+        for i in 0..4 {
+            match Conversation::open(source, target) {
+                Ok(mut conv) => {
+                    if Some(conv.worker_port()) != expected {
+                        errors.push(format!(
+                            "connection {i} reached port {}, expected {expected:?}",
+                            conv.worker_port()
+                        ));
+                    }
+                    if let Err(e) = conv.echo("over tun") {
+                        errors.push(format!("connection {i} echo: {e}"));
+                    }
+                }
+                Err(e) => errors.push(format!("connection {i}: {e}")),
+            }
+        }
+        errors
+    });
+    host.run(|| drop(workers));
+    assert_none_wrong("connections over an L3 device", &errors);
+}
+
+/// Path-MTU discovery through a low-MTU hop: client — router (its link
+/// towards the client has MTU 1280) — host running the cluster. The
+/// worker's large replies are refused by the router with ICMP
+/// "fragmentation needed" quoting the public port; translated back to the
+/// worker port, they reach the worker's socket, which resends smaller
+/// segments: a 64 KiB echo arrives whole.
+#[test]
+fn icmp_fragmentation_needed_reaches_the_worker() {
+    require_root();
+    let client = NetNs::new("mtuclient");
+    let router = NetNs::new("mturouter");
+    let host = NetNs::new("mtuhost");
+    veth(&client, "c0", &router, "r0");
+    veth(&router, "r1", &host, "h0");
+    router.ip(&["link", "set", "r0", "mtu", "1280"]);
+    client.ip(&["addr", "add", "10.214.1.2/24", "dev", "c0"]);
+    client.ip(&["route", "add", "default", "via", "10.214.1.1"]);
+    router.ip(&["addr", "add", "10.214.1.1/24", "dev", "r0"]);
+    router.ip(&["addr", "add", "10.214.2.1/24", "dev", "r1"]);
+    router.sysctl("net.ipv4.ip_forward", "1");
+    host.ip(&["addr", "add", "10.214.2.2/24", "dev", "h0"]);
+    host.ip(&["route", "add", "default", "via", "10.214.2.1"]);
+    let ports = Ports::reserve(5);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
+    let config = SteeringConfig {
+        interfaces: vec!["lo".into(), "h0".into()],
+        ..test_config(&cluster_name("pmtu"), vec![public])
+    };
+    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    let workers = host.run(|| {
+        steering.install().expect("install on h0");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+                    .expect("worker")
+            })
+            .collect::<Vec<_>>()
+    });
+    let source = IpAddr::V4(Ipv4Addr::new(10, 214, 1, 2));
+    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 214, 2, 2)), public.port());
+    let big = "x".repeat(65_536);
+    let result = client.run(|| {
+        let mut conv = Conversation::open(source, target)?;
+        conv.echo(&big).map(|()| conv.worker_port())
+    });
+    let steering = &mut steering;
+    let counters = host.run(move || steering.counters().expect("counters"));
+    host.run(|| drop(workers));
+    match result {
+        Ok(port) => assert_eq!(Some(port), table.worker_port_for(0, source)),
+        Err(e) => panic!("a 64 KiB echo through a 1280-byte hop failed: {e} ({counters:?})"),
+    }
+    assert!(
+        counters.icmp_translated > 0,
+        "no ICMP error was translated: {counters:?}"
+    );
+}
+
+/// `--ebpf-log`: a rare kernel-side event (a refused take-over of a live
+/// connection) shows up in the master's log, forwarded through aya-log.
+#[test]
+fn ebpf_log_reaches_the_master_log() {
+    let ports = Ports::reserve(1);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.get(0));
+    let mut spec = ClusterSpec::demo("ebpf", 2, public);
+    spec.flags.push("--ebpf-log".into());
+    let name = cluster_name("ebpflog");
+    // Stopped (everything removed) when dropped, also on failure.
+    let cluster = Cluster::start(&name, spec);
+    let source = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 77));
+    let stream = connect_from(source, public).expect("connect");
+    let client = stream.local_addr().expect("client address");
+    raw::send_tcp(client, public, SYN, 0x0bad_0001).expect("forge a SYN");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let expected = format!("refused a SYN from {}:{}", client.ip(), client.port());
+    let mut log = String::new();
+    while std::time::Instant::now() < deadline {
+        log = cluster.master_log(1);
+        if log.contains(&expected) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(stream);
+    assert!(
+        log.contains(&expected),
+        "the master log does not say {expected:?}:\n{log}"
+    );
+}
+
+/// The IPv6 version of the forwarding topology (ebpf): a cluster on `[::]:P`
+/// in a forwarding host must not touch the client's connections to a remote
+/// server's port P, and still serves clients that address the host.
+#[test]
+fn ebpf_forwarded_ipv6_traffic_is_never_steered() {
+    require_root();
+    let client = NetNs::new("client6");
+    let host = NetNs::new("fwdhost6");
+    let remote = NetNs::new("remote6");
+    veth(&client, "c0", &host, "h0");
+    veth(&host, "h1", &remote, "r0");
+    for (ns, dev, addr) in [
+        (&client, "c0", "fd00:211:1::2/64"),
+        (&host, "h0", "fd00:211:1::1/64"),
+        (&host, "h1", "fd00:211:2::1/64"),
+        (&remote, "r0", "fd00:211:2::2/64"),
+    ] {
+        ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
+    }
+    client.ip(&["-6", "route", "add", "default", "via", "fd00:211:1::1"]);
+    remote.ip(&["-6", "route", "add", "default", "via", "fd00:211:2::1"]);
+    host.sysctl("net.ipv6.conf.all.forwarding", "1");
+    let ports = Ports::reserve(5);
+    let public_port = ports.get(0);
+    let wildcard = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), public_port);
+    let config = SteeringConfig {
+        interfaces: vec!["lo".into(), "h0".into(), "h1".into()],
+        ..test_config(&cluster_name("forwarding6"), vec![wildcard])
+    };
+    let table = SteeringTable::uniform(&[wildcard], 0, &[ports.slice(1..5)]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    let workers = host.run(|| {
+        steering.install().expect("install in the host namespace");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(
+                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+                    p,
+                ))
+                .expect("worker in the host namespace")
+            })
+            .collect::<Vec<_>>()
+    });
+    let remote_server = remote.run(|| {
+        Worker::start_on(SocketAddr::new(
+            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+            public_port,
+        ))
+        .expect("the remote's own server")
+    });
+    let source: IpAddr = "fd00:211:1::2".parse().expect("address");
+    let remote_ip: IpAddr = "fd00:211:2::2".parse().expect("address");
+    let host_ip: IpAddr = "fd00:211:1::1".parse().expect("address");
+    let results = client.run(|| {
+        let mut results = Vec::new();
+        for (what, ip) in [("remote", remote_ip), ("host", host_ip)] {
+            for i in 0..4 {
+                let got = Conversation::open(source, SocketAddr::new(ip, public_port))
+                    .and_then(|mut c| c.echo(&format!("{what} {i}")).map(|()| c.worker_port()));
+                results.push((what, i, got));
+            }
+        }
+        results
+    });
+    let steering = &mut steering;
+    let counters = host.run(move || steering.counters().expect("counters"));
+    remote.run(|| drop(remote_server));
+    host.run(|| drop(workers));
+    let band_port = table.worker_port_for(0, source);
+    let mut wrong = Vec::new();
+    for (what, i, got) in results {
+        let expected = if what == "remote" {
+            Some(public_port)
+        } else {
+            band_port
+        };
+        match got {
+            Ok(port) if Some(port) == expected => {}
+            Ok(port) => wrong.push(format!(
+                "connection {i} to the {what} reached port {port}, expected {expected:?}"
+            )),
+            Err(e) => wrong.push(format!("connection {i} to the {what}: {e}")),
+        }
+    }
+    if counters.forwarded == 0 {
+        wrong.push(format!("no packet counted as forwarded: {counters:?}"));
+    }
+    assert_none_wrong("IPv6 client -> forwarding host -> remote", &wrong);
+}
+
+/// A bridge with two guests on it (as on a KVM host) and IP forwarding off
+/// in the host: a wildcard cluster attached to the bridge and its ports must
+/// leave guest-to-guest traffic to port P alone (it is bridged, not routed,
+/// so the route lookup alone would say "forwarding disabled"), and still
+/// steer the guests' connections to the host.
+#[test]
+fn bridged_traffic_between_guests_is_never_steered() {
+    require_root();
+    let host = NetNs::new("kvmhost");
+    let guest1 = NetNs::new("guest1");
+    let guest2 = NetNs::new("guest2");
+    veth(&guest1, "g1", &host, "p1");
+    veth(&guest2, "g2", &host, "p2");
+    bridge(&host, "br0", &["p1", "p2"]);
+    host.ip(&["addr", "add", "10.215.0.1/24", "dev", "br0"]);
+    host.sysctl("net.ipv4.ip_forward", "0");
+    guest1.ip(&["addr", "add", "10.215.0.2/24", "dev", "g1"]);
+    guest2.ip(&["addr", "add", "10.215.0.3/24", "dev", "g2"]);
+    let ports = Ports::reserve(5);
+    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
+    let config = SteeringConfig {
+        interfaces: Vec::new(),
+        ..test_config(&cluster_name("kvmbridge"), vec![public])
+    };
+    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+    let _teardown = teardown_guard(&ebpf, &config);
+    let mut steering = ebpf(config.clone());
+    let workers = host.run(|| {
+        steering.install().expect("install on every up interface");
+        steering.publish(&table).expect("publish");
+        ports
+            .slice(1..5)
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
+                    .expect("worker")
+            })
+            .collect::<Vec<_>>()
+    });
+    let guest_server = guest2.run(|| {
+        Worker::start_on(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            public.port(),
+        ))
+        .expect("guest 2's own server")
+    });
+    let source = IpAddr::V4(Ipv4Addr::new(10, 215, 0, 2));
+    let results = guest1.run(|| {
+        let mut results = Vec::new();
+        for (what, last) in [("guest 2", 3u8), ("host", 1u8)] {
+            let target =
+                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 215, 0, last)), public.port());
+            for i in 0..4 {
+                let got = Conversation::open(source, target)
+                    .and_then(|mut c| c.echo(&format!("{what} {i}")).map(|()| c.worker_port()));
+                results.push((what, i, got));
+            }
+        }
+        results
+    });
+    guest2.run(|| drop(guest_server));
+    host.run(|| drop(workers));
+    let band_port = table.worker_port_for(0, source);
+    let mut wrong = Vec::new();
+    for (what, i, got) in results {
+        let expected = if what == "host" {
+            band_port
+        } else {
+            Some(public.port())
+        };
+        match got {
+            Ok(port) if Some(port) == expected => {}
+            Ok(port) => wrong.push(format!(
+                "connection {i} to {what} reached port {port}, expected {expected:?}"
+            )),
+            Err(e) => wrong.push(format!("connection {i} to {what}: {e}")),
+        }
+    }
+    assert_none_wrong("guests on a bridge of a non-forwarding host", &wrong);
+}
