@@ -46,6 +46,10 @@ enum Task {
         /// haproxy, nginx). Default: all.
         #[arg(long, value_delimiter = ',')]
         paths: Vec<String>,
+        /// Run only this case: `master-scale` (master CPU and `status` latency with
+        /// 10k/50k/100k idle connections on 8 workers, and with 64 idle workers).
+        #[arg(long)]
+        case: Option<String>,
     },
     /// Setup, then the whole suite: fmt and clippy checks, unit tests, then the root
     /// tests (kernel, iptables, end-to-end) on one thread.
@@ -217,14 +221,16 @@ fn main() -> Result<()> {
         Task::Build => build(&root).map(|bin| say("build", &format!("built {}", bin.display()))),
         Task::Run { args } => run(&root, args),
         Task::Test { no_lint, filter } => test(&root, no_lint, filter),
-        Task::Bench { quick, paths } => {
+        Task::Bench { quick, paths, case } => {
             let paths = bench::parse_paths(&paths)?;
+            let case = case.map(|c| bench::parse_case(&c)).transpose()?;
             let bin = build(&root)?;
             bench::bench(&bench::BenchOptions {
                 quick,
                 bin,
                 root,
                 paths,
+                case,
             })
         }
     }

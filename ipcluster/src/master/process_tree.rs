@@ -161,6 +161,27 @@ impl SocketTable {
         }
     }
 
+    /// LISTEN and ESTABLISHED sockets whose local port is one of `ports`,
+    /// filtered by the kernel; /proc/net/tcp{,6} (then filtered here) when
+    /// netlink is not available.
+    pub fn read_ports(ports: &[u16]) -> Result<SocketTable, ProcError> {
+        use super::sock_diag::{TCP_ESTABLISHED, TCP_LISTEN, tcp_sockets_filtered};
+        match tcp_sockets_filtered(&[TCP_LISTEN, TCP_ESTABLISHED], ports) {
+            Ok(sockets) => Ok(SocketTable { sockets }),
+            Err(e) => {
+                log::debug!("sock_diag failed ({e}); reading /proc/net/tcp");
+                let mut table = SocketTable::read_procfs()?;
+                table.sockets.retain(|s| ports.contains(&s.local_port));
+                Ok(table)
+            }
+        }
+    }
+
+    /// The sockets, in no particular order.
+    pub fn sockets(&self) -> &[TcpSocket] {
+        &self.sockets
+    }
+
     /// Every TCP socket, from /proc/net/tcp and /proc/net/tcp6.
     pub fn read_procfs() -> Result<SocketTable, ProcError> {
         let mut sockets = Vec::new();
