@@ -217,7 +217,12 @@ mod tests {
         };
         let mut census = Census::default();
         let t0 = Instant::now();
-        let mut sockets = vec![listen(20000, 1), listen(20001, 2), est(8080, 10), est(8080, 11)];
+        let mut sockets = vec![
+            listen(20000, 1),
+            listen(20001, 2),
+            est(8080, 10),
+            est(8080, 11),
+        ];
         sockets.push(est(8080, 20));
         let c = census.count(t0, &sockets, &workers, &publics, |p| host.inodes(p));
         assert_eq!(c, HashMap::from([(100, 2), (200, 1)]));
@@ -244,13 +249,27 @@ mod tests {
         assert_eq!(c, HashMap::from([(100, 1), (200, 1)]));
         assert_eq!(host.walks, 4);
         host.fds.entry(200).or_default().push(21);
-        let c = census.count(t1 + Duration::from_secs(1), &sockets, &workers, &publics, |p| {
+        let c = census.count(
+            t1 + Duration::from_secs(1),
+            &sockets,
+            &workers,
+            &publics,
+            |p| host.inodes(p),
+        );
+        assert_eq!(
+            c,
+            HashMap::from([(100, 1), (200, 1)]),
+            "no walk before RECHECK"
+        );
+        assert_eq!(host.walks, 4);
+        let c = census.count(t1 + RECHECK, &sockets, &workers, &publics, |p| {
             host.inodes(p)
         });
-        assert_eq!(c, HashMap::from([(100, 1), (200, 1)]), "no walk before RECHECK");
-        assert_eq!(host.walks, 4);
-        let c = census.count(t1 + RECHECK, &sockets, &workers, &publics, |p| host.inodes(p));
-        assert_eq!(c, HashMap::from([(100, 1), (200, 2)]), "found at the recheck");
+        assert_eq!(
+            c,
+            HashMap::from([(100, 1), (200, 2)]),
+            "found at the recheck"
+        );
         assert_eq!(host.walks, 6);
         assert_eq!(census.rebuilds, 3);
     }

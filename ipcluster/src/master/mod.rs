@@ -1220,7 +1220,11 @@ impl Master {
 
     fn monitor(&mut self, now: Instant) {
         // One dump for the whole cluster: its workers' ports and the public ports.
-        let mut ports: Vec<u16> = self.workers.values().flat_map(|w| w.ports.clone()).collect();
+        let mut ports: Vec<u16> = self
+            .workers
+            .values()
+            .flat_map(|w| w.ports.clone())
+            .collect();
         ports.extend(&self.cfg.publics);
         let (Ok(processes), Ok(sockets)) = (ProcessTable::read(), SocketTable::read_ports(&ports))
         else {

@@ -96,7 +96,12 @@ pub fn local_port_filter(ports: &[u16]) -> Vec<u8> {
         if lo == hi {
             compare(&mut code, INET_DIAG_BC_S_EQ, BC_CMP_LEN + BC_JMP_LEN, lo);
         } else {
-            compare(&mut code, INET_DIAG_BC_S_GE, 2 * BC_CMP_LEN + BC_JMP_LEN, lo);
+            compare(
+                &mut code,
+                INET_DIAG_BC_S_GE,
+                2 * BC_CMP_LEN + BC_JMP_LEN,
+                lo,
+            );
             compare(&mut code, INET_DIAG_BC_S_LE, BC_CMP_LEN + BC_JMP_LEN, hi);
         }
         let to_end = total - code.len();
@@ -138,7 +143,11 @@ fn dump(family: u8, state_mask: u32, filter: &[u8]) -> io::Result<Vec<TcpSocket>
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
 
     // The filter travels as one netlink attribute after the request.
-    let attr_len = if filter.is_empty() { 0 } else { 4 + filter.len() };
+    let attr_len = if filter.is_empty() {
+        0
+    } else {
+        4 + filter.len()
+    };
     let len = NLMSG_HDRLEN + 56 + attr_len.next_multiple_of(4);
     let mut request = Vec::with_capacity(len);
     request.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
@@ -300,12 +309,22 @@ mod tests {
         let mut at = 0;
         while at < code.len() {
             let len = code.len() - at;
-            let (kind, yes, no) = (code[at], code[at + 1] as usize, u16_ne(code, at + 2) as usize);
+            let (kind, yes, no) = (
+                code[at],
+                code[at + 1] as usize,
+                u16_ne(code, at + 2) as usize,
+            );
             let min = if kind == INET_DIAG_BC_JMP { 4 } else { 8 };
-            assert!(yes >= min && yes <= len + 4 && yes % 4 == 0, "bad yes at {at}");
+            assert!(
+                yes >= min && yes <= len + 4 && yes % 4 == 0,
+                "bad yes at {at}"
+            );
             assert!(no >= min && no <= len + 4 && no % 4 == 0, "bad no at {at}");
             if no < len {
-                assert!(boundaries.contains(&(at + no)), "no at {at} lands inside an operation");
+                assert!(
+                    boundaries.contains(&(at + no)),
+                    "no at {at} lands inside an operation"
+                );
             }
             at += yes;
         }
@@ -353,7 +372,10 @@ mod tests {
         assert!(sockets.iter().all(|s| s.local_port == pa), "{sockets:?}");
         let both = tcp_sockets_filtered(&[TCP_LISTEN], &[pb, pa]).expect("filtered dump");
         assert!(both.iter().any(|s| s.local_port == pb));
-        assert!(both.iter().all(|s| s.local_port == pa || s.local_port == pb));
+        assert!(
+            both.iter()
+                .all(|s| s.local_port == pa || s.local_port == pb)
+        );
         // An established pair: only the accepted end has the listener's port locally.
         let _client = std::net::TcpStream::connect(("127.0.0.1", pa)).expect("connect");
         let (_server, _) = a.accept().expect("accept");

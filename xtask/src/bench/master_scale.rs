@@ -158,9 +158,15 @@ pub fn run(opts: &BenchOptions, backend: &str, watch: Duration) -> Result<Vec<St
     ns.run(&["sysctl", "-q", "-w", "net.core.somaxconn=4096"])?;
     ns.run(&["sysctl", "-q", "-w", "net.ipv4.tcp_max_syn_backlog=8192"])?;
     let mut c = ipcluster_run(&ns, &opts.bin, &name, backend, WORKERS);
-    c.args(["--spawn-delay", "20ms", "--cluster-memory-limit", "8GiB", "--"])
-        .arg("python3")
-        .arg(&script);
+    c.args([
+        "--spawn-delay",
+        "20ms",
+        "--cluster-memory-limit",
+        "8GiB",
+        "--",
+    ])
+    .arg("python3")
+    .arg(&script);
     ns.spawn(c, &dir.join(format!("idle-{short}.log")))?;
     let result = (|| -> Result<Vec<String>> {
         let status = wait_cluster_live(&ns, &opts.bin, &name, WORKERS, Duration::from_secs(60))?;
