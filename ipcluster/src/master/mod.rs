@@ -310,6 +310,8 @@ struct Master {
     next_monitor: Instant,
     /// Connections per worker from one filtered dump per monitor pass.
     census: census::Census,
+    /// The process table between passes, refreshed incrementally.
+    processes: process_tree::ProcessCache,
     exit: Option<Exit>,
     _lock: ClusterLock,
 }
@@ -493,6 +495,7 @@ impl Master {
             created_dir,
             next_monitor: now,
             census: census::Census::default(),
+            processes: process_tree::ProcessCache::default(),
             exit: None,
             _lock: lock,
         };
@@ -1226,7 +1229,8 @@ impl Master {
             .flat_map(|w| w.ports.clone())
             .collect();
         ports.extend(&self.cfg.publics);
-        let (Ok(processes), Ok(sockets)) = (ProcessTable::read(), SocketTable::read_ports(&ports))
+        let (Ok(processes), Ok(sockets)) =
+            (self.processes.refresh(), SocketTable::read_ports(&ports))
         else {
             log::warn!("cannot read /proc this time");
             return;
@@ -1240,6 +1244,8 @@ impl Master {
                 tree: processes.tree(w.pid),
             })
             .collect();
+        self.processes
+            .set_members(keys.iter().flat_map(|k| k.tree.iter().copied()));
         let counts = self.census.count(
             now,
             sockets.sockets(),

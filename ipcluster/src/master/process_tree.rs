@@ -132,6 +132,78 @@ impl ProcessTable {
     }
 }
 
+/// The process table kept between monitor passes and refreshed
+/// incrementally: each pass lists /proc (one directory read) and reads the
+/// stat of new processes and of the workers' tree members only (memory,
+/// nice, parent); other processes keep what was read when they appeared. A
+/// process outside every tree cannot join one except by being forked into it
+/// (then it is new), so the trees stay right; every [`FULL_EVERY`] passes the
+/// whole table is read again all the same (a pid reused between two passes).
+#[derive(Debug, Default)]
+pub struct ProcessCache {
+    table: ProcessTable,
+    members: HashSet<i32>,
+    passes: u32,
+}
+
+/// A full /proc read every this many passes.
+pub const FULL_EVERY: u32 = 10;
+
+impl ProcessCache {
+    /// The table, brought up to date (a copy: the caller keeps it for the pass).
+    pub fn refresh(&mut self) -> Result<ProcessTable, ProcError> {
+        if self.passes.is_multiple_of(FULL_EVERY) {
+            self.table = ProcessTable::read()?;
+        } else {
+            let listed = list_pids().map_err(|source| ProcError::Read {
+                what: "the process list",
+                source: procfs::ProcError::Io(source, Some("/proc".into())),
+            })?;
+            let mut procs = std::mem::take(&mut self.table.procs);
+            procs.retain(|pid, _| listed.contains(pid));
+            for pid in listed {
+                if procs.contains_key(&pid) && !self.members.contains(&pid) {
+                    continue;
+                }
+                match read_info(pid) {
+                    Some(info) => procs.insert(pid, info),
+                    // Gone while we read.
+                    None => procs.remove(&pid),
+                };
+            }
+            self.table = ProcessTable::from_procs(procs);
+        }
+        self.passes = self.passes.wrapping_add(1);
+        Ok(self.table.clone())
+    }
+
+    /// The processes to read again on every pass (the workers' trees).
+    pub fn set_members(&mut self, members: impl IntoIterator<Item = i32>) {
+        self.members = members.into_iter().collect();
+    }
+}
+
+/// The pids in /proc (the names that are numbers).
+fn list_pids() -> std::io::Result<HashSet<i32>> {
+    let mut pids = HashSet::new();
+    for entry in std::fs::read_dir("/proc")? {
+        if let Some(pid) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+            pids.insert(pid);
+        }
+    }
+    Ok(pids)
+}
+
+fn read_info(pid: i32) -> Option<ProcInfo> {
+    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    Some(ProcInfo {
+        ppid: stat.ppid,
+        session: stat.session,
+        rss: stat.rss.saturating_mul(procfs::page_size()),
+        nice: stat.nice,
+    })
+}
+
 /// One TCP socket of /proc/net/tcp{,6}.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpSocket {

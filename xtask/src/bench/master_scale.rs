@@ -5,19 +5,21 @@
 //! (127.0.0.2-65), waits until `status --json` counts them all, then reports
 //! the master's CPU (utime + stime from /proc/<pid>/stat over a window, at the
 //! default 1 s monitor interval) and the wall time of `ipcluster status --json`.
-//! The file limit (RLIMIT_NOFILE) of this process is raised first: the clients
-//! live here and the master and its workers inherit it.
+//! The clients are Python processes of 10k connections each (a process may
+//! hold at most RLIMIT_NOFILE files, whose hard limit only CAP_SYS_RESOURCE
+//! raises); this process raises its soft limit to the hard one first, and the
+//! master and its workers inherit it.
 
 use std::{
     fs,
-    net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream},
+    io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
-use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use super::env::{self, Netns};
 use super::{BenchOptions, PUBLIC_PORT, WORK_DIR, ipcluster_run, status_json, wait_cluster_live};
@@ -66,39 +68,89 @@ while True:
                 c.close()
 "#;
 
-/// Raise RLIMIT_NOFILE (soft and hard) to at least `needed`.
-fn raise_fd_limit(needed: u64) -> Result<()> {
+/// One client process: opens `count` connections to 127.0.0.1:`port` from
+/// the 64 client addresses (connection `i` from 127.0.0.(2 + i % 64)), says
+/// `open`, then holds them until its stdin closes.
+const CLIENT: &str = r#"import socket, sys
+port, first, count, sources = (int(a) for a in sys.argv[1:5])
+held = []
+for i in range(first, first + count):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.%d" % (2 + i % sources), 0))
+    s.settimeout(5)
+    s.connect(("127.0.0.1", port))
+    held.append(s)
+print("open", flush=True)
+sys.stdin.read()
+"#;
+
+/// Connections per client process: a process may hold at most
+/// RLIMIT_NOFILE files (20000 here, and only CAP_SYS_RESOURCE may raise the
+/// hard limit), so the load is spread over several.
+const PER_CLIENT: usize = 10_000;
+
+/// Raise the soft RLIMIT_NOFILE to the hard one: the master and its workers
+/// inherit it (12.5k connections per worker at 100k).
+fn raise_fd_limit() -> Result<u64> {
     let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).context("getrlimit(RLIMIT_NOFILE)")?;
-    if soft >= needed && hard >= needed {
-        return Ok(());
+    if soft < hard {
+        setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+            .with_context(|| format!("raising RLIMIT_NOFILE from {soft} to {hard}"))?;
     }
-    setrlimit(Resource::RLIMIT_NOFILE, needed.max(soft), needed.max(hard)).with_context(|| {
-        format!(
-            "raising RLIMIT_NOFILE to {needed} (it is {soft}/{hard}; as root this needs \
-             fs.nr_open >= {needed})"
-        )
-    })
+    Ok(hard)
 }
 
-/// Open `count` connections to the public port from the 64 client addresses.
-fn open_connections(ns: &Netns, first: usize, count: usize) -> Result<Vec<TcpStream>> {
-    ns.enter(move || -> Result<Vec<TcpStream>> {
-        let target = SockAddr::from(SocketAddr::from(([127, 0, 0, 1], PUBLIC_PORT)));
-        let mut streams = Vec::with_capacity(count);
-        for i in first..first + count {
-            let n = 2 + u8::try_from(i % usize::from(SOURCES)).unwrap_or(0);
-            let source = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, n)), 0);
-            let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
-            socket
-                .bind(&SockAddr::from(source))
-                .with_context(|| format!("binding a client socket to {source}"))?;
-            socket
-                .connect_timeout(&target, Duration::from_secs(5))
-                .with_context(|| format!("connection {i} from {source}"))?;
-            streams.push(socket.into());
+/// Client processes holding connections; closing their stdin ends them.
+struct Clients {
+    children: Vec<Child>,
+}
+
+impl Clients {
+    /// Add `count` connections, numbered from `first`, in processes of at most [`PER_CLIENT`].
+    fn open(&mut self, ns: &Netns, script: &Path, first: usize, count: usize) -> Result<()> {
+        let mut started = Vec::new();
+        let mut at = first;
+        while at < first + count {
+            let n = PER_CLIENT.min(first + count - at);
+            let child = ns
+                .command("python3")
+                .arg(script)
+                .args([
+                    PUBLIC_PORT.to_string(),
+                    at.to_string(),
+                    n.to_string(),
+                    SOURCES.to_string(),
+                ])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .context("starting a python3 client")?;
+            started.push(self.children.len());
+            self.children.push(child);
+            at += n;
         }
-        Ok(streams)
-    })?
+        for i in started {
+            let child = &mut self.children[i];
+            let out = child.stdout.take().context("client stdout")?;
+            let mut line = String::new();
+            BufReader::new(out).read_line(&mut line)?;
+            if line.trim() != "open" {
+                bail!("a client process could not open its connections (see its stderr above)");
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Clients {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            drop(child.stdin.take());
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 /// Connections counted by `status --json`, over every worker.
@@ -145,12 +197,17 @@ fn status_latency(ns: &Netns, bin: &Path, name: &str) -> Result<(f64, f64)> {
 
 /// One `BENCH`-style line per load, for the report's scale table.
 pub fn run(opts: &BenchOptions, backend: &str, watch: Duration) -> Result<Vec<String>> {
-    let max = LOADS[LOADS.len() - 1];
-    raise_fd_limit(2 * max as u64 + 16_384)?;
+    let limit = raise_fd_limit()?;
+    let per_worker = LOADS[LOADS.len() - 1] / WORKERS + 256;
+    if limit < per_worker as u64 {
+        bail!("RLIMIT_NOFILE is {limit}: each worker needs {per_worker} files");
+    }
     let dir = PathBuf::from(WORK_DIR);
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let script = dir.join("idle-server.py");
     fs::write(&script, IDLE_SERVER).with_context(|| format!("writing {}", script.display()))?;
+    let client = dir.join("idle-client.py");
+    fs::write(&client, CLIENT).with_context(|| format!("writing {}", client.display()))?;
     let short = backend.replace('-', "");
     let name = format!("{}idle{short}", env::PREFIX);
     let mut ns = Netns::create(&name)?;
@@ -174,7 +231,10 @@ pub fn run(opts: &BenchOptions, backend: &str, watch: Duration) -> Result<Vec<St
             .as_i64()
             .and_then(|p| i32::try_from(p).ok())
             .context("no master_pid in status")?;
-        let mut streams: Vec<TcpStream> = Vec::with_capacity(max);
+        let mut clients = Clients {
+            children: Vec::new(),
+        };
+        let mut open = 0;
         let mut lines = Vec::new();
         for load in LOADS {
             env::check_interrupted()?;
@@ -183,8 +243,8 @@ pub fn run(opts: &BenchOptions, backend: &str, watch: Duration) -> Result<Vec<St
                 &format!("master-scale ({backend}): {load} idle connections on {WORKERS} workers"),
             );
             let opened = Instant::now();
-            let more = open_connections(&ns, streams.len(), load - streams.len())?;
-            streams.extend(more);
+            clients.open(&ns, &client, open, load - open)?;
+            open = load;
             let open_s = opened.elapsed().as_secs_f64();
             // Every connection counted by the master (accepted, one monitor pass).
             let deadline = Instant::now() + Duration::from_secs(60);
@@ -217,7 +277,7 @@ pub fn run(opts: &BenchOptions, backend: &str, watch: Duration) -> Result<Vec<St
             ));
             say("bench", lines.last().map_or("", String::as_str));
         }
-        drop(streams);
+        drop(clients);
         Ok(lines)
     })();
     super::stop_cluster(&ns, &opts.bin, &name);

@@ -415,11 +415,16 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         );
     }
     // Built before the clock starts: build time is not part of the wall time.
-    say(
-        "bench",
-        "building the bench_scale root test (cargo test --no-run --release)",
-    );
-    let scale_test = build_scale_test(opts);
+    // A case run alone (`--case`) does not need it.
+    let scale_test = if opts.case.is_none() {
+        say(
+            "bench",
+            "building the bench_scale root test (cargo test --no-run --release)",
+        );
+        build_scale_test(opts)
+    } else {
+        Err(anyhow::anyhow!("not built: --case runs one case"))
+    };
     let result = (|| -> Result<Figures> {
         let worker_script = write_worker_files()?;
         match opts.case {
