@@ -415,6 +415,29 @@ mod tests {
     }
 
     #[test]
+    fn the_cache_sees_new_and_gone_processes_between_full_reads() {
+        let mut cache = ProcessCache::default();
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let first = cache.refresh().expect("full read");
+        assert!(first.contains(me));
+        cache.set_members([me]);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        // An incremental pass (not the full read of pass 0) finds the new child.
+        let table = cache.refresh().expect("incremental read");
+        assert_eq!(table.get(pid).map(|p| p.ppid), Some(me));
+        assert!(table.tree(me).contains(&pid));
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
+        let table = cache.refresh().expect("incremental read");
+        assert!(!table.contains(pid), "a reaped process leaves the table");
+        assert!(table.contains(me));
+    }
+
+    #[test]
     fn tree_follows_children_and_session() {
         // 100 is a worker (session leader), 101 its shell child, 102 the server the
         // shell started, 103 an orphan of the session re-parented to init.
