@@ -1229,8 +1229,7 @@ impl Master {
             .flat_map(|w| w.ports.clone())
             .collect();
         ports.extend(&self.cfg.publics);
-        let (Ok(processes), Ok(sockets)) =
-            (self.processes.refresh(), SocketTable::read_ports(&ports))
+        let (Ok(processes), Ok(sockets)) = (self.processes.refresh(), self.census.sockets(&ports))
         else {
             log::warn!("cannot read /proc this time");
             return;
