@@ -105,6 +105,10 @@ struct Dump {
 #[derive(Debug, Default)]
 pub struct Census {
     last_dump: Option<Dump>,
+    /// The last [`Census::sockets`] returned the dump before it again.
+    reused: bool,
+    /// The workers and counts of the last [`Census::count`].
+    last_counts: Option<(Vec<WorkerKey>, HashMap<i32, u32>)>,
     /// Dumps taken so far (the other passes reused the last one).
     pub dumps: u64,
     owners: HashMap<u64, i32>,
@@ -129,8 +133,10 @@ impl Census {
             && &last.counters == now
             && last.ports == ports
         {
+            self.reused = true;
             return Ok(last.sockets.clone());
         }
+        self.reused = false;
         let sockets = SocketTable::read_ports(&ports)?;
         self.dumps += 1;
         self.last_dump = counters.map(|counters| Dump {
@@ -145,6 +151,33 @@ impl Census {
     /// `socket_inodes` lists the socket inodes that a set of processes holds
     /// (the /proc fd walk); it is called only when the view must be rebuilt.
     pub fn count(
+        &mut self,
+        now: Instant,
+        sockets: &[TcpSocket],
+        workers: &[WorkerKey],
+        publics: &[u16],
+        socket_inodes: impl FnMut(&[i32]) -> HashSet<u64>,
+    ) -> HashMap<i32, u32> {
+        // The same dump as last time and the same workers: the same counts,
+        // unless a socket no worker held is due for another look.
+        let reused = std::mem::take(&mut self.reused);
+        let recheck_due = !self.unresolved.is_empty()
+            && self
+                .last_rebuild
+                .is_none_or(|t| now.duration_since(t) >= RECHECK);
+        if reused
+            && !recheck_due
+            && let Some((keys, counts)) = &self.last_counts
+            && keys.as_slice() == workers
+        {
+            return counts.clone();
+        }
+        let counts = self.attribute_now(now, sockets, workers, publics, socket_inodes);
+        self.last_counts = Some((workers.to_vec(), counts.clone()));
+        counts
+    }
+
+    fn attribute_now(
         &mut self,
         now: Instant,
         sockets: &[TcpSocket],

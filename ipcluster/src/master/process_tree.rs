@@ -194,8 +194,12 @@ fn list_pids() -> std::io::Result<HashSet<i32>> {
     Ok(pids)
 }
 
+/// One process's stat: a single open and read of /proc/<pid>/stat (no
+/// directory handle, no ownership check), as every monitor pass reads it for
+/// every member of every worker's tree.
 fn read_info(pid: i32) -> Option<ProcInfo> {
-    let stat = procfs::process::Process::new(pid).ok()?.stat().ok()?;
+    use procfs::FromRead as _;
+    let stat = procfs::process::Stat::from_file(format!("/proc/{pid}/stat")).ok()?;
     Some(ProcInfo {
         ppid: stat.ppid,
         session: stat.session,
