@@ -40,13 +40,18 @@ enum Task {
     /// and nginx stream (installs nginx, haproxy, wrk when missing); writes
     /// target/bench/report.md and target/bench/chart.svg and prints the table. Needs root.
     Bench {
-        /// A shorter run (two rounds of 1 s per measurement): under 2 minutes, builds not counted.
+        /// A shorter run (two rounds of 1 s per measurement; about 5 minutes with the
+        /// idle-connection case, builds not counted).
         #[arg(long)]
         quick: bool,
         /// Only these paths in cases 1 and 2 (comma-separated: direct, ebpf, iptables,
         /// haproxy, nginx). Default: all.
         #[arg(long, value_delimiter = ',')]
         paths: Vec<String>,
+        /// Run only this case: `master-scale` (master CPU and `status` latency with
+        /// 10k/50k/100k idle connections on 8 workers, and with 64 idle workers).
+        #[arg(long)]
+        case: Option<String>,
     },
     /// Build, then write the man pages and shell completions (generated from the clap
     /// definitions) into target/release/dist/.
@@ -251,14 +256,16 @@ fn main() -> Result<()> {
             say("dist", &format!("built {}", deb.display()));
             Ok(())
         }
-        Task::Bench { quick, paths } => {
+        Task::Bench { quick, paths, case } => {
             let paths = bench::parse_paths(&paths)?;
+            let case = case.map(|c| bench::parse_case(&c)).transpose()?;
             let bin = build(&root)?;
             bench::bench(&bench::BenchOptions {
                 quick,
                 bin,
                 root,
                 paths,
+                case,
             })
         }
     }

@@ -14,7 +14,8 @@
 //! - [`adopt`]: finding the previous generations' workers (registry first,
 //!   environment as a checked fallback), each held by a pidfd.
 //! - [`spawn`]: a worker's command, environment, session, user and ports.
-//! - [`process_tree`], [`sock_diag`]: readiness, connections and RSS of a worker's tree.
+//! - [`process_tree`], [`sock_diag`]: readiness, connections and RSS of a worker's tree;
+//!   `census`: connections per worker from one filtered dump per monitor pass.
 //! - [`pidfd`], [`kill`]: noticing exits; every signal through a pidfd.
 //! - `fallback`: a band whose worker is gone is served by a stand-in at once.
 //! - [`files`]: the state and pin directories must be closed to others.
@@ -24,6 +25,7 @@
 //! - the supervision rules themselves are [`crate::policy::decide`].
 
 pub mod adopt;
+mod census;
 pub mod client;
 pub mod control;
 pub mod detach;
@@ -337,6 +339,10 @@ struct Master {
     fresh: bool,
     created_dir: bool,
     next_monitor: Instant,
+    /// Connections per worker from one filtered dump per monitor pass.
+    census: census::Census,
+    /// The process table between passes, refreshed incrementally.
+    processes: process_tree::ProcessCache,
     exit: Option<Exit>,
     /// systemd's notifications and the `--detach` pipe.
     notifier: notify::Notifier,
@@ -550,6 +556,8 @@ impl Master {
             fresh,
             created_dir,
             next_monitor: now,
+            census: census::Census::default(),
+            processes: process_tree::ProcessCache::default(),
             exit: None,
             notifier,
             metrics: metrics::Metrics::default(),
@@ -911,7 +919,14 @@ impl Master {
         if waiting.is_empty() {
             return;
         }
-        let (Ok(processes), Ok(sockets)) = (ProcessTable::read(), SocketTable::read()) else {
+        // Readiness needs only the starting workers' own ports.
+        let ports: Vec<u16> = waiting
+            .iter()
+            .filter_map(|pid| self.workers.get(pid))
+            .flat_map(|w| w.ports.clone())
+            .collect();
+        let (Ok(processes), Ok(sockets)) = (ProcessTable::read(), SocketTable::read_ports(&ports))
+        else {
             return;
         };
         for pid in waiting {
@@ -1359,21 +1374,50 @@ impl Master {
     // ---- monitoring and the policy -------------------------------------------
 
     fn monitor(&mut self, now: Instant) {
-        let (Ok(processes), Ok(sockets)) = (ProcessTable::read(), SocketTable::read()) else {
+        // One dump for the whole cluster: its workers' ports and the public ports.
+        let mut ports: Vec<u16> = self
+            .workers
+            .values()
+            .flat_map(|w| w.ports.clone())
+            .collect();
+        ports.extend(&self.cfg.publics);
+        let (Ok(processes), Ok(sockets)) = (self.processes.refresh(), self.census.sockets(&ports))
+        else {
             log::warn!("cannot read /proc this time");
             return;
         };
+        let keys: Vec<census::WorkerKey> = self
+            .workers
+            .values()
+            .map(|w| census::WorkerKey {
+                pid: w.pid,
+                ports: w.ports.clone(),
+                tree: processes.tree(w.pid),
+            })
+            .collect();
+        self.processes
+            .set_members(keys.iter().flat_map(|k| k.tree.iter().copied()));
+        let counts = self.census.count(
+            now,
+            sockets.sockets(),
+            &keys,
+            &self.cfg.publics,
+            process_tree::socket_inodes,
+        );
         let mut gone = Vec::new();
-        for w in self.workers.values_mut() {
-            let m = process_tree::measure(&processes, &sockets, w.pid, &w.ports, &self.cfg.publics);
-            if !m.alive {
+        for key in &keys {
+            let Some(w) = self.workers.get_mut(&key.pid) else {
+                continue;
+            };
+            if key.tree.is_empty() {
                 gone.push(w.pid);
                 continue;
             }
-            w.rss = m.rss;
-            w.connections = m.connections;
-            w.nice = m.nice;
-            if matches!(w.state, WorkerState::Retired | WorkerState::Dying) && m.connections == 0 {
+            let connections = counts.get(&w.pid).copied().unwrap_or(0);
+            w.rss = processes.rss(&key.tree);
+            w.connections = connections;
+            w.nice = processes.get(w.pid).map_or(0, |p| p.nice);
+            if matches!(w.state, WorkerState::Retired | WorkerState::Dying) && connections == 0 {
                 w.idle_since.get_or_insert(now);
             } else {
                 w.idle_since = None;

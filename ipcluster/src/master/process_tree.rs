@@ -132,6 +132,82 @@ impl ProcessTable {
     }
 }
 
+/// The process table kept between monitor passes and refreshed
+/// incrementally: each pass lists /proc (one directory read) and reads the
+/// stat of new processes and of the workers' tree members only (memory,
+/// nice, parent); other processes keep what was read when they appeared. A
+/// process outside every tree cannot join one except by being forked into it
+/// (then it is new), so the trees stay right; every [`FULL_EVERY`] passes the
+/// whole table is read again all the same (a pid reused between two passes).
+#[derive(Debug, Default)]
+pub struct ProcessCache {
+    table: ProcessTable,
+    members: HashSet<i32>,
+    passes: u32,
+}
+
+/// A full /proc read every this many passes.
+pub const FULL_EVERY: u32 = 10;
+
+impl ProcessCache {
+    /// The table, brought up to date (a copy: the caller keeps it for the pass).
+    pub fn refresh(&mut self) -> Result<ProcessTable, ProcError> {
+        if self.passes.is_multiple_of(FULL_EVERY) {
+            self.table = ProcessTable::read()?;
+        } else {
+            let listed = list_pids().map_err(|source| ProcError::Read {
+                what: "the process list",
+                source: procfs::ProcError::Io(source, Some("/proc".into())),
+            })?;
+            let mut procs = std::mem::take(&mut self.table.procs);
+            procs.retain(|pid, _| listed.contains(pid));
+            for pid in listed {
+                if procs.contains_key(&pid) && !self.members.contains(&pid) {
+                    continue;
+                }
+                match read_info(pid) {
+                    Some(info) => procs.insert(pid, info),
+                    // Gone while we read.
+                    None => procs.remove(&pid),
+                };
+            }
+            self.table = ProcessTable::from_procs(procs);
+        }
+        self.passes = self.passes.wrapping_add(1);
+        Ok(self.table.clone())
+    }
+
+    /// The processes to read again on every pass (the workers' trees).
+    pub fn set_members(&mut self, members: impl IntoIterator<Item = i32>) {
+        self.members = members.into_iter().collect();
+    }
+}
+
+/// The pids in /proc (the names that are numbers).
+fn list_pids() -> std::io::Result<HashSet<i32>> {
+    let mut pids = HashSet::new();
+    for entry in std::fs::read_dir("/proc")? {
+        if let Some(pid) = entry?.file_name().to_str().and_then(|n| n.parse().ok()) {
+            pids.insert(pid);
+        }
+    }
+    Ok(pids)
+}
+
+/// One process's stat: a single open and read of /proc/<pid>/stat (no
+/// directory handle, no ownership check), as every monitor pass reads it for
+/// every member of every worker's tree.
+fn read_info(pid: i32) -> Option<ProcInfo> {
+    use procfs::FromRead as _;
+    let stat = procfs::process::Stat::from_file(format!("/proc/{pid}/stat")).ok()?;
+    Some(ProcInfo {
+        ppid: stat.ppid,
+        session: stat.session,
+        rss: stat.rss.saturating_mul(procfs::page_size()),
+        nice: stat.nice,
+    })
+}
+
 /// One TCP socket of /proc/net/tcp{,6}.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TcpSocket {
@@ -159,6 +235,27 @@ impl SocketTable {
                 SocketTable::read_procfs()
             }
         }
+    }
+
+    /// LISTEN and ESTABLISHED sockets whose local port is one of `ports`,
+    /// filtered by the kernel; /proc/net/tcp{,6} (then filtered here) when
+    /// netlink is not available.
+    pub fn read_ports(ports: &[u16]) -> Result<SocketTable, ProcError> {
+        use super::sock_diag::{TCP_ESTABLISHED, TCP_LISTEN, tcp_sockets_filtered};
+        match tcp_sockets_filtered(&[TCP_LISTEN, TCP_ESTABLISHED], ports) {
+            Ok(sockets) => Ok(SocketTable { sockets }),
+            Err(e) => {
+                log::debug!("sock_diag failed ({e}); reading /proc/net/tcp");
+                let mut table = SocketTable::read_procfs()?;
+                table.sockets.retain(|s| ports.contains(&s.local_port));
+                Ok(table)
+            }
+        }
+    }
+
+    /// The sockets, in no particular order.
+    pub fn sockets(&self) -> &[TcpSocket] {
+        &self.sockets
     }
 
     /// Every TCP socket, from /proc/net/tcp and /proc/net/tcp6.
@@ -331,6 +428,29 @@ mod tests {
             rss: 4096,
             nice: 0,
         }
+    }
+
+    #[test]
+    fn the_cache_sees_new_and_gone_processes_between_full_reads() {
+        let mut cache = ProcessCache::default();
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let first = cache.refresh().expect("full read");
+        assert!(first.contains(me));
+        cache.set_members([me]);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        // An incremental pass (not the full read of pass 0) finds the new child.
+        let table = cache.refresh().expect("incremental read");
+        assert_eq!(table.get(pid).map(|p| p.ppid), Some(me));
+        assert!(table.tree(me).contains(&pid));
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
+        let table = cache.refresh().expect("incremental read");
+        assert!(!table.contains(pid), "a reaped process leaves the table");
+        assert!(table.contains(me));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 mod bpf_stats;
 mod env;
 mod load;
+mod master_scale;
 mod report;
 
 use std::{
@@ -88,6 +89,23 @@ pub struct BenchOptions {
     pub root: PathBuf,
     /// The paths of cases 1 and 2.
     pub paths: Vec<PathKind>,
+    /// Only this case (`--case`); every case when `None`.
+    pub case: Option<Case>,
+}
+
+/// A case that can run alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Case {
+    /// Master CPU and `status` latency with many idle connections, and with 64 workers.
+    MasterScale,
+}
+
+/// `--case master-scale`.
+pub fn parse_case(name: &str) -> Result<Case> {
+    match name.trim() {
+        "master-scale" => Ok(Case::MasterScale),
+        other => bail!("unknown case {other:?}: use master-scale"),
+    }
 }
 
 /// `--paths direct,ebpf,…` (empty: all of them).
@@ -397,14 +415,22 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         );
     }
     // Built before the clock starts: build time is not part of the wall time.
-    say(
-        "bench",
-        "building the bench_scale root test (cargo test --no-run --release)",
-    );
-    let scale_test = build_scale_test(opts);
+    // A case run alone (`--case`) does not need it.
+    let scale_test = if opts.case.is_none() {
+        say(
+            "bench",
+            "building the bench_scale root test (cargo test --no-run --release)",
+        );
+        build_scale_test(opts)
+    } else {
+        Err(anyhow::anyhow!("not built: --case runs one case"))
+    };
     let result = (|| -> Result<Figures> {
         let worker_script = write_worker_files()?;
-        run_cases(opts, &worker_script, scale_test)
+        match opts.case {
+            Some(Case::MasterScale) => master_scale_case(opts),
+            None => run_cases(opts, &worker_script, scale_test),
+        }
     })();
     // Whatever happened above: nothing of the benchmark stays behind.
     let swept = env::sweep(&opts.bin);
@@ -521,20 +547,7 @@ fn run_cases(
         Ok(lines) => figures.scale.extend(lines),
         Err(e) => figures.errors.push(format!("scale: {e:#}")),
     }
-    say(
-        "bench",
-        &format!(
-            "scale: master CPU and RSS with 64 workers for {:?}",
-            settings.master_watch
-        ),
-    );
-    env::check_interrupted()?;
-    match master_cost(opts, settings.master_watch) {
-        Ok(line) => figures.scale.push(line),
-        Err(e) => figures
-            .errors
-            .push(format!("master with 64 workers: {e:#}")),
-    }
+    master_scale_figures(opts, settings.master_watch, &mut figures)?;
 
     let machine_after = cpu_sample()?;
     figures.steal_overall = machine_before.steal_pct_until(&machine_after);
@@ -991,6 +1004,52 @@ fn scale_figures(exe: &Path) -> Result<Vec<String>> {
         bail!("bench_scale failed: {}", failures.join(" | "));
     }
     Ok(lines)
+}
+
+/// `--case master-scale` alone: its figures, in an otherwise empty report.
+fn master_scale_case(opts: &BenchOptions) -> Result<Figures> {
+    let started = Instant::now();
+    let mut figures = Figures::default();
+    figures.machine = report::describe_machine();
+    figures.load_before = env::load_average();
+    let machine_before = cpu_sample()?;
+    let watch = if opts.quick {
+        Duration::from_secs(5)
+    } else {
+        Duration::from_secs(30)
+    };
+    master_scale_figures(opts, watch, &mut figures)?;
+    let machine_after = cpu_sample()?;
+    figures.steal_overall = machine_before.steal_pct_until(&machine_after);
+    figures.load_after = env::load_average();
+    figures.wall = started.elapsed();
+    Ok(figures)
+}
+
+/// The master's cost: with 10k/50k/100k idle connections on 8 workers (eBPF
+/// and sk-lookup backends), and with 64 idle workers.
+fn master_scale_figures(opts: &BenchOptions, watch: Duration, figures: &mut Figures) -> Result<()> {
+    for backend in ["ebpf", "sk-lookup"] {
+        env::check_interrupted()?;
+        match master_scale::run(opts, backend, watch) {
+            Ok(lines) => figures.scale.extend(lines),
+            Err(e) => figures
+                .errors
+                .push(format!("master with idle connections ({backend}): {e:#}")),
+        }
+    }
+    say(
+        "bench",
+        &format!("scale: master CPU and RSS with 64 workers for {watch:?}"),
+    );
+    env::check_interrupted()?;
+    match master_cost(opts, watch) {
+        Ok(line) => figures.scale.push(line),
+        Err(e) => figures
+            .errors
+            .push(format!("master with 64 workers: {e:#}")),
+    }
+    Ok(())
 }
 
 /// The master's own CPU and RSS while it supervises 64 demo workers.
