@@ -224,6 +224,8 @@ fn debian_tools() -> Result<()> {
         ("nginx", "nginx"),
         // promtool validates the /metrics text in the metrics root test.
         ("promtool", "prometheus"),
+        // systemd-analyze verifies the template unit in the systemd_unit root test.
+        ("systemd-analyze", "systemd"),
     ];
     install_missing(&wanted)
 }
