@@ -150,14 +150,7 @@ pub struct SkLookupSteering {
 
 impl SkLookupSteering {
     pub fn new(config: SteeringConfig) -> Result<Self, SteeringError> {
-        // bpffs names cannot hold a dot; '~' marks temporary folders.
-        if config.cluster.is_empty() || config.cluster.contains(['/', '.', '~']) {
-            return Err(SteeringError::Ebpf(format!(
-                "cluster name {:?} cannot name a pin folder",
-                config.cluster
-            )));
-        }
-        let dir = paths::pin_dir(&config.cluster);
+        let dir = pins::cluster_pin_dir(&config.cluster)?;
         Ok(SkLookupSteering {
             config,
             dir,
@@ -194,22 +187,11 @@ impl SkLookupSteering {
         }
         self.maps
             .as_mut()
-            .ok_or_else(|| SteeringError::NotInstalled {
-                cluster: self.config.cluster.clone(),
-                path: self.dir.display().to_string(),
-            })
+            .ok_or_else(|| pins::not_installed(&self.config.cluster, &self.dir))
     }
 
     fn check_config(&self) -> Result<(), SteeringError> {
-        let count = self.config.services.len();
-        if count > ipcluster_common::MAX_SERVICES as usize {
-            return Err(SteeringError::OverCapacity {
-                what: format!("{count} listen addresses"),
-                count,
-                capacity: ipcluster_common::MAX_SERVICES,
-            });
-        }
-        Ok(())
+        pins::check_service_count(self.config.services.len())
     }
 
     /// Build the cluster's state in a temporary folder and rename it into
