@@ -557,21 +557,21 @@ pub fn kill_cluster_processes(cluster: &str) -> usize {
     pids.len()
 }
 
+/// The pid of every process /proc lists now (none when /proc is unreadable).
+pub fn proc_pids() -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .collect()
+}
+
 /// Processes (not zombies) carrying `IPCLUSTER_NAME=<cluster>`.
 pub fn cluster_processes(cluster: &str) -> Vec<i32> {
     let needle = format!("IPCLUSTER_NAME={cluster}");
     let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in proc_pids() {
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };

@@ -63,17 +63,7 @@ fn fresh_cluster_dir(name: &str) -> PathBuf {
 /// (pid, session, command line) of every process.
 fn processes() -> Vec<(i32, i32, String)> {
     let mut all = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return all;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in ipcluster_tests::cluster::proc_pids() {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
