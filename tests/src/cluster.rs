@@ -547,6 +547,27 @@ impl Drop for Cluster {
     }
 }
 
+/// Poll `probe` every 20 ms until it gives a value; panic with the logs after `timeout`.
+pub fn wait_for<T>(
+    cluster: &Cluster,
+    timeout: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// SIGKILL every process whose environment says it belongs to `cluster`.
 pub fn kill_cluster_processes(cluster: &str) -> usize {
     let pids = cluster_processes(cluster);

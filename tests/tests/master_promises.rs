@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use ipcluster::steering::band_of;
 use ipcluster_tests::cluster::{
     Cluster, ClusterSpec, DemoReply, StreamWatch, demo_get, http_get, ipcluster, ipcluster_bin,
-    live_workers, signal, workers_in,
+    live_workers, signal, wait_for, workers_in,
 };
 use ipcluster_tests::loopback_client;
 use ipcluster_tests::reload::{Generation, Load, check_samples};
@@ -39,27 +39,6 @@ use serde_json::Value;
 
 fn listen_on(ports: &Ports, i: usize) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], ports.get(i)))
-}
-
-/// Poll `probe` every 20 ms until it gives a value; panic with the logs after `timeout`.
-fn wait_for<T>(
-    cluster: &Cluster,
-    timeout: Duration,
-    what: &str,
-    mut probe: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Is `pid` running (not a zombie)?
