@@ -384,6 +384,12 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr),
             self.logs()
         );
+        self.assert_nothing_left_after_stop();
+    }
+
+    /// Wait for the masters to exit, then panic if anything of the cluster is
+    /// left (what [`Cluster::stop`] and [`Cluster::assert_stopped`] check).
+    fn assert_nothing_left_after_stop(&mut self) {
         for master in &mut self.masters {
             let _ = wait_child(master, Duration::from_secs(5));
         }
@@ -401,17 +407,7 @@ impl Cluster {
     /// checks (nothing left), and do not stop again on drop.
     pub fn assert_stopped(&mut self) {
         self.stopped = true;
-        for master in &mut self.masters {
-            let _ = wait_child(master, Duration::from_secs(5));
-        }
-        let left = self.leftovers_after_stop();
-        assert!(
-            left.is_empty(),
-            "`ipcluster stop --name {}` left behind:\n  {}\n{}",
-            self.name,
-            left.join("\n  "),
-            self.logs()
-        );
+        self.assert_nothing_left_after_stop();
     }
 
     /// What of this cluster is left, waiting up to 3 s for the kernel to free
