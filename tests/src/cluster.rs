@@ -876,6 +876,16 @@ impl StreamWatch {
     }
 }
 
+/// Finish every stream and list every problem each had from `since` to now
+/// (see [`StreamRecord::problems`]).
+pub fn finish_streams(streams: Vec<StreamWatch>, since: Instant) -> Vec<String> {
+    let end = Instant::now();
+    streams
+        .into_iter()
+        .flat_map(|s| s.finish().problems(since, end))
+        .collect()
+}
+
 impl StreamRecord {
     /// Every problem with this stream over `[since, until]`: it must not have
     /// broken, every line must come from the worker that sent the first one

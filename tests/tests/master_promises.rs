@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use ipcluster::steering::band_of;
 use ipcluster_tests::cluster::{
-    Cluster, ClusterSpec, DemoReply, StreamWatch, demo_get, http_get, ipcluster, ipcluster_bin,
-    live_workers, signal, wait_for, workers_in,
+    Cluster, ClusterSpec, DemoReply, StreamWatch, demo_get, finish_streams, http_get, ipcluster,
+    ipcluster_bin, live_workers, signal, wait_for, workers_in,
 };
 use ipcluster_tests::loopback_client;
 use ipcluster_tests::reload::{Generation, Load, check_samples};
@@ -131,11 +131,7 @@ fn reload_to(cluster: &mut Cluster, listen: SocketAddr, workers: u32) -> Generat
             "{client} after the reload to {workers}: {reply:?}"
         );
     }
-    let end = Instant::now();
-    let problems: Vec<String> = streams
-        .into_iter()
-        .flat_map(|s| s.finish().problems(switched_at, end))
-        .collect();
+    let problems = finish_streams(streams, switched_at);
     assert!(
         problems.is_empty(),
         "streams on every band of the old shape:\n  {}",
