@@ -611,6 +611,20 @@ pub fn live_workers(status: &Value, generation: Option<u64>) -> Vec<Value> {
     workers_in(status, "live", generation)
 }
 
+/// (band, pid) of every live worker (of `generation`, if given) in a status
+/// report, in the report's order.
+pub fn live_band_pids(status: &Value, generation: Option<u64>) -> Vec<(u32, i32)> {
+    live_workers(status, generation)
+        .iter()
+        .filter_map(|w| {
+            Some((
+                u32::try_from(w["band"].as_u64()?).ok()?,
+                i32::try_from(w["pid"].as_i64()?).ok()?,
+            ))
+        })
+        .collect()
+}
+
 /// Workers in `state` of `generation` (or of any).
 pub fn workers_in(status: &Value, state: &str, generation: Option<u64>) -> Vec<Value> {
     status["workers"]
