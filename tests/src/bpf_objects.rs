@@ -26,6 +26,26 @@ pub fn pinned_map_ids(cluster: &str) -> BTreeSet<u32> {
         .collect()
 }
 
+/// `cluster`'s pin folder and the names in it, when the folder is still there.
+pub fn pin_folder_leftover(cluster: &str) -> Option<String> {
+    let dir = pin_dir(cluster);
+    if !dir.exists() {
+        return None;
+    }
+    let names: Vec<String> = std::fs::read_dir(&dir)
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    Some(format!(
+        "pin folder {} ({})",
+        dir.display(),
+        names.join(", ")
+    ))
+}
+
 /// Everything still in the kernel that belongs to the maps `map_ids`: the maps
 /// themselves, programs that use them, links that hold those programs.
 /// Described for a failure message; empty = nothing left.

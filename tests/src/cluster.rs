@@ -384,6 +384,12 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr),
             self.logs()
         );
+        self.assert_nothing_left_after_stop();
+    }
+
+    /// Wait for the masters to exit, then panic if anything of the cluster is
+    /// left (what [`Cluster::stop`] and [`Cluster::assert_stopped`] check).
+    fn assert_nothing_left_after_stop(&mut self) {
         for master in &mut self.masters {
             let _ = wait_child(master, Duration::from_secs(5));
         }
@@ -401,17 +407,7 @@ impl Cluster {
     /// checks (nothing left), and do not stop again on drop.
     pub fn assert_stopped(&mut self) {
         self.stopped = true;
-        for master in &mut self.masters {
-            let _ = wait_child(master, Duration::from_secs(5));
-        }
-        let left = self.leftovers_after_stop();
-        assert!(
-            left.is_empty(),
-            "`ipcluster stop --name {}` left behind:\n  {}\n{}",
-            self.name,
-            left.join("\n  "),
-            self.logs()
-        );
+        self.assert_nothing_left_after_stop();
     }
 
     /// What of this cluster is left, waiting up to 3 s for the kernel to free
@@ -547,6 +543,27 @@ impl Drop for Cluster {
     }
 }
 
+/// Poll `probe` every 20 ms until it gives a value; panic with the logs after `timeout`.
+pub fn wait_for<T>(
+    cluster: &Cluster,
+    timeout: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not within {timeout:?}\n{}",
+            cluster.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// SIGKILL every process whose environment says it belongs to `cluster`.
 pub fn kill_cluster_processes(cluster: &str) -> usize {
     let pids = cluster_processes(cluster);
@@ -557,21 +574,21 @@ pub fn kill_cluster_processes(cluster: &str) -> usize {
     pids.len()
 }
 
+/// The pid of every process /proc lists now (none when /proc is unreadable).
+pub fn proc_pids() -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .collect()
+}
+
 /// Processes (not zombies) carrying `IPCLUSTER_NAME=<cluster>`.
 pub fn cluster_processes(cluster: &str) -> Vec<i32> {
     let needle = format!("IPCLUSTER_NAME={cluster}");
     let mut pids = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return pids;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in proc_pids() {
         let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
             continue;
         };
@@ -592,6 +609,20 @@ pub fn cluster_processes(cluster: &str) -> Vec<i32> {
 /// Live workers of `generation` (or of any), from a status report.
 pub fn live_workers(status: &Value, generation: Option<u64>) -> Vec<Value> {
     workers_in(status, "live", generation)
+}
+
+/// (band, pid) of every live worker (of `generation`, if given) in a status
+/// report, in the report's order.
+pub fn live_band_pids(status: &Value, generation: Option<u64>) -> Vec<(u32, i32)> {
+    live_workers(status, generation)
+        .iter()
+        .filter_map(|w| {
+            Some((
+                u32::try_from(w["band"].as_u64()?).ok()?,
+                i32::try_from(w["pid"].as_i64()?).ok()?,
+            ))
+        })
+        .collect()
 }
 
 /// Workers in `state` of `generation` (or of any).
@@ -857,6 +888,16 @@ impl StreamWatch {
             error,
         }
     }
+}
+
+/// Finish every stream and list every problem each had from `since` to now
+/// (see [`StreamRecord::problems`]).
+pub fn finish_streams(streams: Vec<StreamWatch>, since: Instant) -> Vec<String> {
+    let end = Instant::now();
+    streams
+        .into_iter()
+        .flat_map(|s| s.finish().problems(since, end))
+        .collect()
 }
 
 impl StreamRecord {

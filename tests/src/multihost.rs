@@ -293,15 +293,7 @@ impl HostCluster {
         let status = self
             .try_status()
             .unwrap_or_else(|e| panic!("status of {}: {e}\n{}", self.name, self.log()));
-        let mut pids: Vec<(u32, i32)> = live_workers(&status, None)
-            .iter()
-            .filter_map(|w| {
-                Some((
-                    u32::try_from(w["band"].as_u64()?).ok()?,
-                    i32::try_from(w["pid"].as_i64()?).ok()?,
-                ))
-            })
-            .collect();
+        let mut pids = cluster::live_band_pids(&status, None);
         pids.sort_unstable();
         pids
     }

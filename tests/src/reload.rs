@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use ipcluster::steering::band_of;
 use serde_json::Value;
 
-use crate::cluster::{DemoReply, demo_get, live_workers};
+use crate::cluster::{DemoReply, demo_get, live_band_pids};
 
 /// One request of the load: from whom, when, and what came back.
 #[derive(Clone, Debug)]
@@ -42,15 +42,7 @@ pub struct Generation {
 impl Generation {
     /// The live workers of generation `number` in a status report.
     pub fn from_status(status: &Value, number: u64, workers: u32) -> Generation {
-        let pid_by_band = live_workers(status, Some(number))
-            .iter()
-            .filter_map(|w| {
-                Some((
-                    u32::try_from(w["band"].as_u64()?).ok()?,
-                    i32::try_from(w["pid"].as_i64()?).ok()?,
-                ))
-            })
-            .collect();
+        let pid_by_band = live_band_pids(status, Some(number)).into_iter().collect();
         Generation {
             number,
             workers,

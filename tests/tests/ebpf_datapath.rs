@@ -23,6 +23,33 @@ use ipcluster_tests::unique::{Ports, cluster_name};
 use ipcluster_tests::worker::Worker;
 use ipcluster_tests::{loopback_clients, require_root};
 
+/// In `ns`: install `steering` (panicking with `what.0`), publish `table`
+/// and start one worker on `any`:port for each of `band_ports` (panicking
+/// with `what.1`).
+fn steer_to_band_workers(
+    ns: &NetNs,
+    steering: &mut dyn Steering,
+    table: &SteeringTable,
+    band_ports: Vec<u16>,
+    any: IpAddr,
+    what: (&str, &str),
+) -> Vec<Worker> {
+    let (install, worker) = what;
+    ns.run(|| {
+        steering
+            .install()
+            .unwrap_or_else(|e| panic!("{install}: {e:?}"));
+        steering.publish(table).expect("publish");
+        band_ports
+            .into_iter()
+            .map(|p| {
+                Worker::start_on(SocketAddr::new(any, p))
+                    .unwrap_or_else(|e| panic!("{worker}: {e:?}"))
+            })
+            .collect()
+    })
+}
+
 /// Forge, for every open connection, a SYN with its client address and port
 /// to the public port and to the worker port it lives on (plus SYN|RST and
 /// SYN|FIN to the public port); then every connection must still echo on its
@@ -156,18 +183,17 @@ fn forwarded_traffic_is_never_steered(kind: BackendKind) {
             }
         })
     });
-    let workers = net.host.run(|| {
-        steering.install().expect("install in the host namespace");
-        steering.publish(&table).expect("publish");
-        ports
-            .slice(1..5)
-            .into_iter()
-            .map(|p| {
-                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
-                    .expect("worker in the host namespace")
-            })
-            .collect::<Vec<_>>()
-    });
+    let workers = steer_to_band_workers(
+        &net.host,
+        steering.as_mut(),
+        &table,
+        ports.slice(1..5),
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        (
+            "install in the host namespace",
+            "worker in the host namespace",
+        ),
+    );
     let remote_server = net.remote.run(|| {
         Worker::start_on(SocketAddr::new(
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -257,18 +283,14 @@ fn stacked_hooks_on_a_bridge_steer_once() {
     let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
     let _teardown = teardown_guard(&ebpf, &config);
     let mut steering = ebpf(config.clone());
-    let workers = host.run(|| {
-        steering.install().expect("install on h0 and br0");
-        steering.publish(&table).expect("publish");
-        ports
-            .slice(1..5)
-            .into_iter()
-            .map(|p| {
-                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
-                    .expect("worker")
-            })
-            .collect::<Vec<_>>()
-    });
+    let workers = steer_to_band_workers(
+        &host,
+        steering.as_mut(),
+        &table,
+        ports.slice(1..5),
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        ("install on h0 and br0", "worker"),
+    );
     let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 212, 0, 1)), public.port());
     let source = IpAddr::V4(Ipv4Addr::new(10, 212, 0, 2));
     let expected = table.worker_port_for(0, source);
@@ -378,18 +400,14 @@ fn l3_devices_are_steered() {
     let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
     let _teardown = teardown_guard(&ebpf, &config);
     let mut steering = ebpf(config.clone());
-    let workers = host.run(|| {
-        steering.install().expect("install on tun1");
-        steering.publish(&table).expect("publish");
-        ports
-            .slice(1..5)
-            .into_iter()
-            .map(|p| {
-                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
-                    .expect("worker")
-            })
-            .collect::<Vec<_>>()
-    });
+    let workers = steer_to_band_workers(
+        &host,
+        steering.as_mut(),
+        &table,
+        ports.slice(1..5),
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        ("install on tun1", "worker"),
+    );
     let source = IpAddr::V4(Ipv4Addr::new(10, 213, 0, 2));
     let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 213, 0, 1)), public.port());
     let expected = table.worker_port_for(0, source);
@@ -448,18 +466,14 @@ fn icmp_fragmentation_needed_reaches_the_worker() {
     let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
     let _teardown = teardown_guard(&ebpf, &config);
     let mut steering = ebpf(config.clone());
-    let workers = host.run(|| {
-        steering.install().expect("install on h0");
-        steering.publish(&table).expect("publish");
-        ports
-            .slice(1..5)
-            .into_iter()
-            .map(|p| {
-                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
-                    .expect("worker")
-            })
-            .collect::<Vec<_>>()
-    });
+    let workers = steer_to_band_workers(
+        &host,
+        steering.as_mut(),
+        &table,
+        ports.slice(1..5),
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        ("install on h0", "worker"),
+    );
     let source = IpAddr::V4(Ipv4Addr::new(10, 214, 1, 2));
     let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 214, 2, 2)), public.port());
     let big = "x".repeat(65_536);
@@ -544,21 +558,17 @@ fn ebpf_forwarded_ipv6_traffic_is_never_steered() {
     let table = SteeringTable::uniform(&[wildcard], 0, &[ports.slice(1..5)]);
     let _teardown = teardown_guard(&ebpf, &config);
     let mut steering = ebpf(config.clone());
-    let workers = host.run(|| {
-        steering.install().expect("install in the host namespace");
-        steering.publish(&table).expect("publish");
-        ports
-            .slice(1..5)
-            .into_iter()
-            .map(|p| {
-                Worker::start_on(SocketAddr::new(
-                    IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-                    p,
-                ))
-                .expect("worker in the host namespace")
-            })
-            .collect::<Vec<_>>()
-    });
+    let workers = steer_to_band_workers(
+        &host,
+        steering.as_mut(),
+        &table,
+        ports.slice(1..5),
+        IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        (
+            "install in the host namespace",
+            "worker in the host namespace",
+        ),
+    );
     let remote_server = remote.run(|| {
         Worker::start_on(SocketAddr::new(
             IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
@@ -633,18 +643,14 @@ fn bridged_traffic_between_guests_is_never_steered() {
     let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
     let _teardown = teardown_guard(&ebpf, &config);
     let mut steering = ebpf(config.clone());
-    let workers = host.run(|| {
-        steering.install().expect("install on every up interface");
-        steering.publish(&table).expect("publish");
-        ports
-            .slice(1..5)
-            .into_iter()
-            .map(|p| {
-                Worker::start_on(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), p))
-                    .expect("worker")
-            })
-            .collect::<Vec<_>>()
-    });
+    let workers = steer_to_band_workers(
+        &host,
+        steering.as_mut(),
+        &table,
+        ports.slice(1..5),
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        ("install on every up interface", "worker"),
+    );
     let guest_server = guest2.run(|| {
         Worker::start_on(SocketAddr::new(
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),

@@ -180,6 +180,16 @@ fn v6(s: &str, port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V6(s.parse().expect("IPv6 address")), port)
 }
 
+/// The public addresses every steering table of these tests holds: one
+/// IPv4 and one IPv6 service on `PUBLIC`, a wildcard one on `WILDCARD_PUBLIC`.
+fn public_services() -> [SocketAddr; 3] {
+    [
+        v4([127, 0, 0, 1], PUBLIC),
+        v6("::1", PUBLIC),
+        v4([0, 0, 0, 0], WILDCARD_PUBLIC),
+    ]
+}
+
 fn tcp4(src: SocketAddr, dst: SocketAddr, flags: u8) -> Vec<u8> {
     let (IpAddr::V4(s), IpAddr::V4(d)) = (src.ip(), dst.ip()) else {
         panic!("IPv4 addresses expected")
@@ -248,11 +258,7 @@ impl Loaded {
             .expect("load the eBPF object");
         let mut maps = SteeringMaps::take_from(&mut ebpf).expect("take the maps");
         let table = SteeringTable::uniform(
-            &[
-                v4([127, 0, 0, 1], PUBLIC),
-                v6("::1", PUBLIC),
-                v4([0, 0, 0, 0], WILDCARD_PUBLIC),
-            ],
+            &public_services(),
             0,
             &[
                 WORKERS.to_vec(),
@@ -706,11 +712,7 @@ fn flows_are_not_taken_over() {
     // A new generation: other worker ports for every band.
     let new_workers: Vec<u16> = WORKERS.iter().map(|p| p + 500).collect();
     let table = SteeringTable::uniform(
-        &[
-            v4([127, 0, 0, 1], PUBLIC),
-            v6("::1", PUBLIC),
-            v4([0, 0, 0, 0], WILDCARD_PUBLIC),
-        ],
+        &public_services(),
         0,
         &[
             new_workers.clone(),

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 
 use ipcluster::steering::band_of;
 use ipcluster_tests::cluster::{
-    Cluster, ClusterSpec, DemoReply, StreamWatch, demo_get, live_workers, signal, workers_in,
+    Cluster, ClusterSpec, DemoReply, StreamWatch, demo_get, finish_streams, live_workers, signal,
+    workers_in,
 };
 use ipcluster_tests::unique::{Ports, cluster_name};
 use ipcluster_tests::{loopback_client, loopback_clients};
@@ -109,11 +110,7 @@ fn sigkill_live_worker(backend: &str) {
     );
     // The other bands' streams flowed from their worker through all of it.
     std::thread::sleep(Duration::from_millis(500));
-    let end = Instant::now();
-    let problems: Vec<String> = streams
-        .into_iter()
-        .flat_map(|s| s.finish().problems(killed_at, end))
-        .collect();
+    let problems = finish_streams(streams, killed_at);
     assert!(
         problems.is_empty(),
         "streams on the other bands:\n  {}",

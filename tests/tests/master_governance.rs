@@ -33,7 +33,8 @@ use std::time::{Duration, Instant};
 use ipcluster::steering::band_of;
 use ipcluster_tests::client::connect_from;
 use ipcluster_tests::cluster::{
-    Cluster, ClusterSpec, http_get, ipcluster, ipcluster_bin, live_workers, signal, workers_in,
+    Cluster, ClusterSpec, http_get, ipcluster, ipcluster_bin, live_workers, signal, wait_for,
+    workers_in,
 };
 use ipcluster_tests::guard::defer;
 use ipcluster_tests::loopback_client;
@@ -214,27 +215,6 @@ impl Stream {
 }
 
 // ---- the cluster, from outside ----------------------------------------------
-
-/// Poll `probe` every 20 ms until it gives a value; panic with the logs after `timeout`.
-fn wait_for<T>(
-    cluster: &Cluster,
-    timeout: Duration,
-    what: &str,
-    mut probe: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// The worker with this pid in a status report.
 fn worker(status: &Value, pid: i64) -> Option<Value> {

@@ -51,20 +51,19 @@ fn nginx_command(dir: &Path) -> Vec<String> {
     ]
 }
 
+/// An empty temporary directory for cluster `name` (what was left there by
+/// an earlier run is removed first).
+fn fresh_cluster_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("ipcluster-{name}"));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
 /// (pid, session, command line) of every process.
 fn processes() -> Vec<(i32, i32, String)> {
     let mut all = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return all;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
+    for pid in ipcluster_tests::cluster::proc_pids() {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             continue;
         };
@@ -132,9 +131,7 @@ fn nginx_workers_are_adopted_retired_and_stopped_across_a_reload() {
         "nginx is not installed: `cargo xtask setup` installs it (apt-get install nginx)"
     );
     let name = cluster_name("nginx-identity");
-    let dir: PathBuf = std::env::temp_dir().join(format!("ipcluster-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = fresh_cluster_dir(&name);
     std::fs::write(dir.join("nginx.conf.in"), NGINX_CONF).expect("nginx config");
 
     // Every worker session seen, for the cleanup below and the final check.
@@ -283,9 +280,7 @@ fn worker(status: &serde_json::Value, state: &str, generation: u64, band: u64) -
 fn a_crashed_workers_band_is_served_by_a_stand_in_until_its_replacement_is_ready() {
     ipcluster_tests::require_root();
     let name = cluster_name("stand-in");
-    let dir: PathBuf = std::env::temp_dir().join(format!("ipcluster-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = fresh_cluster_dir(&name);
     let slow = dir.join("slow");
     let _cleanup = defer(|| {
         let _ = std::fs::remove_dir_all(&dir);
@@ -458,9 +453,7 @@ fn forged_workers_are_ignored_and_logged() {
 fn workers_start_in_the_run_directory_with_the_documented_environment() {
     ipcluster_tests::require_root();
     let name = cluster_name("worker-start");
-    let dir: PathBuf = std::env::temp_dir().join(format!("ipcluster-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = fresh_cluster_dir(&name);
     let bin = ipcluster_tests::cluster::ipcluster_bin();
     let script = dir.join("worker.sh");
     std::fs::write(
@@ -716,9 +709,7 @@ fn slow_demo_command(slow: &Path) -> Vec<String> {
 fn a_reload_to_fewer_workers_publishes_although_an_old_high_band_crashes() {
     ipcluster_tests::require_root();
     let name = cluster_name("fewer");
-    let dir: PathBuf = std::env::temp_dir().join(format!("ipcluster-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = fresh_cluster_dir(&name);
     let slow = dir.join("slow");
     let _cleanup = defer(|| {
         let _ = std::fs::remove_dir_all(&dir);
@@ -770,9 +761,7 @@ fn a_reload_to_fewer_workers_publishes_although_an_old_high_band_crashes() {
 fn a_second_run_while_the_first_is_starting_hands_over_cleanly() {
     ipcluster_tests::require_root();
     let name = cluster_name("early-reload");
-    let dir: PathBuf = std::env::temp_dir().join(format!("ipcluster-{name}"));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("temp dir");
+    let dir = fresh_cluster_dir(&name);
     let slow = dir.join("slow");
     std::fs::write(&slow, b"").expect("slow marker");
     let ports = Ports::reserve(1);

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use ipcluster::steering::band_of;
 use ipcluster_tests::cluster::{
-    Cluster, ClusterSpec, DemoReply, StreamWatch, demo_get, http_get, ipcluster, ipcluster_bin,
-    live_workers, signal, workers_in,
+    Cluster, ClusterSpec, DemoReply, StreamWatch, demo_get, finish_streams, http_get, ipcluster,
+    ipcluster_bin, live_workers, signal, wait_for, workers_in,
 };
 use ipcluster_tests::loopback_client;
 use ipcluster_tests::reload::{Generation, Load, check_samples};
@@ -39,27 +39,6 @@ use serde_json::Value;
 
 fn listen_on(ports: &Ports, i: usize) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], ports.get(i)))
-}
-
-/// Poll `probe` every 20 ms until it gives a value; panic with the logs after `timeout`.
-fn wait_for<T>(
-    cluster: &Cluster,
-    timeout: Duration,
-    what: &str,
-    mut probe: impl FnMut() -> Option<T>,
-) -> T {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = probe() {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: not within {timeout:?}\n{}",
-            cluster.logs()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Is `pid` running (not a zombie)?
@@ -152,11 +131,7 @@ fn reload_to(cluster: &mut Cluster, listen: SocketAddr, workers: u32) -> Generat
             "{client} after the reload to {workers}: {reply:?}"
         );
     }
-    let end = Instant::now();
-    let problems: Vec<String> = streams
-        .into_iter()
-        .flat_map(|s| s.finish().problems(switched_at, end))
-        .collect();
+    let problems = finish_streams(streams, switched_at);
     assert!(
         problems.is_empty(),
         "streams on every band of the old shape:\n  {}",

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use ipcluster::steering::band_of;
 use ipcluster_tests::cluster::{
-    Cluster, ClusterSpec, StreamWatch, demo_get, live_workers, nice_of, workers_in,
+    Cluster, ClusterSpec, StreamWatch, demo_get, finish_streams, live_workers, nice_of, workers_in,
 };
 use ipcluster_tests::loopback_client;
 use ipcluster_tests::reload::{Generation, Load, check_samples};
@@ -129,11 +129,7 @@ fn reload_under_load(backend: &str) {
 
     // The streams kept flowing from their generation-1 worker from the switch
     // to now, without a gap.
-    let end = Instant::now();
-    let problems: Vec<String> = streams
-        .into_iter()
-        .flat_map(|s| s.finish().problems(switched_at, end))
-        .collect();
+    let problems = finish_streams(streams, switched_at);
     assert!(
         problems.is_empty(),
         "streams opened before the reload:\n  {}\n{}",

@@ -191,11 +191,11 @@ fn low_bit_front_leaves_one_band_per_host_without_band_shift() {
         IpAddr::V6(_) => unreachable!("IPv4 clients only"),
     };
 
-    // Without --band-shift the hosts take the band from the same bit the front
-    // used: host A sees only even clients (band 0), host B only odd ones (band 1).
-    {
-        let hosts = start_hosts(&topology, listen, 2, &[]);
-        let landings = survey(&topology, listen, &hosts, 0);
+    // Start both hosts with `flags`, survey every client, check that the front
+    // sent it by the parity of its address; the bands each host served.
+    let bands_per_host_with = |flags: &[&str], band_shift: u8| {
+        let hosts = start_hosts(&topology, listen, 2, flags);
+        let landings = survey(&topology, listen, &hosts, band_shift);
         for l in &landings {
             assert_eq!(
                 l.host,
@@ -205,24 +205,17 @@ fn low_bit_front_leaves_one_band_per_host_without_band_shift() {
                 l.host
             );
         }
-        let bands = bands_per_host(&landings);
-        eprintln!("low-bit front, --band-shift 0: bands per host {bands:?}");
-        assert_eq!(bands, [BTreeSet::from([0]), BTreeSet::from([1])]);
-    }
+        bands_per_host(&landings)
+    };
+
+    // Without --band-shift the hosts take the band from the same bit the front
+    // used: host A sees only even clients (band 0), host B only odd ones (band 1).
+    let bands = bands_per_host_with(&[], 0);
+    eprintln!("low-bit front, --band-shift 0: bands per host {bands:?}");
+    assert_eq!(bands, [BTreeSet::from([0]), BTreeSet::from([1])]);
 
     // --band-shift 1 skips the bit the front used: every band of each host serves.
-    let hosts = start_hosts(&topology, listen, 2, &["--band-shift", "1"]);
-    let landings = survey(&topology, listen, &hosts, 1);
-    for l in &landings {
-        assert_eq!(
-            l.host,
-            parity(l),
-            "the front sends {} to host {}",
-            l.client,
-            l.host
-        );
-    }
-    let bands = bands_per_host(&landings);
+    let bands = bands_per_host_with(&["--band-shift", "1"], 1);
     eprintln!("low-bit front, --band-shift 1: bands per host {bands:?}");
     assert_eq!(bands, [BTreeSet::from([0, 1]), BTreeSet::from([0, 1])]);
 }

@@ -67,41 +67,55 @@ impl Registry {
     /// `Ok(None)` when there is no registry (a cluster of an older version,
     /// or none at all).
     pub fn load(path: &Path) -> Result<Option<Registry>, RegistryError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(RegistryError::Read {
-                    path: path.display().to_string(),
-                    source,
-                });
-            }
-        };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|source| RegistryError::Parse {
+        read_json(path).map_err(|e| match e {
+            JsonFileError::Read(source) => RegistryError::Read {
                 path: path.display().to_string(),
                 source,
-            })
+            },
+            JsonFileError::Parse(source) => RegistryError::Parse {
+                path: path.display().to_string(),
+                source,
+            },
+        })
     }
 
     /// Replace the file at `path` atomically.
     pub fn save(&self, path: &Path) -> Result<(), RegistryError> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| RegistryError::Write {
+        write_json_atomically(path, self).map_err(|source| RegistryError::Write {
             path: path.display().to_string(),
-            source: std::io::Error::other(e),
-        })?;
-        write_atomically(path, format!("{text}\n").as_bytes()).map_err(|source| {
-            RegistryError::Write {
-                path: path.display().to_string(),
-                source,
-            }
+            source,
         })
     }
 
     pub fn entry(&self, pid: i32) -> Option<&RegistryEntry> {
         self.workers.iter().find(|e| e.pid == pid)
     }
+}
+
+/// Why a master's JSON file (the registry, the cluster state) could not be read.
+#[derive(Debug)]
+pub enum JsonFileError {
+    Read(std::io::Error),
+    Parse(serde_json::Error),
+}
+
+/// Read a master's JSON file; `Ok(None)` when it does not exist.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, JsonFileError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(JsonFileError::Read(source)),
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(JsonFileError::Parse)
+}
+
+/// Write `value` as pretty JSON with a final newline, atomically
+/// (see [`write_atomically`]).
+pub fn write_json_atomically<T: Serialize>(path: &Path, value: &T) -> std::io::Result<()> {
+    let text = serde_json::to_string_pretty(value).map_err(std::io::Error::other)?;
+    write_atomically(path, format!("{text}\n").as_bytes())
 }
 
 /// Write `bytes` to `path` so that readers see the old file or the new one,

@@ -7,6 +7,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use super::registry::{JsonFileError, read_json, write_json_atomically};
 use crate::steering::{BackendKind, SteeringConfig};
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,33 +59,24 @@ impl ClusterState {
 
     /// `Ok(None)` when the file does not exist.
     pub fn load(path: &Path) -> Result<Option<ClusterState>, StateError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(source) => {
-                return Err(StateError::Read {
-                    path: path.display().to_string(),
-                    source,
-                });
-            }
-        };
-        serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|source| StateError::Parse {
+        read_json(path).map_err(|e| match e {
+            JsonFileError::Read(source) => StateError::Read {
                 path: path.display().to_string(),
                 source,
-            })
+            },
+            JsonFileError::Parse(source) => StateError::Parse {
+                path: path.display().to_string(),
+                source,
+            },
+        })
     }
 
     /// Write atomically (a temporary file of unpredictable name, then rename).
     pub fn save(&self, path: &Path) -> Result<(), StateError> {
-        let write_err = |source| StateError::Write {
+        write_json_atomically(path, self).map_err(|source| StateError::Write {
             path: path.display().to_string(),
             source,
-        };
-        let text =
-            serde_json::to_string_pretty(self).map_err(|e| write_err(std::io::Error::other(e)))?;
-        super::registry::write_atomically(path, (text + "\n").as_bytes()).map_err(write_err)
+        })
     }
 }
 

@@ -11,6 +11,7 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use ipcluster::paths::pin_dir;
 use ipcluster::steering::{BackendKind, Steering, SteeringConfig, backend};
 use ipcluster_common::map_names;
+use ipcluster_tests::bpf_objects::pin_folder_leftover;
 
 /// The ebpf backend for `config`.
 /// Load (verify) the classifier `name` of `ebpf` into the kernel, without attaching it.
@@ -70,22 +71,7 @@ pub fn tcx_programs(iface: &str) -> Vec<(&'static str, u32, String, Vec<u32>)> {
 /// What of `cluster` is still in the kernel: its pin folder and entries, and
 /// tcx programs on `lo` that use its maps.
 pub fn leftovers(cluster: &str) -> Vec<String> {
-    let mut left = Vec::new();
-    let dir = pin_dir(cluster);
-    if dir.exists() {
-        let names: Vec<String> = std::fs::read_dir(&dir)
-            .map(|r| {
-                r.filter_map(Result::ok)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
-            .unwrap_or_default();
-        left.push(format!(
-            "pin folder {} ({})",
-            dir.display(),
-            names.join(", ")
-        ));
-    }
+    let mut left: Vec<String> = pin_folder_leftover(cluster).into_iter().collect();
     let ids = cluster_map_ids(cluster);
     for (direction, id, name, maps) in tcx_programs("lo") {
         if maps.iter().any(|m| ids.contains(m)) {

@@ -16,6 +16,7 @@ use ipcluster::steering::{
     backend,
 };
 use ipcluster_common::sk_lookup::MAPS;
+use ipcluster_tests::bpf_objects::pin_folder_leftover;
 
 /// Inodes of the LISTEN sockets on `port` in this network namespace
 /// (/proc/net/tcp and tcp6; state 0A is LISTEN).
@@ -146,22 +147,7 @@ pub fn leftovers_with(ids: &std::sync::Mutex<BTreeSet<u32>>) -> impl Fn(&str) ->
     move |cluster: &str| {
         let mut known = ids.lock().unwrap_or_else(|p| p.into_inner());
         known.extend(cluster_map_ids(cluster));
-        let mut left = Vec::new();
-        let dir = pin_dir(cluster);
-        if dir.exists() {
-            let names: Vec<String> = std::fs::read_dir(&dir)
-                .map(|r| {
-                    r.filter_map(Result::ok)
-                        .map(|e| e.file_name().to_string_lossy().into_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
-            left.push(format!(
-                "pin folder {} ({})",
-                dir.display(),
-                names.join(", ")
-            ));
-        }
+        let mut left: Vec<String> = pin_folder_leftover(cluster).into_iter().collect();
         for (link, program, maps) in netns_links() {
             if maps.iter().any(|m| known.contains(m)) {
                 left.push(format!("sk_lookup link {link} (program {program})"));

@@ -122,14 +122,7 @@ pub struct EbpfSteering {
 
 impl EbpfSteering {
     pub fn new(config: SteeringConfig) -> Result<Self, SteeringError> {
-        // bpffs names cannot hold a dot; '~' marks temporary folders.
-        if config.cluster.is_empty() || config.cluster.contains(['/', '.', '~']) {
-            return Err(SteeringError::Ebpf(format!(
-                "cluster name {:?} cannot name a pin folder",
-                config.cluster
-            )));
-        }
-        let dir = paths::pin_dir(&config.cluster);
+        let dir = pins::cluster_pin_dir(&config.cluster)?;
         Ok(EbpfSteering {
             config,
             dir,
@@ -166,21 +159,11 @@ impl EbpfSteering {
         }
         self.maps
             .as_mut()
-            .ok_or_else(|| SteeringError::NotInstalled {
-                cluster: self.config.cluster.clone(),
-                path: self.dir.display().to_string(),
-            })
+            .ok_or_else(|| pins::not_installed(&self.config.cluster, &self.dir))
     }
 
     fn check_config(&self) -> Result<(), SteeringError> {
-        let count = self.config.services.len();
-        if count > ipcluster_common::MAX_SERVICES as usize {
-            return Err(SteeringError::OverCapacity {
-                what: format!("{count} listen addresses"),
-                count,
-                capacity: ipcluster_common::MAX_SERVICES,
-            });
-        }
+        pins::check_service_count(self.config.services.len())?;
         if self.config.flow_entries == 0 {
             return Err(SteeringError::Ebpf(
                 "the flow table needs at least one entry (--flow-entries)".into(),

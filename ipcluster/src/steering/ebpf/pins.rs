@@ -73,6 +73,38 @@ pub fn ensure_pin_root() -> Result<PathBuf, SteeringError> {
     }
 }
 
+/// The pin folder of `cluster`, refused when the name cannot name one
+/// (both kernel backends pin under it).
+pub fn cluster_pin_dir(cluster: &str) -> Result<PathBuf, SteeringError> {
+    // bpffs names cannot hold a dot; '~' marks temporary folders.
+    if cluster.is_empty() || cluster.contains(['/', '.', '~']) {
+        return Err(SteeringError::Ebpf(format!(
+            "cluster name {cluster:?} cannot name a pin folder"
+        )));
+    }
+    Ok(crate::paths::pin_dir(cluster))
+}
+
+/// The error for a cluster whose pin folder holds no maps to steer with.
+pub fn not_installed(cluster: &str, dir: &Path) -> SteeringError {
+    SteeringError::NotInstalled {
+        cluster: cluster.to_owned(),
+        path: dir.display().to_string(),
+    }
+}
+
+/// Refuse more listen addresses than the service map holds.
+pub fn check_service_count(count: usize) -> Result<(), SteeringError> {
+    if count > ipcluster_common::MAX_SERVICES as usize {
+        return Err(SteeringError::OverCapacity {
+            what: format!("{count} listen addresses"),
+            count,
+            capacity: ipcluster_common::MAX_SERVICES,
+        });
+    }
+    Ok(())
+}
+
 /// What a pin folder holds, judged before any map is reused.
 #[derive(Debug)]
 pub enum Existing {

@@ -150,14 +150,7 @@ pub struct SkLookupSteering {
 
 impl SkLookupSteering {
     pub fn new(config: SteeringConfig) -> Result<Self, SteeringError> {
-        // bpffs names cannot hold a dot; '~' marks temporary folders.
-        if config.cluster.is_empty() || config.cluster.contains(['/', '.', '~']) {
-            return Err(SteeringError::Ebpf(format!(
-                "cluster name {:?} cannot name a pin folder",
-                config.cluster
-            )));
-        }
-        let dir = paths::pin_dir(&config.cluster);
+        let dir = pins::cluster_pin_dir(&config.cluster)?;
         Ok(SkLookupSteering {
             config,
             dir,
@@ -194,22 +187,11 @@ impl SkLookupSteering {
         }
         self.maps
             .as_mut()
-            .ok_or_else(|| SteeringError::NotInstalled {
-                cluster: self.config.cluster.clone(),
-                path: self.dir.display().to_string(),
-            })
+            .ok_or_else(|| pins::not_installed(&self.config.cluster, &self.dir))
     }
 
     fn check_config(&self) -> Result<(), SteeringError> {
-        let count = self.config.services.len();
-        if count > ipcluster_common::MAX_SERVICES as usize {
-            return Err(SteeringError::OverCapacity {
-                what: format!("{count} listen addresses"),
-                count,
-                capacity: ipcluster_common::MAX_SERVICES,
-            });
-        }
-        Ok(())
+        pins::check_service_count(self.config.services.len())
     }
 
     /// Build the cluster's state in a temporary folder and rename it into
@@ -325,15 +307,8 @@ fn detach_pinned(pin: &Path) -> Result<(), SteeringError> {
     const BPF_LINK_DETACH: libc::c_long = 34;
     let mut attr = [0u8; 64];
     attr[..4].copy_from_slice(&fd.as_raw_fd().to_ne_bytes());
-    // SAFETY: `attr` is a valid, large enough `union bpf_attr` for this command.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            attr.as_mut_ptr(),
-            attr.len() as libc::c_uint,
-        )
-    };
+    // SAFETY: `attr` is a valid `union bpf_attr` for this command.
+    let rc = unsafe { bpf_syscall(BPF_LINK_DETACH, &mut attr) };
     if rc < 0 {
         return Err(SteeringError::Io {
             what: what(),
@@ -344,6 +319,23 @@ fn detach_pinned(pin: &Path) -> Result<(), SteeringError> {
         what: format!("removing {}", pin.display()),
         source,
     })
+}
+
+/// The bpf(2) system call with a zero-padded 64-byte `union bpf_attr`.
+///
+/// # Safety
+/// `attr` must be a valid `union bpf_attr` for `cmd`, and every pointer it
+/// holds must stay valid for the call.
+unsafe fn bpf_syscall(cmd: libc::c_long, attr: &mut [u8; 64]) -> libc::c_long {
+    // SAFETY: the caller vouches for `attr`; its length is passed with it.
+    unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr.as_mut_ptr(),
+            attr.len() as libc::c_uint,
+        )
+    }
 }
 
 /// Open the BPF object pinned at `pin` (BPF_OBJ_GET).
@@ -357,14 +349,7 @@ fn link_fd_from_pin(pin: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     let mut attr = [0u8; 64];
     attr[..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
     // SAFETY: `attr` is a valid `union bpf_attr`; `path` outlives the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            attr.as_mut_ptr(),
-            attr.len() as libc::c_uint,
-        )
-    };
+    let fd = unsafe { bpf_syscall(BPF_OBJ_GET, &mut attr) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
