@@ -44,17 +44,27 @@ impl App {
     }
 }
 
+/// One line on stderr in one write: the workers of a cluster share the
+/// master's log file, and `eprintln!` writes a line in pieces, which
+/// interleave with the other workers' lines.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let line = format!("{}\n", format_args!($($arg)*));
+        let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    }};
+}
+
 fn main() -> ExitCode {
     let worker = match Worker::from_env() {
         Ok(worker) => worker,
         Err(e) => {
-            eprintln!("aware_worker: {e}");
+            say!("aware_worker: {e}");
             return ExitCode::from(2);
         }
     };
     let ports = worker.env().local_ports();
     if ports.is_empty() {
-        eprintln!("aware_worker: neither PORT nor IPCLUSTER_PORT_<public> is set");
+        say!("aware_worker: neither PORT nor IPCLUSTER_PORT_<public> is set");
         return ExitCode::from(2);
     }
     let app = Arc::new(App {
@@ -66,7 +76,7 @@ fn main() -> ExitCode {
         let listener = match bind(port) {
             Ok(listener) => listener,
             Err(e) => {
-                eprintln!("aware_worker: cannot listen on port {port}: {e}");
+                say!("aware_worker: cannot listen on port {port}: {e}");
                 return ExitCode::from(1);
             }
         };
@@ -87,7 +97,7 @@ fn main() -> ExitCode {
         match worker.hello() {
             Ok(messages) => break messages,
             Err(e) => {
-                eprintln!("aware_worker: {e}; trying again in 1s");
+                say!("aware_worker: {e}; trying again in 1s");
                 thread::sleep(Duration::from_secs(1));
             }
         }
@@ -96,14 +106,14 @@ fn main() -> ExitCode {
     for message in messages {
         match message {
             MasterMessage::Info { name, workers, .. } => {
-                eprintln!("aware_worker {pid}: cluster {name}, {workers} workers");
+                say!("aware_worker {pid}: cluster {name}, {workers} workers");
             }
             MasterMessage::Retire { reason } => {
-                eprintln!("aware_worker {pid}: retired ({reason}); serving the current clients");
+                say!("aware_worker {pid}: retired ({reason}); serving the current clients");
             }
             MasterMessage::Die { reason } => {
                 // Stop accepting and leave; SIGKILL would follow after the soft-kill timeout.
-                eprintln!("aware_worker {pid}: asked to die ({reason}); exiting");
+                say!("aware_worker {pid}: asked to die ({reason}); exiting");
                 return ExitCode::SUCCESS;
             }
         }
@@ -124,7 +134,7 @@ fn accept_loop(listener: &TcpListener, app: &Arc<App>) {
         let app = Arc::clone(app);
         thread::spawn(move || {
             if let Err(e) = serve(stream, &app) {
-                eprintln!("aware_worker: connection: {e}");
+                say!("aware_worker: connection: {e}");
             }
         });
     }

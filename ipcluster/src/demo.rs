@@ -194,11 +194,17 @@ fn control_session(
                 let Ok(line) = line else { return };
                 match serde_json::from_str::<MasterMessage>(&line) {
                     Ok(MasterMessage::Die { reason }) => {
-                        eprintln!("demo worker {}: told to die ({reason})", std::process::id());
+                        say_line(&format!(
+                            "demo worker {}: told to die ({reason})",
+                            std::process::id()
+                        ));
                         std::process::exit(0);
                     }
                     Ok(MasterMessage::Retire { reason }) => {
-                        eprintln!("demo worker {}: retired ({reason})", std::process::id());
+                        say_line(&format!(
+                            "demo worker {}: retired ({reason})",
+                            std::process::id()
+                        ));
                         flags.retired.store(true, Ordering::Relaxed);
                     }
                     Ok(MasterMessage::Info { .. }) | Err(_) => {}
@@ -224,4 +230,13 @@ fn control_session(
         )?;
         std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// One line on stderr in one write (`eprintln!` writes it in pieces, which
+/// interleave with the other workers' lines in a shared log).
+fn say_line(line: &str) {
+    use std::io::Write as _;
+    let _ = std::io::stderr()
+        .lock()
+        .write_all(format!("{line}\n").as_bytes());
 }
