@@ -48,7 +48,8 @@ enum Task {
         /// haproxy, nginx). Default: all.
         #[arg(long, value_delimiter = ',')]
         paths: Vec<String>,
-        /// Run only this case: `master-scale` (master CPU and `status` latency with
+        /// Run only this case: `crash` (how soon a crashed worker's band is steered away and
+        /// served by its replacement, every backend) or `master-scale` (master CPU and `status` latency with
         /// 10k/50k/100k idle connections on 8 workers, and with 64 idle workers).
         #[arg(long)]
         case: Option<String>,

@@ -8,6 +8,7 @@
 //! count), as ratios to the direct connection measured in the same run.
 
 mod bpf_stats;
+mod crash;
 mod env;
 mod load;
 mod master_scale;
@@ -98,13 +99,16 @@ pub struct BenchOptions {
 pub enum Case {
     /// Master CPU and `status` latency with many idle connections, and with 64 workers.
     MasterScale,
+    /// How soon a crashed worker's band is steered away and served by its replacement.
+    Crash,
 }
 
 /// `--case master-scale`.
 pub fn parse_case(name: &str) -> Result<Case> {
     match name.trim() {
         "master-scale" => Ok(Case::MasterScale),
-        other => bail!("unknown case {other:?}: use master-scale"),
+        "crash" => Ok(Case::Crash),
+        other => bail!("unknown case {other:?}: use master-scale or crash"),
     }
 }
 
@@ -429,6 +433,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         let worker_script = write_worker_files()?;
         match opts.case {
             Some(Case::MasterScale) => master_scale_case(opts),
+            Some(Case::Crash) => crash_case(opts),
             None => run_cases(opts, &worker_script, scale_test),
         }
     })();
@@ -548,6 +553,7 @@ fn run_cases(
         Err(e) => figures.errors.push(format!("scale: {e:#}")),
     }
     master_scale_figures(opts, settings.master_watch, &mut figures)?;
+    crash_figures(opts, &mut figures)?;
 
     let machine_after = cpu_sample()?;
     figures.steal_overall = machine_before.steal_pct_until(&machine_after);
@@ -1024,6 +1030,32 @@ fn master_scale_case(opts: &BenchOptions) -> Result<Figures> {
     figures.load_after = env::load_average();
     figures.wall = started.elapsed();
     Ok(figures)
+}
+
+fn crash_case(opts: &BenchOptions) -> Result<Figures> {
+    let started = Instant::now();
+    let mut figures = Figures::default();
+    figures.machine = report::describe_machine();
+    figures.load_before = env::load_average();
+    crash_figures(opts, &mut figures)?;
+    figures.load_after = env::load_average();
+    figures.wall = started.elapsed();
+    Ok(figures)
+}
+
+/// Crash recovery on every backend (see [`crash`]).
+fn crash_figures(opts: &BenchOptions, figures: &mut Figures) -> Result<()> {
+    for backend in ["ebpf", "sk-lookup", "iptables"] {
+        env::check_interrupted()?;
+        say("bench", &format!("crash recovery ({backend})"));
+        match crash::crash_recovery(opts, backend) {
+            Ok(line) => figures.scale.push(line),
+            Err(e) => figures
+                .errors
+                .push(format!("crash recovery ({backend}): {e:#}")),
+        }
+    }
+    Ok(())
 }
 
 /// The master's cost: with 10k/50k/100k idle connections on 8 workers (eBPF
