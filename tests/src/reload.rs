@@ -108,6 +108,18 @@ pub struct Verdict {
     pub answered_by_new: usize,
 }
 
+impl Verdict {
+    /// The first `n` problems, one per line (indented), for a failure message.
+    pub fn first_problems(&self, n: usize) -> String {
+        self.problems
+            .iter()
+            .take(n)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join("\n  ")
+    }
+}
+
 /// Check every sample: answered, by the worker of the client's band in the old
 /// or the new generation, and nobody reaching the old generation after the
 /// first answer from the new one.

@@ -109,13 +109,7 @@ fn reload_to(cluster: &mut Cluster, listen: SocketAddr, workers: u32) -> Generat
         old.workers,
         verdict.problems.len(),
         samples.len(),
-        verdict
-            .problems
-            .iter()
-            .take(10)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n  "),
+        verdict.first_problems(10),
         cluster.logs()
     );
     assert!(verdict.answered_by_new > 0, "{verdict:?}");

@@ -78,13 +78,7 @@ fn reload_under_load(backend: &str) {
         "{} of {} requests went wrong during the reload, first ones:\n  {}\n{}",
         verdict.problems.len(),
         samples.len(),
-        verdict
-            .problems
-            .iter()
-            .take(10)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join("\n  "),
+        verdict.first_problems(10),
         cluster.logs()
     );
     assert!(
