@@ -131,6 +131,12 @@ pub struct WorkerStatus {
     /// (e.g. `low watermark breach: rss 101.2 MiB > limit 64.0 MiB`).
     #[serde(default)]
     pub reason: Option<String>,
+    /// The `stats` of its latest ping, as sent (`null` when it never pinged).
+    #[serde(default)]
+    pub stats: serde_json::Value,
+    /// The `app` of its latest ping, as sent (`null` when it never pinged).
+    #[serde(default)]
+    pub app: serde_json::Value,
 }
 
 /// The memory rules in force (`ipcluster run` flags), bytes.

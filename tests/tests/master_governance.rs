@@ -935,6 +935,74 @@ fn silent_worker_is_replaced() {
     }
 }
 
+/// The `stats` and `app` of each worker's latest ping are in `status --json`
+/// (`workers[].stats`, `workers[].app`) and, one compact line under the
+/// worker's own, in the text table.
+fn status_shows_what_workers_report() {
+    const WORKERS: u32 = 2;
+    let ports = Ports::reserve(1);
+    let listen = listen_on(&ports);
+    let cluster = Cluster::start(
+        &cluster_name("gov-report"),
+        spec("ebpf", WORKERS, listen, &[], false),
+    );
+    let client = loopback_client(11);
+    const REQUESTS: u64 = 3;
+    let mut served = None;
+    for _ in 0..REQUESTS {
+        let reply = get(client, listen).expect("GET /");
+        assert!(served.is_none_or(|pid| pid == reply.pid), "{reply:?}");
+        served = Some(reply.pid);
+    }
+    let pid = served.expect("a reply");
+    // The worker counts its requests in `stats` and names itself in `app`.
+    let (status, w) = wait_for(&cluster, Duration::from_secs(5), "stats in status", || {
+        let status = cluster.status();
+        let w = worker(&status, i64::from(pid))?;
+        (w["stats"]["requests"] == REQUESTS).then_some((status, w))
+    });
+    assert_eq!(w["stats"]["allocated_mib"], 0, "{w}");
+    assert_eq!(w["app"]["name"], "aware_worker", "{w}");
+    assert!(w["app"]["version"].is_string(), "{w}");
+    let others: Vec<Value> = live_workers(&status, None)
+        .into_iter()
+        .filter(|o| o["pid"] != i64::from(pid))
+        .collect();
+    assert_eq!(others.len(), WORKERS as usize - 1, "{status}");
+    for o in &others {
+        // It pinged (it is aware), and nobody asked it anything.
+        let other = wait_for(
+            &cluster,
+            Duration::from_secs(5),
+            "the other's stats",
+            || {
+                let w = worker(&cluster.status(), o["pid"].as_i64()?)?;
+                w["stats"].is_object().then_some(w)
+            },
+        );
+        assert_eq!(other["stats"]["requests"], 0, "{other}");
+        assert_eq!(other["app"]["name"], "aware_worker", "{other}");
+    }
+
+    let out = cluster.ipcluster(
+        &["status", "--name", &cluster.name],
+        Duration::from_secs(10),
+    );
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut lines = text.lines();
+    let own = lines
+        .find(|l| l.split_whitespace().next() == Some(pid.to_string().as_str()))
+        .unwrap_or_else(|| panic!("no line for worker {pid}:\n{text}"));
+    let under = lines.next().unwrap_or_default().trim();
+    assert!(
+        under.starts_with(&format!(
+            r#"stats {{"allocated_mib":0,"requests":{REQUESTS}}}  app {{"name":"aware_worker","version":""#
+        )),
+        "the line under `{own}` is {under:?}:\n{text}"
+    );
+}
+
 /// utime + stime of `pid`, in clock ticks.
 fn cpu_ticks(pid: i32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("master stat");
@@ -1055,6 +1123,11 @@ mod ebpf_only {
     #[test]
     fn retirements_are_rate_limited() {
         super::retirements_are_rate_limited();
+    }
+
+    #[test]
+    fn status_shows_what_workers_report() {
+        super::status_shows_what_workers_report();
     }
 
     #[test]

@@ -245,6 +245,9 @@ struct Worker {
     /// Why it is being replaced, retired, asked to die or killed (the latest),
     /// with the figures acted on; `status` shows it.
     reason: Option<String>,
+    /// `stats` and `app` of its latest ping (`Null` until it pings).
+    stats: serde_json::Value,
+    app: serde_json::Value,
 }
 
 impl Worker {
@@ -650,6 +653,8 @@ impl Master {
                     conn: None,
                     killed: false,
                     reason: None,
+                    stats: serde_json::Value::Null,
+                    app: serde_json::Value::Null,
                 },
             );
             self.watch(w.pid);
@@ -891,6 +896,8 @@ impl Master {
                 conn: None,
                 killed: false,
                 reason: None,
+                stats: serde_json::Value::Null,
+                app: serde_json::Value::Null,
             },
         );
         self.watch(pid);

@@ -132,8 +132,9 @@ impl Master {
                     WorkerState::Live => {}
                 }
             }
-            WorkerMessage::Ping { busy, .. } => {
+            WorkerMessage::Ping { busy, stats, app } => {
                 w.last_ping = Some(now);
+                (w.stats, w.app) = (stats, app);
                 if busy && !w.busy {
                     log::info!("worker {pid} (band {}) says it is busy", w.band);
                 }
@@ -274,6 +275,8 @@ impl Master {
                 aware: w.hello_at.is_some() || w.last_ping.is_some(),
                 last_ping_ago: w.last_ping.map(|t| now.duration_since(t).as_secs_f64()),
                 reason: w.reason.clone(),
+                stats: w.stats.clone(),
+                app: w.app.clone(),
             })
             .collect();
         workers.sort_by_key(|w| (std::cmp::Reverse(w.generation), w.band, w.pid));

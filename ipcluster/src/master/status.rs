@@ -70,6 +70,9 @@ pub fn render(report: &StatusReport) -> String {
             w.reason.as_deref().unwrap_or("")
         );
         let _ = writeln!(out, "{}", line.trim_end());
+        if let Some(reported) = reported(w) {
+            let _ = writeln!(out, "{:>8} {reported}", "");
+        }
     }
     match &report.table {
         Some(table) => {
@@ -109,6 +112,25 @@ pub fn render(report: &StatusReport) -> String {
         );
     }
     out
+}
+
+/// Longest `stats`/`app` text shown per worker in the table.
+const REPORTED_MAX: usize = 160;
+
+/// `stats {"requests":3}  app {"version":"1.4.2"}`: what the worker's latest
+/// ping said, compact JSON on one line, when it said anything.
+fn reported(w: &WorkerStatus) -> Option<String> {
+    let parts: Vec<String> = [("stats", &w.stats), ("app", &w.app)]
+        .into_iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(name, v)| {
+            format!(
+                "{name} {}",
+                super::control::printable(&v.to_string(), REPORTED_MAX)
+            )
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("  "))
 }
 
 fn size(bytes: u64) -> String {
@@ -173,6 +195,8 @@ pub fn offline_report(state: &ClusterState) -> Result<StatusReport> {
             aware: false,
             last_ping_ago: None,
             reason: None,
+            stats: serde_json::Value::Null,
+            app: serde_json::Value::Null,
         });
     }
     let cluster_rss = workers.iter().map(|w| w.rss).sum();
@@ -191,4 +215,115 @@ pub fn offline_report(state: &ClusterState) -> Result<StatusReport> {
         cluster_rss,
         limits: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{Value, json};
+
+    fn worker(pid: i32, stats: Value, app: Value) -> WorkerStatus {
+        WorkerStatus {
+            pid,
+            band: 0,
+            generation: 1,
+            state: WorkerState::Live,
+            port: 20000,
+            ports: vec![20000],
+            rss: 0,
+            connections: 0,
+            uptime: 5,
+            nice: 0,
+            aware: !stats.is_null() || !app.is_null(),
+            last_ping_ago: None,
+            reason: None,
+            stats,
+            app,
+        }
+    }
+
+    fn report(workers: Vec<WorkerStatus>) -> StatusReport {
+        StatusReport {
+            name: "web".into(),
+            backend: steering::BackendKind::Ebpf,
+            generation: 1,
+            master_pid: Some(1),
+            listens: vec!["127.0.0.1:8080".parse().expect("address")],
+            bands: 1,
+            band_shift: 0,
+            workers,
+            table: None,
+            counters: None,
+            master_rss: 0,
+            cluster_rss: 0,
+            limits: None,
+        }
+    }
+
+    /// The lines of the worker table after the worker line of `pid`, up to the next one.
+    fn lines_after(text: &str, pid: i32) -> Vec<String> {
+        let mut lines = text
+            .lines()
+            .skip_while(|l| !l.trim_start().starts_with(&format!("{pid} ")));
+        lines.next();
+        lines
+            .take_while(|l| l.starts_with("         ") && !l.trim().is_empty())
+            .map(|l| l.trim().to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn what_workers_report_is_one_compact_line_under_their_own() {
+        let long = "x".repeat(REPORTED_MAX * 2);
+        let cases: [(Value, Value, Option<String>); 5] = [
+            (Value::Null, Value::Null, None),
+            (
+                json!({"requests": 3}),
+                Value::Null,
+                Some(r#"stats {"requests":3}"#.into()),
+            ),
+            (
+                Value::Null,
+                json!({"version": "1.4.2"}),
+                Some(r#"app {"version":"1.4.2"}"#.into()),
+            ),
+            (
+                json!({"sessions": 12, "queue": [1, 2]}),
+                json!({"version": "1.4.2"}),
+                Some(r#"stats {"queue":[1,2],"sessions":12}  app {"version":"1.4.2"}"#.into()),
+            ),
+            (
+                json!({"note": "a\nb", "long": long}),
+                Value::Null,
+                Some(format!(
+                    "stats {}…",
+                    &format!(r#"{{"long":"{long}","note":"a\nb"}}"#)[..REPORTED_MAX]
+                )),
+            ),
+        ];
+        for (stats, app, expected) in cases {
+            let text = render(&report(vec![
+                worker(101, stats.clone(), app.clone()),
+                worker(102, Value::Null, Value::Null),
+            ]));
+            let under = lines_after(&text, 101);
+            assert_eq!(
+                under,
+                expected.clone().into_iter().collect::<Vec<_>>(),
+                "stats {stats} app {app}:\n{text}"
+            );
+            assert!(lines_after(&text, 102).is_empty(), "{text}");
+            assert!(text.lines().all(|l| !l.contains('\n')), "{text}");
+        }
+    }
+
+    #[test]
+    fn stats_and_app_are_null_in_json_when_never_pinged() {
+        let json = serde_json::to_value(worker(7, Value::Null, Value::Null)).expect("json");
+        assert_eq!(json["stats"], Value::Null);
+        assert_eq!(json["app"], Value::Null);
+        let json = serde_json::to_value(worker(7, json!({"a": 1}), json!("v2"))).expect("json");
+        assert_eq!(json["stats"], json!({"a": 1}));
+        assert_eq!(json["app"], json!("v2"));
+    }
 }
