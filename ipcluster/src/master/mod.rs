@@ -71,8 +71,10 @@ use process_tree::{ProcessTable, SocketTable};
 use spawn::{PortAllocator, RunAs, WorkerCommand, WorkerSpec};
 use state::ClusterState;
 
-/// How often readiness, timeouts, spawns and kills are looked at.
-const TICK: Duration = Duration::from_millis(20);
+/// How often /proc is polled for the readiness of starting workers (and, before
+/// the first publish, the start-up steps are retried). An idle cluster has no
+/// poll: the loop sleeps until its next deadline ([`Master::next_deadline`]).
+const STARTING_POLL: Duration = Duration::from_millis(20);
 /// A band whose first workers keep failing before any table was ever
 /// published makes `run` give up (the command is broken, not unlucky).
 const FRESH_START_ATTEMPTS: u32 = 3;
@@ -676,9 +678,8 @@ impl Master {
         let mut sigint = signal(SignalKind::interrupt()).context("SIGINT handler")?;
         let mut sigusr1 = signal(SignalKind::user_defined1()).context("SIGUSR1 handler")?;
         let mut sighup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         while self.exit.is_none() {
+            let deadline = tokio::time::Instant::from_std(self.next_deadline(Instant::now()));
             tokio::select! {
                 _ = sigterm.recv() => {
                     self.notifier.stopping("SIGTERM");
@@ -696,8 +697,12 @@ impl Master {
                         self.cfg.spawn_delay
                     );
                 }
-                Some(event) = self.events_rx.recv() => self.handle_event(event),
-                _ = tick.tick() => self.on_tick(),
+                Some(event) = self.events_rx.recv() => {
+                    self.handle_event(event);
+                    // A promotion or an exit changes what systemd is told.
+                    self.notify(Instant::now());
+                }
+                _ = tokio::time::sleep_until(deadline) => self.on_tick(),
             }
         }
         // Let connection tasks write their last replies.
@@ -788,6 +793,51 @@ impl Master {
             self.monitor(now);
         }
         self.notify(now);
+    }
+
+    /// When [`Master::on_tick`] has something to do next: the earliest of the
+    /// due spawn, the readiness poll of starting workers (and every step before
+    /// the first publish), the soft-kill deadline of a dying worker, the next
+    /// kill of the `kill-retired` queue, the monitor pass and the watchdog.
+    /// Events (exits, control lines, signals) wake the loop earlier.
+    fn next_deadline(&self, now: Instant) -> Instant {
+        let poll = now + STARTING_POLL;
+        let starting = self
+            .workers
+            .values()
+            // Waiting to be ready (not killed for its timeout), or ready and
+            // waiting to be promoted.
+            .any(|w| w.state == WorkerState::Starting && (w.ready || !w.killed));
+        let spawn = self
+            .pending_spawns
+            .values()
+            .min()
+            .map(|&due| due.max(self.next_spawn_at));
+        let soft_kill = self
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Dying && !w.killed)
+            .filter_map(|w| w.dying_since)
+            .min()
+            // Late means strictly past the timeout.
+            .map(|t| t + self.cfg.soft_kill_timeout + Duration::from_millis(1));
+        let kill = (!self.kill_queue.is_empty()).then_some(self.next_kill_at);
+        let publish = (!self.published).then(|| self.next_publish_try.max(poll));
+        let kernel_log = self.cfg.ebpf_log.then_some(poll);
+        [
+            Some(self.next_monitor),
+            starting.then_some(poll),
+            spawn,
+            soft_kill,
+            kill,
+            publish,
+            kernel_log,
+            self.notifier.next_deadline(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.next_monitor)
     }
 
     fn spawn_due(&mut self, now: Instant) {

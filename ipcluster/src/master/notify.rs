@@ -180,6 +180,13 @@ impl Notifier {
 
     /// `WATCHDOG=1` every half interval; called from the event loop's tick,
     /// so a stuck loop stops it.
+    /// When the next watchdog keep-alive is due, if systemd wants them.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.watchdog
+            .filter(|_| self.socket.is_some())
+            .map(|_| self.next_watchdog)
+    }
+
     pub fn tick(&mut self, now: Instant) {
         let Some(interval) = self.watchdog else {
             return;
