@@ -54,32 +54,8 @@ pub enum WorkerState {
     Dying,
 }
 
-/// What the master knows about one worker at one instant.
-#[derive(Clone, Debug, PartialEq)]
-pub struct WorkerSnapshot {
-    pub pid: i32,
-    pub band: u32,
-    pub generation: u64,
-    pub state: WorkerState,
-    /// Resident memory of the worker's whole process tree, measured from /proc.
-    pub rss: u64,
-    /// Established TCP connections owned by the worker's process tree.
-    pub connections: u32,
-    pub started_at: Instant,
-    /// When the worker said hello on the control socket (aware workers only).
-    pub hello_at: Option<Instant>,
-    pub last_ping: Option<Instant>,
-    /// The worker's last ping said it is too busy.
-    pub busy: bool,
-    /// The worker asked to be retired (`request_retire`).
-    pub retire_requested: bool,
-    /// When it entered `Retired`.
-    pub retired_at: Option<Instant>,
-    /// Since when it has had no connections (retired workers), if it has none now.
-    pub idle_since: Option<Instant>,
-    /// When it was asked to die (`Dying`).
-    pub dying_since: Option<Instant>,
-}
+/// The policy reads the master's own worker type (the supervisor core's).
+pub use crate::master::supervisor::Worker;
 
 /// The settings the policy applies (from the CLI).
 #[derive(Clone, Debug, PartialEq)]
@@ -100,7 +76,7 @@ pub struct ClusterSnapshot {
     pub now: Instant,
     /// Resident memory of the master itself.
     pub master_rss: u64,
-    pub workers: Vec<WorkerSnapshot>,
+    pub workers: Vec<Worker>,
     /// When the recent health retirements happened (for the rate limit).
     pub recent_retirements: Vec<Instant>,
 }
@@ -198,7 +174,7 @@ pub fn decide(snapshot: &ClusterSnapshot, settings: &PolicySettings) -> Vec<Acti
 
 /// A `Dying` worker that is still there after the soft-kill timeout is killed.
 pub fn dying_past_soft_kill_timeout(
-    w: &WorkerSnapshot,
+    w: &Worker,
     settings: &PolicySettings,
     now: Instant,
 ) -> Option<String> {
@@ -215,7 +191,7 @@ pub fn dying_past_soft_kill_timeout(
 
 /// "Low watermark breach": the worker's process tree uses more memory than
 /// `--worker-rss-limit`. The RSS is measured from /proc, never self-reported.
-pub fn rss_over_limit(w: &WorkerSnapshot, settings: &PolicySettings) -> Option<String> {
+pub fn rss_over_limit(w: &Worker, settings: &PolicySettings) -> Option<String> {
     (w.rss > settings.worker_rss_limit).then(|| {
         format!(
             "low watermark breach: rss {} > limit {}",
@@ -226,13 +202,13 @@ pub fn rss_over_limit(w: &WorkerSnapshot, settings: &PolicySettings) -> Option<S
 }
 
 /// The worker's last ping said it is too busy.
-pub fn too_busy(w: &WorkerSnapshot) -> Option<String> {
+pub fn too_busy(w: &Worker) -> Option<String> {
     w.busy
         .then(|| format!("too busy (its last ping said so); rss {}", mib(w.rss)))
 }
 
 /// The worker asked to be retired (`request_retire`).
-pub fn retirement_requested(w: &WorkerSnapshot) -> Option<String> {
+pub fn retirement_requested(w: &Worker) -> Option<String> {
     w.retire_requested
         .then(|| format!("the worker asked to be retired; rss {}", mib(w.rss)))
 }
@@ -241,7 +217,7 @@ pub fn retirement_requested(w: &WorkerSnapshot) -> Option<String> {
 /// for longer than `--ping-timeout` is hung. A worker that never said hello is
 /// an unmodified server: it never talks, so it never times out.
 pub fn silent_past_ping_timeout(
-    w: &WorkerSnapshot,
+    w: &Worker,
     settings: &PolicySettings,
     now: Instant,
 ) -> Option<String> {
@@ -259,11 +235,7 @@ pub fn silent_past_ping_timeout(
 
 /// Why a live worker should be retired and replaced, if it should: the health
 /// rules in priority order (memory first: it hurts every worker on the host).
-fn retirement_reason(
-    w: &WorkerSnapshot,
-    settings: &PolicySettings,
-    now: Instant,
-) -> Option<String> {
+fn retirement_reason(w: &Worker, settings: &PolicySettings, now: Instant) -> Option<String> {
     if w.state != WorkerState::Live {
         return None;
     }
@@ -278,7 +250,7 @@ fn retirement_reason(
 /// reach it. Idleness counts from its retirement at the earliest, so a worker
 /// that was idle while live still gets the whole grace period.
 pub fn idle_past_retired_idle_exit(
-    w: &WorkerSnapshot,
+    w: &Worker,
     settings: &PolicySettings,
     now: Instant,
 ) -> Option<String> {
@@ -299,7 +271,7 @@ pub fn idle_past_retired_idle_exit(
 
 /// Timed out: dying past the soft-kill timeout, or silent past the ping
 /// timeout. Such workers are the most killable of all.
-fn timed_out(w: &WorkerSnapshot, settings: &PolicySettings, now: Instant) -> bool {
+fn timed_out(w: &Worker, settings: &PolicySettings, now: Instant) -> bool {
     dying_past_soft_kill_timeout(w, settings, now).is_some()
         || silent_past_ping_timeout(w, settings, now).is_some()
 }
@@ -307,14 +279,10 @@ fn timed_out(w: &WorkerSnapshot, settings: &PolicySettings, now: Instant) -> boo
 /// Sort `workers` from most to least killable: timed-out workers first, then
 /// those already dying (so nobody is hard-killed before having been asked to
 /// die, when a dying one could go instead), then `--kill-strategy`, then pid.
-pub fn sort_most_killable_first(
-    workers: &mut [&WorkerSnapshot],
-    settings: &PolicySettings,
-    now: Instant,
-) {
+pub fn sort_most_killable_first(workers: &mut [&Worker], settings: &PolicySettings, now: Instant) {
     let strategy = settings.kill_strategy;
     workers.sort_by(|a, b| {
-        let dying = |w: &WorkerSnapshot| w.state == WorkerState::Dying;
+        let dying = |w: &Worker| w.state == WorkerState::Dying;
         timed_out(b, settings, now)
             .cmp(&timed_out(a, settings, now))
             .then(dying(b).cmp(&dying(a)))
@@ -324,7 +292,7 @@ pub fn sort_most_killable_first(
 }
 
 /// `Less` when `a` should go before `b`.
-fn by_kill_strategy(strategy: KillStrategy, a: &WorkerSnapshot, b: &WorkerSnapshot) -> Ordering {
+fn by_kill_strategy(strategy: KillStrategy, a: &Worker, b: &Worker) -> Ordering {
     let fewer_connections = a.connections.cmp(&b.connections);
     let larger_rss = b.rss.cmp(&a.rss);
     let older = a.started_at.cmp(&b.started_at);
@@ -391,7 +359,7 @@ impl<'a> Decision<'a> {
 
     /// Retire the unhealthy live workers, within the rate limit.
     fn retire_unhealthy_live_workers(&mut self) {
-        let candidates: Vec<(&WorkerSnapshot, String)> = self
+        let candidates: Vec<(&Worker, String)> = self
             .snapshot
             .workers
             .iter()
@@ -470,8 +438,8 @@ impl<'a> Decision<'a> {
     }
 
     /// The workers matching `eligible` and not acted upon yet, most killable first.
-    fn most_killable(&self, eligible: impl Fn(&WorkerSnapshot) -> bool) -> Vec<&'a WorkerSnapshot> {
-        let mut workers: Vec<&WorkerSnapshot> = self
+    fn most_killable(&self, eligible: impl Fn(&Worker) -> bool) -> Vec<&'a Worker> {
+        let mut workers: Vec<&Worker> = self
             .snapshot
             .workers
             .iter()
@@ -481,14 +449,14 @@ impl<'a> Decision<'a> {
         workers
     }
 
-    fn kill(&mut self, w: &WorkerSnapshot, reason: String) {
+    fn kill(&mut self, w: &Worker, reason: String) {
         if self.acted.insert(w.pid) {
             self.killed_rss = self.killed_rss.saturating_add(w.rss);
             self.actions.push(Action::Kill { pid: w.pid, reason });
         }
     }
 
-    fn ask_to_die(&mut self, w: &WorkerSnapshot, reason: String) {
+    fn ask_to_die(&mut self, w: &Worker, reason: String) {
         if self.acted.insert(w.pid) {
             self.asked_rss = self.asked_rss.saturating_add(w.rss);
             self.actions.push(Action::AskToDie { pid: w.pid, reason });
@@ -638,28 +606,25 @@ mod tests {
     }
 
     /// A healthy live worker of an unmodified server: 100 MiB, 5 connections.
-    fn live(pid: i32) -> WorkerSnapshot {
-        WorkerSnapshot {
-            pid,
-            band: u32::try_from(pid).unwrap_or(0) % 8,
-            generation: 2,
-            state: WorkerState::Live,
+    fn live(pid: i32) -> Worker {
+        Worker {
             rss: 100 * MIB,
             connections: 5,
-            started_at: t(0),
-            hello_at: None,
-            last_ping: None,
-            busy: false,
-            retire_requested: false,
-            retired_at: None,
-            idle_since: None,
-            dying_since: None,
+            ready: true,
+            ..Worker::new(
+                pid,
+                u32::try_from(pid).unwrap_or(0) % 8,
+                2,
+                WorkerState::Live,
+                vec![20_000],
+                t(0),
+            )
         }
     }
 
     /// A worker of the previous generation, retired at `t(0)`.
-    fn retired(pid: i32, rss_mib: u64, connections: u32) -> WorkerSnapshot {
-        WorkerSnapshot {
+    fn retired(pid: i32, rss_mib: u64, connections: u32) -> Worker {
+        Worker {
             generation: 1,
             state: WorkerState::Retired,
             rss: rss_mib * MIB,
@@ -669,15 +634,15 @@ mod tests {
         }
     }
 
-    fn dying(pid: i32, rss_mib: u64, since: Instant) -> WorkerSnapshot {
-        WorkerSnapshot {
+    fn dying(pid: i32, rss_mib: u64, since: Instant) -> Worker {
+        Worker {
             state: WorkerState::Dying,
             dying_since: Some(since),
             ..retired(pid, rss_mib, 1)
         }
     }
 
-    fn cluster(now: Instant, master_rss_mib: u64, workers: Vec<WorkerSnapshot>) -> ClusterSnapshot {
+    fn cluster(now: Instant, master_rss_mib: u64, workers: Vec<Worker>) -> ClusterSnapshot {
         ClusterSnapshot {
             now,
             master_rss: master_rss_mib * MIB,
@@ -729,7 +694,7 @@ mod tests {
     struct Row {
         name: &'static str,
         now: Instant,
-        worker: WorkerSnapshot,
+        worker: Worker,
         /// `None`: no action; `Some(text)`: one action, whose reason contains `text`.
         expect: Option<(Did, &'static str)>,
     }
@@ -757,7 +722,7 @@ mod tests {
     #[test]
     fn live_worker_health_rules_at_their_thresholds() {
         let limit = 448 * MIB;
-        let said_hello = |ping: Option<Instant>| WorkerSnapshot {
+        let said_hello = |ping: Option<Instant>| Worker {
             hello_at: Some(t(0)),
             last_ping: ping,
             ..live(7)
@@ -766,16 +731,16 @@ mod tests {
         #[rustfmt::skip]
         let rows = vec![
             Row { name: "healthy", now: t(s(60)), worker: live(7), expect: None },
-            Row { name: "rss just below the limit", now: t(0), worker: WorkerSnapshot { rss: limit - 1, ..live(7) }, expect: None },
-            Row { name: "rss at the limit", now: t(0), worker: WorkerSnapshot { rss: limit, ..live(7) }, expect: None },
-            Row { name: "rss just above the limit", now: t(0), worker: WorkerSnapshot { rss: limit + 1, ..live(7) },
+            Row { name: "rss just below the limit", now: t(0), worker: Worker { rss: limit - 1, ..live(7) }, expect: None },
+            Row { name: "rss at the limit", now: t(0), worker: Worker { rss: limit, ..live(7) }, expect: None },
+            Row { name: "rss just above the limit", now: t(0), worker: Worker { rss: limit + 1, ..live(7) },
                   expect: retire("low watermark breach: rss 448.0 MiB > limit 448.0 MiB") },
-            Row { name: "rss reason has figures", now: t(0), worker: WorkerSnapshot { rss: 470 * MIB + MIB / 5, ..live(7) },
+            Row { name: "rss reason has figures", now: t(0), worker: Worker { rss: 470 * MIB + MIB / 5, ..live(7) },
                   expect: retire("low watermark breach: rss 470.2 MiB > limit 448.0 MiB") },
-            Row { name: "busy", now: t(0), worker: WorkerSnapshot { busy: true, ..live(7) }, expect: retire("too busy") },
-            Row { name: "retirement requested", now: t(0), worker: WorkerSnapshot { retire_requested: true, ..live(7) },
+            Row { name: "busy", now: t(0), worker: Worker { busy: true, ..live(7) }, expect: retire("too busy") },
+            Row { name: "retirement requested", now: t(0), worker: Worker { retire_requested: true, ..live(7) },
                   expect: retire("asked to be retired") },
-            Row { name: "rss wins over busy", now: t(0), worker: WorkerSnapshot { busy: true, rss: limit + MIB, ..live(7) },
+            Row { name: "rss wins over busy", now: t(0), worker: Worker { busy: true, rss: limit + MIB, ..live(7) },
                   expect: retire("low watermark breach") },
             Row { name: "hello, no ping, just below the timeout", now: t(s(10) - 1), worker: said_hello(None), expect: None },
             Row { name: "hello, no ping, at the timeout", now: t(s(10)), worker: said_hello(None), expect: None },
@@ -788,10 +753,10 @@ mod tests {
                   expect: retire("ping timeout: silent for 20.0s > 10.0s") },
             Row { name: "never said hello: never times out", now: t(s(3600)), worker: live(7), expect: None },
             Row { name: "starting worker is left to the connect timeout", now: t(s(3600)),
-                  worker: WorkerSnapshot { state: WorkerState::Starting, busy: true, rss: limit + 1, ..said_hello(None) },
+                  worker: Worker { state: WorkerState::Starting, busy: true, rss: limit + 1, ..said_hello(None) },
                   expect: None },
             Row { name: "retired worker is not retired again", now: t(s(1)),
-                  worker: WorkerSnapshot { busy: true, rss: limit + 1, retire_requested: true, ..retired(7, 1, 3) },
+                  worker: Worker { busy: true, rss: limit + 1, retire_requested: true, ..retired(7, 1, 3) },
                   expect: None },
         ];
         check_rows(rows, &roomy());
@@ -799,7 +764,7 @@ mod tests {
 
     #[test]
     fn dying_and_idle_workers_at_their_thresholds() {
-        let idle = |since: Instant, retired_at: Instant| WorkerSnapshot {
+        let idle = |since: Instant, retired_at: Instant| Worker {
             idle_since: Some(since),
             retired_at: Some(retired_at),
             ..retired(9, 50, 0)
@@ -811,7 +776,7 @@ mod tests {
             Row { name: "dying, just above the soft-kill timeout", now: t(s(5) + 1), worker: dying(9, 50, t(0)),
                   expect: Some((Did::Kill(9), "still running 5.001s after it was asked to die (soft-kill timeout 5.0s)")) },
             Row { name: "dying without a date is not killed", now: t(s(60)),
-                  worker: WorkerSnapshot { dying_since: None, ..dying(9, 50, t(0)) }, expect: None },
+                  worker: Worker { dying_since: None, ..dying(9, 50, t(0)) }, expect: None },
             Row { name: "idle, just below", now: t(s(30) - 1), worker: idle(t(0), t(0)), expect: None },
             Row { name: "idle, at", now: t(s(30)), worker: idle(t(0), t(0)), expect: None },
             Row { name: "idle, just above", now: t(s(30) + 1), worker: idle(t(0), t(0)),
@@ -821,9 +786,9 @@ mod tests {
             Row { name: "idle since after retirement", now: t(s(61)), worker: idle(t(s(30)), t(0)),
                   expect: Some((Did::AskToDie(9), "no connections for 31.0s")) },
             Row { name: "retired with connections is not idle", now: t(s(600)),
-                  worker: WorkerSnapshot { connections: 1, ..idle(t(0), t(0)) }, expect: None },
+                  worker: Worker { connections: 1, ..idle(t(0), t(0)) }, expect: None },
             Row { name: "a live idle worker still gets new clients", now: t(s(600)),
-                  worker: WorkerSnapshot { connections: 0, idle_since: Some(t(0)), ..live(9) }, expect: None },
+                  worker: Worker { connections: 0, idle_since: Some(t(0)), ..live(9) }, expect: None },
         ];
         check_rows(rows, &roomy());
     }
@@ -831,7 +796,7 @@ mod tests {
     #[test]
     fn retirements_are_rate_limited_over_a_sliding_window() {
         let settings = roomy();
-        let over = |pid| WorkerSnapshot {
+        let over = |pid| Worker {
             rss: 500 * MIB,
             ..live(pid)
         };
@@ -913,7 +878,7 @@ mod tests {
                 ..cluster(
                     now,
                     10,
-                    vec![WorkerSnapshot {
+                    vec![Worker {
                         busy: true,
                         ..live(1)
                     }],
@@ -932,7 +897,7 @@ mod tests {
             ..cluster(
                 now,
                 10,
-                vec![WorkerSnapshot {
+                vec![Worker {
                     busy: true,
                     ..live(1)
                 }],
@@ -964,7 +929,7 @@ mod tests {
             &cluster(
                 t(0),
                 10,
-                vec![WorkerSnapshot {
+                vec![Worker {
                     busy: true,
                     ..live(1)
                 }],
@@ -981,24 +946,24 @@ mod tests {
         let settings = small_cluster(KillStrategy::ConnRssTime);
         assert_eq!(settings.low_watermark(), 80 * MIB);
         assert_eq!(settings.high_watermark(), 95 * MIB);
-        let plus = |w: WorkerSnapshot, bytes: u64| WorkerSnapshot {
+        let plus = |w: Worker, bytes: u64| Worker {
             rss: w.rss + bytes,
             ..w
         };
-        let live30 = WorkerSnapshot {
+        let live30 = Worker {
             rss: 30 * MIB,
             ..live(1)
         };
         struct Pressure {
             name: &'static str,
             master_mib: u64,
-            workers: Vec<WorkerSnapshot>,
+            workers: Vec<Worker>,
             expect: Vec<Did>,
         }
         #[rustfmt::skip]
         let rows = vec![
             Pressure { name: "just below the low watermark", master_mib: 20,
-                       workers: vec![live30.clone(), WorkerSnapshot { rss: 30 * MIB - 1, ..retired(2, 30, 3) }], expect: vec![] },
+                       workers: vec![live30.clone(), Worker { rss: 30 * MIB - 1, ..retired(2, 30, 3) }], expect: vec![] },
             Pressure { name: "at the low watermark", master_mib: 20, workers: vec![live30.clone(), retired(2, 30, 3)], expect: vec![] },
             Pressure { name: "just above the low watermark", master_mib: 20,
                        workers: vec![live30.clone(), plus(retired(2, 30, 3), 1)], expect: vec![Did::AskToDie(2)] },
@@ -1020,13 +985,13 @@ mod tests {
             Pressure { name: "but not for the high watermark: the dying one is killed first", master_mib: 10,
                        workers: vec![live30.clone(), dying(2, 30, t(s(30))), retired(3, 26, 0)], expect: vec![Did::Kill(2)] },
             Pressure { name: "live and starting workers are never stopped for memory", master_mib: 10,
-                       workers: vec![WorkerSnapshot { rss: 80 * MIB, ..live(1) },
-                                     WorkerSnapshot { state: WorkerState::Starting, rss: 20 * MIB, ..live(2) }],
+                       workers: vec![Worker { rss: 80 * MIB, ..live(1) },
+                                     Worker { state: WorkerState::Starting, rss: 20 * MIB, ..live(2) }],
                        expect: vec![] },
             Pressure { name: "a dying worker past its timeout is killed once, and counts as freed", master_mib: 10,
                        workers: vec![live30.clone(), dying(2, 50, t(0)), retired(3, 10, 0)], expect: vec![Did::Kill(2)] },
             Pressure { name: "an idle worker asked to die counts as freed", master_mib: 10,
-                       workers: vec![live30.clone(), WorkerSnapshot { idle_since: Some(t(0)), ..retired(2, 40, 0) }, retired(3, 10, 0)],
+                       workers: vec![live30.clone(), Worker { idle_since: Some(t(0)), ..retired(2, 40, 0) }, retired(3, 10, 0)],
                        expect: vec![Did::AskToDie(2)] },
         ];
         for row in rows {
@@ -1064,8 +1029,8 @@ mod tests {
     }
 
     /// Five retired workers for the kill-order tables.
-    fn five_retired() -> Vec<WorkerSnapshot> {
-        let w = |pid, connections, rss_mib, started_s| WorkerSnapshot {
+    fn five_retired() -> Vec<Worker> {
+        let w = |pid, connections, rss_mib, started_s| Worker {
             started_at: t(s(started_s)),
             ..retired(pid, rss_mib, connections)
         };
@@ -1121,14 +1086,14 @@ mod tests {
             let now = t(s(60));
             let mut workers = five_retired();
             // Hung: said hello, silent for 50 s; the least killable otherwise.
-            workers.push(WorkerSnapshot {
+            workers.push(Worker {
                 hello_at: Some(t(s(1))),
                 last_ping: Some(t(s(10))),
                 started_at: t(s(59)),
                 ..retired(6, 1, 99)
             });
             // Asked to die 1 s ago, well within the soft-kill timeout.
-            workers.push(WorkerSnapshot {
+            workers.push(Worker {
                 connections: 98,
                 started_at: t(s(58)),
                 ..dying(7, 1, t(s(59)))
@@ -1150,19 +1115,19 @@ mod tests {
         let now = t(s(100));
         let workers = vec![
             // Live and healthy.
-            WorkerSnapshot {
+            Worker {
                 rss: 20 * MIB,
                 ..live(1)
             },
             // Live and over its limit (a tiny limit below).
-            WorkerSnapshot {
+            Worker {
                 rss: 30 * MIB,
                 ..live(2)
             },
             // Dying past its timeout: killed by rule 1 only, though above the high watermark too.
             dying(3, 25, t(s(10))),
             // Retired, idle for long: asked to die once (idle), not again for memory.
-            WorkerSnapshot {
+            Worker {
                 idle_since: Some(t(s(1))),
                 ..retired(4, 5, 0)
             },
@@ -1201,7 +1166,7 @@ mod tests {
             ping_timeout: Duration::from_secs(1),
             ..defaults()
         };
-        let w = WorkerSnapshot {
+        let w = Worker {
             hello_at: Some(t(0)),
             last_ping: Some(t(0)),
             ..live(1)

@@ -63,11 +63,13 @@ impl super::Master {
             return;
         }
         let held: HashSet<u16> = self
+            .core
             .workers
             .values()
             .flat_map(|w| w.ports.iter().copied())
             .collect();
         let candidates: Vec<Candidate> = self
+            .core
             .workers
             .values()
             .map(|w| Candidate {
@@ -94,7 +96,7 @@ impl super::Master {
                     );
                     continue;
                 };
-                let Some(w) = self.workers.get(&pid) else {
+                let Some(w) = self.core.workers.get(&pid) else {
                     continue;
                 };
                 let Some(&to) = self.cfg.service_ports(&w.ports).get(service) else {

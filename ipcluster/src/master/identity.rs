@@ -87,14 +87,8 @@ pub fn next_generation(found: &[adopt::Adopted], newest: Option<u64>) -> Result<
 impl Master {
     /// Send `signal` to worker `pid` through its pidfd (its group and tree).
     pub(super) fn signal(&self, pid: i32, signal: Signal) {
-        if let Some(w) = self.workers.get(&pid) {
-            kill::signal_worker(
-                kill::Target {
-                    pid,
-                    pidfd: &w.pidfd,
-                },
-                signal,
-            );
+        if let Some(pidfd) = self.pidfds.get(&pid) {
+            kill::signal_worker(kill::Target { pid, pidfd }, signal);
         }
     }
 
@@ -105,6 +99,7 @@ impl Master {
             worker_uid: worker_uid(self.cfg.run_as.as_ref()),
             generation: self.generation,
             workers: self
+                .core
                 .workers
                 .values()
                 .map(|w| RegistryEntry {
@@ -132,8 +127,7 @@ impl Master {
 
     /// A pidfd for `pid`'s exit watch, duplicated from the worker's own.
     pub(super) fn watch_fd(&self, pid: i32) -> Option<OwnedFd> {
-        let w = self.workers.get(&pid)?;
-        match w.pidfd.try_clone() {
+        match self.pidfds.get(&pid)?.try_clone() {
             Ok(fd) => Some(fd),
             Err(e) => {
                 log::warn!("cannot duplicate worker {pid}'s pidfd: {e}; /proc will tell its exit");
@@ -144,8 +138,6 @@ impl Master {
 
     /// Whether worker `pid` has exited, by its pidfd.
     pub(super) fn has_exited(&self, pid: i32) -> bool {
-        self.workers
-            .get(&pid)
-            .is_none_or(|w| pidfd::has_exited(&w.pidfd))
+        self.pidfds.get(&pid).is_none_or(|fd| pidfd::has_exited(fd))
     }
 }

@@ -15,7 +15,7 @@ impl Master {
         processes: &ProcessTable,
         sockets: &SocketTable,
     ) -> Result<(), SteeringError> {
-        let Some(w) = self.workers.get(&pid) else {
+        let Some(w) = self.core.workers.get(&pid) else {
             return Ok(());
         };
         // Only sk-lookup takes listeners, and only those not registered yet:
@@ -47,6 +47,7 @@ impl Master {
     /// (ready, live, or retired but still in the previous slot).
     pub(super) fn reregister_listeners(&mut self, processes: &ProcessTable, sockets: &SocketTable) {
         let candidates: Vec<(i32, Vec<u16>)> = self
+            .core
             .workers
             .values()
             .filter(|w| {

@@ -356,6 +356,7 @@ impl super::Master {
             published: self.published,
             master_rss: super::own_rss(),
             workers: self
+                .core
                 .workers
                 .values()
                 .map(|w| WorkerSample {

@@ -46,8 +46,9 @@ pub mod sock_diag;
 pub mod spawn;
 pub mod state;
 pub mod status;
+pub mod supervisor;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -61,7 +62,7 @@ use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
 use crate::paths;
-use crate::policy::{self, Action, ClusterSnapshot, PolicySettings, WorkerSnapshot, WorkerState};
+use crate::policy::{self, Action, ClusterSnapshot, PolicySettings, WorkerState};
 use crate::protocol::MasterMessage;
 use crate::steering::{self, BackendKind, Steering, SteeringConfig, SteeringTable};
 
@@ -70,16 +71,8 @@ use lock::ClusterLock;
 use process_tree::{ProcessTable, SocketTable};
 use spawn::{PortAllocator, RunAs, WorkerCommand, WorkerSpec};
 use state::ClusterState;
+use supervisor::{BandFailure, Supervisor, Worker};
 
-/// How often /proc is polled for the readiness of starting workers (and, before
-/// the first publish, the start-up steps are retried). An idle cluster has no
-/// poll: the loop sleeps until its next deadline ([`Master::next_deadline`]).
-const STARTING_POLL: Duration = Duration::from_millis(20);
-/// A band whose first workers keep failing before any table was ever
-/// published makes `run` give up (the command is broken, not unlucky).
-const FRESH_START_ATTEMPTS: u32 = 3;
-/// Longest pause between two attempts of a failing band.
-const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// A policy note of the same shape is written at most this often.
 const POLICY_LOG_REPEAT: Duration = Duration::from_secs(10);
 /// How long a new master waits for the previous one to hand over.
@@ -211,80 +204,6 @@ impl Config {
     }
 }
 
-/// One worker, as the master tracks it.
-#[derive(Debug)]
-struct Worker {
-    pid: i32,
-    /// Names this very process: every signal to it goes through here.
-    pidfd: Arc<OwnedFd>,
-    /// /proc/PID/stat `starttime`, for the registry.
-    start_time: u64,
-    /// The real uid it runs as.
-    uid: u32,
-    band: u32,
-    generation: u64,
-    state: WorkerState,
-    /// One per public port (`Config::publics`); the first is `$PORT`.
-    ports: Vec<u16>,
-    started_at: Instant,
-    /// Listening (or said hello); a `Starting` worker waits for the table.
-    ready: bool,
-    own_child: bool,
-    hello_at: Option<Instant>,
-    last_ping: Option<Instant>,
-    busy: bool,
-    retire_requested: bool,
-    retired_at: Option<Instant>,
-    idle_since: Option<Instant>,
-    dying_since: Option<Instant>,
-    rss: u64,
-    connections: u32,
-    nice: i64,
-    /// Its control-socket connection, if it spoke.
-    conn: Option<u64>,
-    /// SIGKILL was sent (connect timeout, soft-kill timeout or the policy).
-    killed: bool,
-    /// Why it is being replaced, retired, asked to die or killed (the latest),
-    /// with the figures acted on; `status` shows it.
-    reason: Option<String>,
-    /// `stats` and `app` of its latest ping (`Null` until it pings).
-    stats: serde_json::Value,
-    app: serde_json::Value,
-}
-
-impl Worker {
-    /// `band 2, generation 1, 3 connections, rss 101.2 MiB`: the figures logged
-    /// with every action on a worker.
-    fn describe(&self) -> String {
-        format!(
-            "band {}, generation {}, {} connections, rss {:.1} MiB",
-            self.band,
-            self.generation,
-            self.connections,
-            self.rss as f64 / (1024.0 * 1024.0)
-        )
-    }
-
-    fn snapshot(&self) -> WorkerSnapshot {
-        WorkerSnapshot {
-            pid: self.pid,
-            band: self.band,
-            generation: self.generation,
-            state: self.state,
-            rss: self.rss,
-            connections: self.connections,
-            started_at: self.started_at,
-            hello_at: self.hello_at,
-            last_ping: self.last_ping,
-            busy: self.busy,
-            retire_requested: self.retire_requested,
-            retired_at: self.retired_at,
-            idle_since: self.idle_since,
-            dying_since: self.dying_since,
-        }
-    }
-}
-
 /// A control-socket peer.
 struct Peer {
     pid: Option<i32>,
@@ -313,7 +232,10 @@ enum Exit {
 struct Master {
     cfg: Config,
     generation: u64,
-    workers: BTreeMap<i32, Worker>,
+    /// The workers and what is due when (no I/O in there).
+    core: Supervisor,
+    /// Each worker's pidfd: every signal to it goes through it.
+    pidfds: HashMap<i32, Arc<OwnedFd>>,
     steering: Box<dyn Steering>,
     /// The table in force, as we last wrote or read it.
     table: Option<SteeringTable>,
@@ -323,27 +245,15 @@ struct Master {
     published: bool,
     next_publish_try: Instant,
     ports: PortAllocator,
-    /// Consecutive failures (exit or timeout before ready) per band.
-    failures: HashMap<u32, u32>,
-    /// Bands to (re)spawn and from when.
-    pending_spawns: BTreeMap<u32, Instant>,
-    next_spawn_at: Instant,
-    /// Retired workers to end one by one (SIGUSR1, `kill-retired`), and why.
-    kill_queue: VecDeque<(i32, &'static str)>,
-    next_kill_at: Instant,
-    recent_retirements: Vec<Instant>,
     /// The policy's last `Log` (its shape, digits left out) and when it was
     /// written, and how many like it were left out since.
     last_policy_log: Option<(String, Instant, u32)>,
-    /// Crashed bands and when, to log how long the band went unserved.
-    crashed_at: HashMap<u32, Instant>,
     peers: HashMap<u64, Peer>,
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     /// No cluster existed before us: on a failed start-up, remove everything.
     fresh: bool,
     created_dir: bool,
-    next_monitor: Instant,
     /// Connections per worker from one filtered dump per monitor pass.
     census: census::Census,
     /// The process table between passes, refreshed incrementally.
@@ -534,6 +444,7 @@ impl Master {
             bands: cfg.bands,
         };
         let usable_previous = previous_table.clone().filter(|t| shape.fits(t));
+        let core = Supervisor::new(now, cfg.spawn_delay, cfg.soft_kill_timeout);
         let mut master = Master {
             ports: PortAllocator::new(
                 cfg.port_range.clone(),
@@ -541,26 +452,19 @@ impl Master {
             ),
             cfg,
             generation,
-            workers: BTreeMap::new(),
+            core,
+            pidfds: HashMap::new(),
             steering,
             table: previous_table.clone(),
             previous_table: usable_previous,
             published: false,
             next_publish_try: now,
-            failures: HashMap::new(),
-            pending_spawns: BTreeMap::new(),
-            next_spawn_at: now,
-            kill_queue: VecDeque::new(),
-            next_kill_at: now,
-            recent_retirements: Vec::new(),
             last_policy_log: None,
-            crashed_at: HashMap::new(),
             peers: HashMap::new(),
             events_tx,
             events_rx,
             fresh,
             created_dir,
-            next_monitor: now,
             census: census::Census::default(),
             processes: process_tree::ProcessCache::default(),
             exit: None,
@@ -572,7 +476,7 @@ impl Master {
         master.save_registry();
         master.cover_unserved_bands();
         for band in 0..master.cfg.bands {
-            master.pending_spawns.insert(band, now);
+            master.core.schedule_spawn(band, now);
         }
         log::info!(
             "cluster {name:?}: generation {generation}: {} workers of `{}` on {}, backend {}",
@@ -628,37 +532,16 @@ impl Master {
                 w.port,
                 state_name(state)
             );
-            self.workers.insert(
-                w.pid,
-                Worker {
-                    pid: w.pid,
-                    pidfd: Arc::new(adopted.pidfd),
-                    start_time: adopted.start_time,
-                    uid: adopted.uid,
-                    band: w.band,
-                    generation: w.generation,
-                    state,
-                    ports,
-                    started_at,
-                    ready: true,
-                    own_child: false,
-                    hello_at: None,
-                    last_ping: None,
-                    busy: false,
-                    retire_requested: false,
-                    retired_at: (!in_table).then_some(now),
-                    idle_since: None,
-                    dying_since: None,
-                    rss: 0,
-                    connections: 0,
-                    nice: processes.get(w.pid).map_or(0, |p| p.nice),
-                    conn: None,
-                    killed: false,
-                    reason: None,
-                    stats: serde_json::Value::Null,
-                    app: serde_json::Value::Null,
-                },
-            );
+            let worker = Worker {
+                start_time: adopted.start_time,
+                uid: adopted.uid,
+                ready: true,
+                retired_at: (!in_table).then_some(now),
+                nice: processes.get(w.pid).map_or(0, |p| p.nice),
+                ..Worker::new(w.pid, w.band, w.generation, state, ports, started_at)
+            };
+            self.core.workers.insert(w.pid, worker);
+            self.pidfds.insert(w.pid, Arc::new(adopted.pidfd));
             self.watch(w.pid);
         }
     }
@@ -691,7 +574,7 @@ impl Master {
                 }
                 _ = sighup.recv() => log::info!("SIGHUP ignored (reload = run `ipcluster run` again)"),
                 _ = sigusr1.recv() => {
-                    let n = self.queue_kill_retired("SIGUSR1: kill the retired workers");
+                    let n = self.core.queue_kill_retired("SIGUSR1: kill the retired workers");
                     log::info!(
                         "SIGUSR1: killing {n} retired workers, one every {:?}",
                         self.cfg.spawn_delay
@@ -729,7 +612,7 @@ impl Master {
             Some(Exit::Handover(why)) => {
                 log::info!(
                     "master exits ({why}); {} workers and the steering stay (`ipcluster stop --name {}` ends them)",
-                    self.workers.len(),
+                    self.core.workers.len(),
                     self.cfg.name
                 );
                 Ok(())
@@ -769,7 +652,7 @@ impl Master {
             Event::Control(ControlEvent::Line { conn, line }) => self.on_line(conn, &line),
             Event::Control(ControlEvent::Disconnected { conn }) => {
                 if let Some(peer) = self.peers.remove(&conn)
-                    && let Some(w) = peer.worker.and_then(|pid| self.workers.get_mut(&pid))
+                    && let Some(w) = peer.worker.and_then(|pid| self.core.workers.get_mut(&pid))
                     && w.conn == Some(conn)
                 {
                     w.conn = None;
@@ -788,69 +671,31 @@ impl Master {
         self.try_publish(now);
         self.enforce_soft_kill(now);
         self.kill_next_retired(now);
-        if now >= self.next_monitor {
-            self.next_monitor = now + self.cfg.monitor_interval;
+        if now >= self.core.schedule.next_monitor {
+            self.core.schedule.next_monitor = now + self.cfg.monitor_interval;
             self.monitor(now);
         }
         self.notify(now);
     }
 
-    /// When [`Master::on_tick`] has something to do next: the earliest of the
-    /// due spawn, the readiness poll of starting workers (and every step before
-    /// the first publish), the soft-kill deadline of a dying worker, the next
-    /// kill of the `kill-retired` queue, the monitor pass and the watchdog.
-    /// Events (exits, control lines, signals) wake the loop earlier.
+    /// When [`Master::on_tick`] has something to do next: the core's next
+    /// deadline ([`Supervisor::next_deadline`]), the systemd watchdog, and the
+    /// kernel log poll with `--ebpf-log`.
     fn next_deadline(&self, now: Instant) -> Instant {
-        let poll = now + STARTING_POLL;
-        let starting = self
-            .workers
-            .values()
-            // Waiting to be ready (not killed for its timeout), or ready and
-            // waiting to be promoted.
-            .any(|w| w.state == WorkerState::Starting && (w.ready || !w.killed));
-        let spawn = self
-            .pending_spawns
-            .values()
-            .min()
-            .map(|&due| due.max(self.next_spawn_at));
-        let soft_kill = self
-            .workers
-            .values()
-            .filter(|w| w.state == WorkerState::Dying && !w.killed)
-            .filter_map(|w| w.dying_since)
-            .min()
-            // Late means strictly past the timeout.
-            .map(|t| t + self.cfg.soft_kill_timeout + Duration::from_millis(1));
-        let kill = (!self.kill_queue.is_empty()).then_some(self.next_kill_at);
-        let publish = (!self.published).then(|| self.next_publish_try.max(poll));
-        let kernel_log = self.cfg.ebpf_log.then_some(poll);
-        [
-            Some(self.next_monitor),
-            starting.then_some(poll),
-            spawn,
-            soft_kill,
-            kill,
-            publish,
-            kernel_log,
-            self.notifier.next_deadline(),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(self.next_monitor)
+        let kernel_log = self.cfg.ebpf_log.then_some(now + supervisor::STARTING_POLL);
+        self.core.next_deadline(
+            now,
+            self.published,
+            [self.notifier.next_deadline(), kernel_log]
+                .into_iter()
+                .flatten(),
+        )
     }
 
     fn spawn_due(&mut self, now: Instant) {
-        if now < self.next_spawn_at {
-            return;
-        }
-        let Some((&band, _)) = self.pending_spawns.iter().find(|(_, due)| **due <= now) else {
+        let Some(band) = self.core.due_spawn(now) else {
             return;
         };
-        self.pending_spawns.remove(&band);
-        if self.starting_for(band).is_some() {
-            return;
-        }
         // An old worker of a band this generation no longer has (a reload that
         // lowered --workers) crashed or was retired: nothing to replace.
         if band >= self.cfg.bands {
@@ -865,26 +710,19 @@ impl Master {
             Ok(pid) => log::info!(
                 "spawned worker {pid} for band {band} (generation {}, port {})",
                 self.generation,
-                self.workers.get(&pid).map_or(0, |w| w.ports[0])
+                self.core.workers.get(&pid).map_or(0, |w| w.ports[0])
             ),
             Err(e) => {
                 log::error!("cannot spawn a worker for band {band}: {e:#}");
                 self.band_failed(band, now, &format!("{e:#}"));
             }
         }
-        self.next_spawn_at = now + self.cfg.spawn_delay;
-    }
-
-    /// The worker of this generation starting for `band`, if any.
-    fn starting_for(&self, band: u32) -> Option<i32> {
-        self.workers
-            .values()
-            .find(|w| w.band == band && w.state == WorkerState::Starting)
-            .map(|w| w.pid)
+        self.core.spawned_at(now);
     }
 
     fn spawn(&mut self, band: u32) -> Result<i32> {
         let mut taken: HashSet<u16> = self
+            .core
             .workers
             .values()
             .flat_map(|w| w.ports.clone())
@@ -919,37 +757,21 @@ impl Master {
         };
         let spawned = spawn::spawn_worker(&self.cfg.command, &spec, self.cfg.run_as.as_ref())?;
         let pid = spawned.pid;
-        self.workers.insert(
-            pid,
-            Worker {
+        let worker = Worker {
+            start_time: spawned.start_time,
+            uid: identity::worker_uid(self.cfg.run_as.as_ref()),
+            own_child: true,
+            ..Worker::new(
                 pid,
-                pidfd: Arc::new(spawned.pidfd),
-                start_time: spawned.start_time,
-                uid: identity::worker_uid(self.cfg.run_as.as_ref()),
                 band,
-                generation: self.generation,
-                state: WorkerState::Starting,
+                self.generation,
+                WorkerState::Starting,
                 ports,
-                started_at: Instant::now(),
-                ready: false,
-                own_child: true,
-                hello_at: None,
-                last_ping: None,
-                busy: false,
-                retire_requested: false,
-                retired_at: None,
-                idle_since: None,
-                dying_since: None,
-                rss: 0,
-                connections: 0,
-                nice: 0,
-                conn: None,
-                killed: false,
-                reason: None,
-                stats: serde_json::Value::Null,
-                app: serde_json::Value::Null,
-            },
-        );
+                Instant::now(),
+            )
+        };
+        self.core.workers.insert(pid, worker);
+        self.pidfds.insert(pid, Arc::new(spawned.pidfd));
         self.watch(pid);
         self.save_registry();
         Ok(pid)
@@ -959,12 +781,14 @@ impl Master {
     /// process tree) and the connect timeout of starting workers.
     fn check_starting(&mut self, now: Instant) {
         let waiting: Vec<i32> = self
+            .core
             .workers
             .values()
             .filter(|w| w.state == WorkerState::Starting && !w.ready && !w.killed)
             .map(|w| w.pid)
             .collect();
         let promotable: Vec<i32> = self
+            .core
             .workers
             .values()
             .filter(|w| w.state == WorkerState::Starting && w.ready && self.published)
@@ -979,7 +803,7 @@ impl Master {
         // Readiness needs only the starting workers' own ports.
         let ports: Vec<u16> = waiting
             .iter()
-            .filter_map(|pid| self.workers.get(pid))
+            .filter_map(|pid| self.core.workers.get(pid))
             .flat_map(|w| w.ports.clone())
             .collect();
         let (Ok(processes), Ok(sockets)) = (ProcessTable::read(), SocketTable::read_ports(&ports))
@@ -987,7 +811,7 @@ impl Master {
             return;
         };
         for pid in waiting {
-            let Some(w) = self.workers.get(&pid) else {
+            let Some(w) = self.core.workers.get(&pid) else {
                 continue;
             };
             let m = process_tree::measure(&processes, &sockets, pid, &w.ports, &self.cfg.publics);
@@ -998,20 +822,20 @@ impl Master {
                 // Not ready for steering yet; the connect timeout still applies.
                 // The cause is kept (and logged once) for status and the timeout.
                 let cause = e.to_string();
-                if let Some(w) = self.workers.get_mut(&pid)
+                if let Some(w) = self.core.workers.get_mut(&pid)
                     && w.reason.as_deref() != Some(cause.as_str())
                 {
                     log::error!("{cause}");
                     w.reason = Some(cause);
                 }
             } else if m.listening {
-                if let Some(w) = self.workers.get_mut(&pid) {
+                if let Some(w) = self.core.workers.get_mut(&pid) {
                     (w.rss, w.connections, w.nice) = (m.rss, m.connections, m.nice);
                     w.reason = None;
                 }
                 self.mark_ready(pid, "listening");
             } else if now.duration_since(started_at) > self.cfg.connect_timeout {
-                let Some(w) = self.workers.get(&pid) else {
+                let Some(w) = self.core.workers.get(&pid) else {
                     continue;
                 };
                 let band = w.band;
@@ -1032,7 +856,7 @@ impl Master {
                     w.ports[0],
                     self.cfg.connect_timeout
                 );
-                if let Some(w) = self.workers.get_mut(&pid) {
+                if let Some(w) = self.core.workers.get_mut(&pid) {
                     w.killed = true;
                 }
                 self.metrics.killed("not listening in time", "SIGKILL");
@@ -1043,7 +867,7 @@ impl Master {
     }
 
     fn mark_ready(&mut self, pid: i32, how: &str) {
-        let Some(w) = self.workers.get_mut(&pid) else {
+        let Some(w) = self.core.workers.get_mut(&pid) else {
             return;
         };
         if w.ready || w.state != WorkerState::Starting {
@@ -1057,30 +881,28 @@ impl Master {
             w.ports[0],
             w.started_at.elapsed()
         );
-        self.failures.remove(&band);
+        self.core.band_ready(band);
         if self.published {
             self.promote(pid);
         }
     }
 
-    /// A starting worker exited or timed out: try again later (backoff).
+    /// A starting worker exited or timed out: try again later (back-off), or
+    /// give up when the cluster never served.
     fn band_failed(&mut self, band: u32, now: Instant, why: &str) {
-        let failures = self.failures.entry(band).or_insert(0);
-        *failures += 1;
-        let failures = *failures;
-        if !self.published && self.previous_table.is_none() && failures >= FRESH_START_ATTEMPTS {
-            self.exit = Some(Exit::Failed(anyhow::anyhow!(
-                "band {band}'s worker failed {failures} times before the cluster ever served ({why}); \
-                 giving up: check the command `{}`",
-                self.command_line()
-            )));
-            return;
+        let may_give_up = !self.published && self.previous_table.is_none();
+        match self.core.band_failed(band, now, may_give_up) {
+            BandFailure::GiveUp { attempts } => {
+                self.exit = Some(Exit::Failed(anyhow::anyhow!(
+                    "band {band}'s worker failed {attempts} times before the cluster ever served ({why}); \
+                     giving up: check the command `{}`",
+                    self.command_line()
+                )));
+            }
+            BandFailure::Retry { attempt, backoff } => log::info!(
+                "band {band}: attempt {attempt} failed ({why}); next attempt in {backoff:?}"
+            ),
         }
-        let backoff = Duration::from_millis(100)
-            .saturating_mul(1 << failures.min(10))
-            .min(MAX_BACKOFF);
-        log::info!("band {band}: attempt {failures} failed ({why}); next attempt in {backoff:?}");
-        self.pending_spawns.insert(band, now + backoff);
     }
 
     // ---- publishing --------------------------------------------------------------
@@ -1093,6 +915,7 @@ impl Master {
             return;
         }
         let ready: BTreeMap<u32, i32> = self
+            .core
             .workers
             .values()
             .filter(|w| {
@@ -1106,7 +929,10 @@ impl Master {
         let ready_ports: BTreeMap<u32, Vec<u16>> = ready
             .iter()
             .filter_map(|(&band, pid)| {
-                Some((band, self.cfg.service_ports(&self.workers.get(pid)?.ports)))
+                Some((
+                    band,
+                    self.cfg.service_ports(&self.core.workers.get(pid)?.ports),
+                ))
             })
             .collect();
         let shape = generation::Shape {
@@ -1114,11 +940,11 @@ impl Master {
             band_shift: self.cfg.band_shift,
             bands: self.cfg.bands,
         };
-        let failures = &self.failures;
+        let core = &self.core;
         let table = match generation::table_to_publish(
             &shape,
             &ready_ports,
-            |band| failures.get(&band).is_some_and(|&f| f > 0),
+            |band| core.band_has_failed(band),
             self.previous_table.as_ref(),
         ) {
             Ok(Some(table)) => table,
@@ -1162,9 +988,9 @@ impl Master {
         self.table = Some(table);
         self.published = true;
         // Measure the new generation at once (status shows it).
-        self.next_monitor = now;
+        self.core.schedule.next_monitor = now;
         for &pid in ready.values() {
-            if let Some(w) = self.workers.get_mut(&pid) {
+            if let Some(w) = self.core.workers.get_mut(&pid) {
                 w.state = WorkerState::Live;
             }
         }
@@ -1177,7 +1003,7 @@ impl Master {
     /// A ready worker replaces its band's live worker (crash, health retirement,
     /// or a band that was late for the generation's table).
     fn promote(&mut self, pid: i32) {
-        let Some(w) = self.workers.get(&pid) else {
+        let Some(w) = self.core.workers.get(&pid) else {
             return;
         };
         let (band, ports) = (w.band, self.cfg.service_ports(&w.ports));
@@ -1196,10 +1022,12 @@ impl Master {
                 log::warn!("table mirror: {e}");
             }
         }
-        if let Some(w) = self.workers.get_mut(&pid) {
+        if let Some(w) = self.core.workers.get_mut(&pid) {
             w.state = WorkerState::Live;
         }
         let since = self
+            .core
+            .schedule
             .crashed_at
             .remove(&band)
             .map(|t| format!(" ({:?} after the crash)", t.elapsed()))
@@ -1209,13 +1037,19 @@ impl Master {
             ports[0]
         );
         let others: Vec<i32> = self
+            .core
             .workers
             .values()
             .filter(|o| o.pid != pid && o.band == band && o.state == WorkerState::Live)
             .map(|o| o.pid)
             .collect();
         for old in others {
-            let why = match self.workers.get(&old).and_then(|o| o.reason.as_deref()) {
+            let why = match self
+                .core
+                .workers
+                .get(&old)
+                .and_then(|o| o.reason.as_deref())
+            {
                 Some(reason) => format!("{reason}; replaced by worker {pid}"),
                 None => format!("replaced by worker {pid}"),
             };
@@ -1232,6 +1066,7 @@ impl Master {
             .flat_map(|s| s.worker_ports.iter().copied())
             .collect();
         let unsteered: Vec<i32> = self
+            .core
             .workers
             .values()
             .filter(|w| {
@@ -1246,7 +1081,7 @@ impl Master {
 
     /// Out of the table already: tell the worker, and renice its tree.
     fn retire(&mut self, pid: i32, reason: &str) {
-        let Some(w) = self.workers.get_mut(&pid) else {
+        let Some(w) = self.core.workers.get_mut(&pid) else {
             return;
         };
         w.state = WorkerState::Retired;
@@ -1280,14 +1115,17 @@ impl Master {
     // ---- exits, dying, killing ---------------------------------------------------
 
     fn on_worker_exit(&mut self, pid: i32) {
-        let Some(w) = self.workers.remove(&pid) else {
+        let Some(w) = self.core.workers.remove(&pid) else {
             return;
         };
+        let pidfd = self.pidfds.remove(&pid);
         let status =
             if w.own_child { pidfd::reap(pid) } else { None }.unwrap_or_else(|| "exited".into());
         // Whatever the worker left in its process group is unsupervised now
         // (the pidfd still names that group, whatever became of the pid).
-        if let Err(e) = pidfd::signal_group(&w.pidfd, pid, Signal::SIGKILL) {
+        if let Some(pidfd) = &pidfd
+            && let Err(e) = pidfd::signal_group(pidfd, pid, Signal::SIGKILL)
+        {
             log::debug!("SIGKILL to what is left of worker {pid}'s group: {e}");
         }
         self.save_registry();
@@ -1304,13 +1142,9 @@ impl Master {
                     w.band,
                     w.generation
                 );
-                self.crashed_at.insert(w.band, now);
                 self.metrics.crashed();
-                if self.starting_for(w.band).is_none() {
-                    self.pending_spawns.insert(w.band, now);
-                    // A crash is not a start-up failure: no backoff, at once.
-                    self.next_spawn_at = self.next_spawn_at.min(now);
-                }
+                // A crash is not a start-up failure: no back-off, at once.
+                self.core.replace_at_once(w.band, now);
             }
             WorkerState::Starting => {
                 log::warn!(
@@ -1335,7 +1169,7 @@ impl Master {
     /// SIGTERM (or `die` to a worker that speaks the protocol); SIGKILL follows
     /// after the soft-kill timeout.
     fn ask_to_die(&mut self, pid: i32, reason: &str) {
-        let Some(w) = self.workers.get_mut(&pid) else {
+        let Some(w) = self.core.workers.get_mut(&pid) else {
             return;
         };
         if w.state == WorkerState::Dying {
@@ -1368,24 +1202,12 @@ impl Master {
     }
 
     fn enforce_soft_kill(&mut self, now: Instant) {
-        let late: Vec<i32> = self
-            .workers
-            .values()
-            .filter(|w| w.state == WorkerState::Dying && !w.killed)
-            .filter(|w| {
-                w.dying_since
-                    .is_some_and(|t| now.duration_since(t) > self.cfg.soft_kill_timeout)
-            })
-            .map(|w| w.pid)
-            .collect();
-        for pid in late {
-            let Some(w) = self.workers.get_mut(&pid) else {
+        for (pid, dying_for) in self.core.late_dying(now) {
+            let Some(w) = self.core.workers.get_mut(&pid) else {
                 continue;
             };
             let reason = format!(
-                "still running {:?} after it was asked to die (soft-kill timeout {:?})",
-                w.dying_since
-                    .map_or(Duration::ZERO, |t| now.duration_since(t)),
+                "still running {dying_for:?} after it was asked to die (soft-kill timeout {:?})",
                 self.cfg.soft_kill_timeout
             );
             log::warn!("killing worker {pid} ({}): {reason}", w.describe());
@@ -1396,35 +1218,9 @@ impl Master {
         }
     }
 
-    /// Queue every retired worker (not queued yet) to be asked to die.
-    fn queue_kill_retired(&mut self, why: &'static str) -> usize {
-        let retired: Vec<i32> = self
-            .workers
-            .values()
-            .filter(|w| {
-                w.state == WorkerState::Retired && !self.kill_queue.iter().any(|(p, _)| *p == w.pid)
-            })
-            .map(|w| w.pid)
-            .collect();
-        self.kill_queue
-            .extend(retired.iter().map(|&pid| (pid, why)));
-        retired.len()
-    }
-
     fn kill_next_retired(&mut self, now: Instant) {
-        if now < self.next_kill_at {
-            return;
-        }
-        while let Some((pid, why)) = self.kill_queue.pop_front() {
-            if self
-                .workers
-                .get(&pid)
-                .is_some_and(|w| w.state == WorkerState::Retired)
-            {
-                self.ask_to_die(pid, why);
-                self.next_kill_at = now + self.cfg.spawn_delay;
-                return;
-            }
+        if let Some((pid, why)) = self.core.next_kill(now) {
+            self.ask_to_die(pid, why);
         }
     }
 
@@ -1433,6 +1229,7 @@ impl Master {
     fn monitor(&mut self, now: Instant) {
         // One dump for the whole cluster: its workers' ports and the public ports.
         let mut ports: Vec<u16> = self
+            .core
             .workers
             .values()
             .flat_map(|w| w.ports.clone())
@@ -1444,6 +1241,7 @@ impl Master {
             return;
         };
         let keys: Vec<census::WorkerKey> = self
+            .core
             .workers
             .values()
             .map(|w| census::WorkerKey {
@@ -1463,7 +1261,7 @@ impl Master {
         );
         let mut gone = Vec::new();
         for key in &keys {
-            let Some(w) = self.workers.get_mut(&key.pid) else {
+            let Some(w) = self.core.workers.get_mut(&key.pid) else {
                 continue;
             };
             if key.tree.is_empty() {
@@ -1487,13 +1285,13 @@ impl Master {
                 self.on_worker_exit(pid);
             }
         }
-        self.recent_retirements
-            .retain(|t| now.duration_since(*t) < self.cfg.policy.retire_window);
+        self.core
+            .forget_retirements_before(now, self.cfg.policy.retire_window);
         let snapshot = ClusterSnapshot {
             now,
             master_rss: own_rss(),
-            workers: self.workers.values().map(Worker::snapshot).collect(),
-            recent_retirements: self.recent_retirements.clone(),
+            workers: self.core.workers.values().cloned().collect(),
+            recent_retirements: self.core.schedule.recent_retirements.clone(),
         };
         for action in policy::decide(&snapshot, &self.cfg.policy) {
             self.carry_out(action, now);
@@ -1506,9 +1304,9 @@ impl Master {
                 // A replacement already starting, or waiting to (a spawn delay, the
                 // backoff of a failing band), is not a new retirement: it would count
                 // twice against the rate limit and reset the backoff.
-                let replacing =
-                    self.starting_for(band).is_some() || self.pending_spawns.contains_key(&band);
-                let Some(w) = self.workers.get_mut(&pid) else {
+                let replacing = self.core.starting_for(band).is_some()
+                    || self.core.schedule.pending_spawns.contains_key(&band);
+                let Some(w) = self.core.workers.get_mut(&pid) else {
                     return;
                 };
                 if w.state != WorkerState::Live || replacing {
@@ -1519,8 +1317,8 @@ impl Master {
                     w.describe()
                 );
                 w.reason = Some(reason);
-                self.recent_retirements.push(now);
-                self.pending_spawns.insert(band, now);
+                self.core.schedule.recent_retirements.push(now);
+                self.core.schedule.pending_spawns.insert(band, now);
             }
             Action::AskToDie { pid, reason } => {
                 self.replace_if_live(pid, now);
@@ -1528,7 +1326,7 @@ impl Master {
             }
             Action::Kill { pid, reason } => {
                 self.replace_if_live(pid, now);
-                let Some(w) = self.workers.get_mut(&pid) else {
+                let Some(w) = self.core.workers.get_mut(&pid) else {
                     return;
                 };
                 if w.killed {
@@ -1573,16 +1371,16 @@ impl Master {
 
     /// A live worker that is made to exit leaves its band to a replacement.
     fn replace_if_live(&mut self, pid: i32, now: Instant) {
-        let Some(w) = self.workers.get(&pid) else {
+        let Some(w) = self.core.workers.get(&pid) else {
             return;
         };
-        if w.state == WorkerState::Live && self.starting_for(w.band).is_none() {
+        if w.state == WorkerState::Live && self.core.starting_for(w.band).is_none() {
             log::warn!(
                 "worker {pid} is live: starting a replacement for band {}",
                 w.band
             );
-            self.crashed_at.insert(w.band, now);
-            self.pending_spawns.insert(w.band, now);
+            self.core.schedule.crashed_at.insert(w.band, now);
+            self.core.schedule.pending_spawns.insert(w.band, now);
         }
     }
 
@@ -1620,12 +1418,15 @@ impl Master {
     /// Stop the workers this master started (they never served).
     fn stop_own_workers(&mut self) {
         let own: Vec<kill::Target<'_>> = self
+            .core
             .workers
             .values()
             .filter(|w| w.own_child)
-            .map(|w| kill::Target {
-                pid: w.pid,
-                pidfd: &w.pidfd,
+            .filter_map(|w| {
+                Some(kill::Target {
+                    pid: w.pid,
+                    pidfd: self.pidfds.get(&w.pid)?,
+                })
             })
             .collect();
         log::warn!("stopping the {} workers this master started", own.len());

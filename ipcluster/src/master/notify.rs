@@ -202,7 +202,13 @@ impl Notifier {
 impl super::Master {
     /// systemd: `READY=1` after the first publish, `STATUS=` on change, the watchdog.
     pub(super) fn notify(&mut self, now: Instant) {
-        let count = |state| self.workers.values().filter(|w| w.state == state).count();
+        let count = |state| {
+            self.core
+                .workers
+                .values()
+                .filter(|w| w.state == state)
+                .count()
+        };
         let (live, retired) = (
             count(crate::policy::WorkerState::Live),
             count(crate::policy::WorkerState::Retired),

@@ -55,7 +55,7 @@ impl Master {
             }
             Ok(Incoming::Worker(message)) => {
                 let worker = match peer.worker {
-                    Some(pid) if self.workers.contains_key(&pid) => Some(pid),
+                    Some(pid) if self.core.workers.contains_key(&pid) => Some(pid),
                     _ => self.identify(peer.pid),
                 };
                 let Some(pid) = worker else {
@@ -77,16 +77,16 @@ impl Master {
     /// Which worker's process tree `pid` belongs to.
     fn identify(&self, pid: Option<i32>) -> Option<i32> {
         let pid = pid?;
-        if self.workers.contains_key(&pid) {
+        if self.core.workers.contains_key(&pid) {
             return Some(pid);
         }
-        let roots: HashSet<i32> = self.workers.keys().copied().collect();
+        let roots: HashSet<i32> = self.core.workers.keys().copied().collect();
         ProcessTable::read().ok()?.owner_of(pid, &roots)
     }
 
     fn on_worker_message(&mut self, conn: u64, pid: i32, message: WorkerMessage) {
         let now = Instant::now();
-        let Some(w) = self.workers.get_mut(&pid) else {
+        let Some(w) = self.core.workers.get_mut(&pid) else {
             return;
         };
         w.conn = Some(conn);
@@ -158,7 +158,7 @@ impl Master {
                 self.send(conn, &report);
             }
             AdminRequest::KillRetired => {
-                let n = self.queue_kill_retired("`ipcluster kill-retired`");
+                let n = self.core.queue_kill_retired("`ipcluster kill-retired`");
                 log::info!("kill-retired: asking {n} retired workers to die");
                 self.send(
                     conn,
@@ -199,19 +199,16 @@ impl Master {
 
     /// `ipcluster stop`: every worker, the steering, the state directory.
     fn stop_everything(&mut self) -> Result<String> {
-        let pids: Vec<i32> = self.workers.keys().copied().collect();
+        let pids: Vec<i32> = self.core.workers.keys().copied().collect();
         log::info!(
             "stopping cluster {:?}: {} workers",
             self.cfg.name,
             pids.len()
         );
         let targets: Vec<kill::Target<'_>> = self
-            .workers
-            .values()
-            .map(|w| kill::Target {
-                pid: w.pid,
-                pidfd: &w.pidfd,
-            })
+            .pidfds
+            .iter()
+            .map(|(&pid, pidfd)| kill::Target { pid, pidfd })
             .collect();
         let killed = kill::stop_workers(&targets, self.cfg.soft_kill_timeout);
         // Workers of this cluster we did not know of (e.g. spawned by a master that died
@@ -241,7 +238,8 @@ impl Master {
                 .collect();
             kill::stop_workers(&targets, self.cfg.soft_kill_timeout);
         }
-        self.workers.clear();
+        self.core.workers.clear();
+        self.pidfds.clear();
         self.steering
             .teardown()
             .with_context(|| format!("removing the {} steering", self.cfg.backend))?;
@@ -259,6 +257,7 @@ impl Master {
     fn status_report(&self) -> StatusReport {
         let now = Instant::now();
         let mut workers: Vec<WorkerStatus> = self
+            .core
             .workers
             .values()
             .map(|w| WorkerStatus {

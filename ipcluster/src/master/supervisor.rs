@@ -1,0 +1,640 @@
+//! The supervisor core, without I/O: every worker the master knows, as the one
+//! [`Worker`] type (the policy decides over it, `status` reports it, the
+//! registry record is computed from it), and the [`Schedule`] of what is due
+//! when (spawns and their back-off, the kill-retired queue, soft-kill
+//! deadlines), with [`Supervisor::next_deadline`] telling the event loop when
+//! to wake. Time is always passed in (`now`), so the unit tests drive it with a
+//! fake clock. The master's runtime (`master/mod.rs`) reads /proc, signals
+//! through pidfds, publishes tables and writes files; it asks this module what
+//! is due and records here what happened.
+//!
+//! # When is a worker retired?
+//!
+//! `Retired` means: out of the steering table in force, still running, keeping
+//! its established connections. A worker becomes retired in exactly three
+//! cases, and a retired worker never becomes live again:
+//!
+//! 1. **A reload publishes its table**: every live worker the new generation's
+//!    table no longer points at is retired ("a new generation took over").
+//! 2. **Its band's replacement is promoted**: when a starting worker of the
+//!    same band becomes ready and is steered to, the band's previous live
+//!    worker is retired ("replaced by worker N", after the reason the
+//!    replacement was started for). A replacement is started for a live worker
+//!    only by the health rules of [`crate::policy`] (RSS over
+//!    `--worker-rss-limit`, busy, `request_retire`, silent past
+//!    `--ping-timeout`; at most `--retire-rate` per `--retire-window`).
+//! 3. **Adoption**: a worker of an earlier generation found at start-up that
+//!    the table in force does not point at is adopted as retired.
+//!
+//! A live worker that crashes, or that the policy asks to die or kills, is not
+//! retired: it becomes gone or `Dying`, and its band gets a replacement at once
+//! (and a stand-in until then, see `fallback`). A retired worker leaves when it
+//! has been idle past `--retired-idle-exit`, when the cluster is over the low
+//! (asked to die) or high (killed) watermark, on `kill-retired` or SIGUSR1 (one
+//! every `--spawn-delay`), or by itself.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use crate::policy::WorkerState;
+
+/// A band whose first workers keep failing before any table was ever
+/// published makes `run` give up (the command is broken, not unlucky).
+pub const FRESH_START_ATTEMPTS: u32 = 3;
+/// Longest pause between two attempts of a failing band.
+pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How often /proc is polled for the readiness of starting workers (and, before
+/// the first publish, the start-up steps are retried). An idle cluster has no
+/// poll: the loop sleeps until [`Supervisor::next_deadline`].
+pub const STARTING_POLL: Duration = Duration::from_millis(20);
+
+/// One worker, as the master tracks it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Worker {
+    pub pid: i32,
+    /// /proc/PID/stat `starttime`, for the registry.
+    pub start_time: u64,
+    /// The real uid it runs as.
+    pub uid: u32,
+    pub band: u32,
+    pub generation: u64,
+    pub state: WorkerState,
+    /// One per public port (in `--listen` order of first appearance); the
+    /// first is `$PORT`.
+    pub ports: Vec<u16>,
+    pub started_at: Instant,
+    /// Listening (or said hello); a `Starting` worker waits for the table.
+    pub ready: bool,
+    /// This master spawned it (and reaps it).
+    pub own_child: bool,
+    /// When the worker said hello on the control socket (aware workers only).
+    pub hello_at: Option<Instant>,
+    pub last_ping: Option<Instant>,
+    /// The worker's last ping said it is too busy.
+    pub busy: bool,
+    /// The worker asked to be retired (`request_retire`).
+    pub retire_requested: bool,
+    /// When it entered `Retired`.
+    pub retired_at: Option<Instant>,
+    /// Since when it has had no connections (retired workers), if it has none now.
+    pub idle_since: Option<Instant>,
+    /// When it was asked to die (`Dying`).
+    pub dying_since: Option<Instant>,
+    /// Resident memory of the worker's whole process tree, measured from /proc.
+    pub rss: u64,
+    /// Established TCP connections owned by the worker's process tree.
+    pub connections: u32,
+    pub nice: i64,
+    /// Its control-socket connection, if it spoke.
+    pub conn: Option<u64>,
+    /// SIGKILL was sent (connect timeout, soft-kill timeout or the policy).
+    pub killed: bool,
+    /// Why it is being replaced, retired, asked to die or killed (the latest),
+    /// with the figures acted on; `status` shows it.
+    pub reason: Option<String>,
+    /// `stats` and `app` of its latest ping (`Null` until it pings).
+    pub stats: serde_json::Value,
+    pub app: serde_json::Value,
+}
+
+impl Worker {
+    /// A worker just known: nothing measured, nothing heard.
+    pub fn new(
+        pid: i32,
+        band: u32,
+        generation: u64,
+        state: WorkerState,
+        ports: Vec<u16>,
+        started_at: Instant,
+    ) -> Worker {
+        Worker {
+            pid,
+            start_time: 0,
+            uid: 0,
+            band,
+            generation,
+            state,
+            ports,
+            started_at,
+            ready: false,
+            own_child: false,
+            hello_at: None,
+            last_ping: None,
+            busy: false,
+            retire_requested: false,
+            retired_at: None,
+            idle_since: None,
+            dying_since: None,
+            rss: 0,
+            connections: 0,
+            nice: 0,
+            conn: None,
+            killed: false,
+            reason: None,
+            stats: serde_json::Value::Null,
+            app: serde_json::Value::Null,
+        }
+    }
+
+    /// `band 2, generation 1, 3 connections, rss 101.2 MiB`: the figures logged
+    /// with every action on a worker.
+    pub fn describe(&self) -> String {
+        format!(
+            "band {}, generation {}, {} connections, rss {:.1} MiB",
+            self.band,
+            self.generation,
+            self.connections,
+            self.rss as f64 / (1024.0 * 1024.0)
+        )
+    }
+
+    /// Waiting to be ready (not killed for its connect timeout), or ready and
+    /// waiting to be promoted: the readiness poll is needed.
+    fn needs_poll(&self) -> bool {
+        self.state == WorkerState::Starting && (self.ready || !self.killed)
+    }
+
+    /// When this dying worker is past its soft-kill timeout (strictly past it).
+    fn soft_kill_deadline(&self, timeout: Duration) -> Option<Instant> {
+        (self.state == WorkerState::Dying && !self.killed)
+            .then_some(self.dying_since?)
+            .map(|t| t + timeout + Duration::from_millis(1))
+    }
+}
+
+/// What happens to a band whose starting worker failed (exited or timed out
+/// before it was ready, or could not be spawned).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BandFailure {
+    /// Try again after `backoff` (attempt `attempt` failed).
+    Retry { attempt: u32, backoff: Duration },
+    /// The cluster never served and the band failed this often: give up.
+    GiveUp { attempts: u32 },
+}
+
+/// The back-off after `failures` consecutive failures of a band:
+/// 200 ms, 400 ms, 800 ms … up to [`MAX_BACKOFF`].
+pub fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100)
+        .saturating_mul(1 << failures.min(10))
+        .min(MAX_BACKOFF)
+}
+
+/// What is due when, apart from the workers themselves.
+#[derive(Debug)]
+pub struct Schedule {
+    /// Bands to (re)spawn and from when.
+    pub pending_spawns: BTreeMap<u32, Instant>,
+    /// No spawn before this (`--spawn-delay` after the previous one).
+    pub next_spawn_at: Instant,
+    /// Consecutive failures (exit or timeout before ready) per band.
+    pub failures: HashMap<u32, u32>,
+    /// Retired workers to end one by one (SIGUSR1, `kill-retired`), and why.
+    pub kill_queue: VecDeque<(i32, &'static str)>,
+    pub next_kill_at: Instant,
+    /// When the policy's recent health retirements happened (its rate limit).
+    pub recent_retirements: Vec<Instant>,
+    /// Crashed bands and when, to log how long the band went unserved.
+    pub crashed_at: HashMap<u32, Instant>,
+    /// The next monitor pass (measurement and policy).
+    pub next_monitor: Instant,
+}
+
+/// The workers and the schedule.
+#[derive(Debug)]
+pub struct Supervisor {
+    pub workers: BTreeMap<i32, Worker>,
+    pub schedule: Schedule,
+    /// `--spawn-delay`: between two spawns, and two kills of the kill-retired queue.
+    pub spawn_delay: Duration,
+    /// `--soft-kill-timeout`: from `die`/SIGTERM to SIGKILL.
+    pub soft_kill_timeout: Duration,
+}
+
+impl Supervisor {
+    pub fn new(now: Instant, spawn_delay: Duration, soft_kill_timeout: Duration) -> Supervisor {
+        Supervisor {
+            workers: BTreeMap::new(),
+            schedule: Schedule {
+                pending_spawns: BTreeMap::new(),
+                next_spawn_at: now,
+                failures: HashMap::new(),
+                kill_queue: VecDeque::new(),
+                next_kill_at: now,
+                recent_retirements: Vec::new(),
+                crashed_at: HashMap::new(),
+                next_monitor: now,
+            },
+            spawn_delay,
+            soft_kill_timeout,
+        }
+    }
+
+    /// The worker of this generation starting for `band`, if any.
+    pub fn starting_for(&self, band: u32) -> Option<i32> {
+        self.workers
+            .values()
+            .find(|w| w.band == band && w.state == WorkerState::Starting)
+            .map(|w| w.pid)
+    }
+
+    /// Start a worker for `band` from `at` on.
+    pub fn schedule_spawn(&mut self, band: u32, at: Instant) {
+        self.schedule.pending_spawns.insert(band, at);
+    }
+
+    /// A live worker of `band` crashed (or was made to exit): a replacement at
+    /// once, without back-off and ahead of the spawn delay, unless one is
+    /// starting already.
+    pub fn replace_at_once(&mut self, band: u32, now: Instant) {
+        self.schedule.crashed_at.insert(band, now);
+        if self.starting_for(band).is_none() {
+            self.schedule.pending_spawns.insert(band, now);
+            self.schedule.next_spawn_at = self.schedule.next_spawn_at.min(now);
+        }
+    }
+
+    /// The band to spawn now, if one is due and the spawn delay has passed.
+    /// `None` also when the due band already has a worker starting (it is
+    /// dropped from the schedule). The caller spawns, then calls
+    /// [`Supervisor::spawned_at`].
+    pub fn due_spawn(&mut self, now: Instant) -> Option<u32> {
+        if now < self.schedule.next_spawn_at {
+            return None;
+        }
+        let (&band, _) = self
+            .schedule
+            .pending_spawns
+            .iter()
+            .find(|(_, due)| **due <= now)?;
+        self.schedule.pending_spawns.remove(&band);
+        self.starting_for(band).is_none().then_some(band)
+    }
+
+    /// A spawn was attempted at `now`: the next waits for the spawn delay.
+    pub fn spawned_at(&mut self, now: Instant) {
+        self.schedule.next_spawn_at = now + self.spawn_delay;
+    }
+
+    /// A starting worker of `band` failed: back-off, or give up when the
+    /// cluster never served (`may_give_up`) and the band failed
+    /// [`FRESH_START_ATTEMPTS`] times.
+    pub fn band_failed(&mut self, band: u32, now: Instant, may_give_up: bool) -> BandFailure {
+        let failures = self.schedule.failures.entry(band).or_insert(0);
+        *failures += 1;
+        let attempt = *failures;
+        if may_give_up && attempt >= FRESH_START_ATTEMPTS {
+            return BandFailure::GiveUp { attempts: attempt };
+        }
+        let backoff = backoff(attempt);
+        self.schedule.pending_spawns.insert(band, now + backoff);
+        BandFailure::Retry { attempt, backoff }
+    }
+
+    /// A worker of `band` became ready: its band's failures are forgotten.
+    pub fn band_ready(&mut self, band: u32) {
+        self.schedule.failures.remove(&band);
+    }
+
+    /// Whether `band` failed since its last ready worker.
+    pub fn band_has_failed(&self, band: u32) -> bool {
+        self.schedule.failures.get(&band).is_some_and(|&f| f > 0)
+    }
+
+    /// Queue every retired worker (not queued yet) to be asked to die, one
+    /// every spawn delay. Returns how many were queued.
+    pub fn queue_kill_retired(&mut self, why: &'static str) -> usize {
+        let queue = &mut self.schedule.kill_queue;
+        let retired: Vec<i32> = self
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Retired && !queue.iter().any(|(p, _)| *p == w.pid))
+            .map(|w| w.pid)
+            .collect();
+        queue.extend(retired.iter().map(|&pid| (pid, why)));
+        retired.len()
+    }
+
+    /// The next queued worker to ask to die, if its turn has come (workers no
+    /// longer retired are skipped). The next turn is a spawn delay later.
+    pub fn next_kill(&mut self, now: Instant) -> Option<(i32, &'static str)> {
+        if now < self.schedule.next_kill_at {
+            return None;
+        }
+        while let Some((pid, why)) = self.schedule.kill_queue.pop_front() {
+            if self
+                .workers
+                .get(&pid)
+                .is_some_and(|w| w.state == WorkerState::Retired)
+            {
+                self.schedule.next_kill_at = now + self.spawn_delay;
+                return Some((pid, why));
+            }
+        }
+        None
+    }
+
+    /// Dying workers still there after the soft-kill timeout (not killed yet),
+    /// with how long they have been dying.
+    pub fn late_dying(&self, now: Instant) -> Vec<(i32, Duration)> {
+        self.workers
+            .values()
+            .filter(|w| w.soft_kill_deadline(self.soft_kill_timeout).is_some())
+            .filter_map(|w| {
+                let dying_for = now.duration_since(w.dying_since?);
+                (dying_for > self.soft_kill_timeout).then_some((w.pid, dying_for))
+            })
+            .collect()
+    }
+
+    /// Forget the health retirements older than `window` (the rate limit's).
+    pub fn forget_retirements_before(&mut self, now: Instant, window: Duration) {
+        self.schedule
+            .recent_retirements
+            .retain(|t| now.duration_since(*t) < window);
+    }
+
+    /// When something is due next: the earliest of the monitor pass, the
+    /// readiness poll while a worker is starting (and every step before the
+    /// first publish: `published` false), the due spawn, the soft-kill
+    /// deadline of a dying worker and the next kill of the queue. `extra` adds
+    /// the runtime's own deadlines (the systemd watchdog). The event loop
+    /// sleeps until then, or until an event (an exit, a control line, a
+    /// signal) wakes it earlier.
+    pub fn next_deadline(
+        &self,
+        now: Instant,
+        published: bool,
+        extra: impl IntoIterator<Item = Instant>,
+    ) -> Instant {
+        let s = &self.schedule;
+        let poll = now + STARTING_POLL;
+        let starting = self.workers.values().any(Worker::needs_poll);
+        let spawn = s
+            .pending_spawns
+            .values()
+            .min()
+            .map(|&due| due.max(s.next_spawn_at));
+        let soft_kill = self
+            .workers
+            .values()
+            .filter_map(|w| w.soft_kill_deadline(self.soft_kill_timeout))
+            .min();
+        let kill = (!s.kill_queue.is_empty()).then_some(s.next_kill_at);
+        [
+            Some(s.next_monitor),
+            (starting || !published).then_some(poll),
+            spawn,
+            soft_kill,
+            kill,
+        ]
+        .into_iter()
+        .flatten()
+        .chain(extra)
+        .min()
+        .unwrap_or(s.next_monitor)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Far enough for the monitor pass not to hide the deadline under test.
+    const MONITOR: Duration = Duration::from_secs(60);
+    const SPAWN_DELAY: Duration = Duration::from_millis(50);
+    const SOFT_KILL: Duration = Duration::from_secs(5);
+
+    /// The fake clock: `t(ms)` is `ms` milliseconds after the start.
+    fn clock() -> impl Fn(u64) -> Instant {
+        let zero = Instant::now();
+        move |ms| zero + Duration::from_millis(ms)
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    fn supervisor(t: &impl Fn(u64) -> Instant) -> Supervisor {
+        let mut s = Supervisor::new(t(0), SPAWN_DELAY, SOFT_KILL);
+        s.schedule.next_monitor = t(0) + MONITOR;
+        s
+    }
+
+    fn add(s: &mut Supervisor, pid: i32, band: u32, state: WorkerState, at: Instant) {
+        let mut w = Worker::new(pid, band, 1, state, vec![20000 + pid as u16], at);
+        w.ready = state != WorkerState::Starting;
+        s.workers.insert(pid, w);
+    }
+
+    #[test]
+    fn an_idle_cluster_sleeps_until_its_monitor_pass() {
+        let t = clock();
+        let mut s = supervisor(&t);
+        for (pid, band) in [(10, 0), (11, 1)] {
+            add(&mut s, pid, band, WorkerState::Live, t(0));
+        }
+        add(&mut s, 9, 0, WorkerState::Retired, t(0));
+        s.schedule.next_monitor = t(1000);
+        assert_eq!(s.next_deadline(t(10), true, []), t(1000));
+        // The watchdog (or any deadline of the runtime) comes first when earlier.
+        assert_eq!(s.next_deadline(t(10), true, [t(400)]), t(400));
+        // Before the first publish, the start-up steps are polled.
+        assert_eq!(s.next_deadline(t(10), false, []), t(10) + STARTING_POLL);
+    }
+
+    #[test]
+    fn deadlines_table() {
+        let t = clock();
+        struct Row {
+            name: &'static str,
+            setup: fn(&mut Supervisor, &dyn Fn(u64) -> Instant),
+            now: u64,
+            expect: u64,
+        }
+        #[rustfmt::skip]
+        let rows = [
+            Row { name: "starting worker: readiness poll", now: 100, expect: 120,
+                setup: |s, t| add(s, 1, 0, WorkerState::Starting, t(0)) },
+            Row { name: "ready, waiting for promotion: poll", now: 100, expect: 120,
+                setup: |s, t| { add(s, 1, 0, WorkerState::Starting, t(0)); s.workers.get_mut(&1).unwrap().ready = true; } },
+            Row { name: "killed for its connect timeout: wait for its exit", now: 100, expect: 60_000,
+                setup: |s, t| { add(s, 1, 0, WorkerState::Starting, t(0)); s.workers.get_mut(&1).unwrap().killed = true; } },
+            Row { name: "spawn due now", now: 100, expect: 100,
+                setup: |s, t| s.schedule_spawn(3, t(100)) },
+            Row { name: "spawn after its back-off", now: 100, expect: 500,
+                setup: |s, t| s.schedule_spawn(3, t(500)) },
+            Row { name: "spawn due, spawn delay not over", now: 100, expect: 130,
+                setup: |s, t| { s.schedule_spawn(3, t(0)); s.schedule.next_spawn_at = t(130); } },
+            Row { name: "dying: strictly after the soft-kill timeout", now: 100, expect: 5_051,
+                setup: |s, t| { add(s, 1, 0, WorkerState::Dying, t(0)); s.workers.get_mut(&1).unwrap().dying_since = Some(t(50)); } },
+            Row { name: "dying and killed: nothing more to do", now: 100, expect: 60_000,
+                setup: |s, t| { add(s, 1, 0, WorkerState::Dying, t(0)); let w = s.workers.get_mut(&1).unwrap(); w.dying_since = Some(t(50)); w.killed = true; } },
+            Row { name: "kill queue: next turn", now: 100, expect: 300,
+                setup: |s, t| { s.schedule.kill_queue.push_back((1, "test")); s.schedule.next_kill_at = t(300); } },
+        ];
+        for row in rows {
+            let mut s = supervisor(&t);
+            (row.setup)(&mut s, &t);
+            assert_eq!(
+                s.next_deadline(t(row.now), true, []),
+                t(row.expect),
+                "{}",
+                row.name
+            );
+        }
+    }
+
+    #[test]
+    fn start_up_spawns_one_band_per_spawn_delay() {
+        let t = clock();
+        let mut s = supervisor(&t);
+        for band in 0..3 {
+            s.schedule_spawn(band, t(0));
+        }
+        let mut spawned = Vec::new();
+        let mut now = t(0);
+        while spawned.len() < 3 {
+            now = s.next_deadline(now, false, []).max(now);
+            if let Some(band) = s.due_spawn(now) {
+                add(&mut s, 100 + band as i32, band, WorkerState::Starting, now);
+                s.spawned_at(now);
+                spawned.push((band, now));
+            } else {
+                now += STARTING_POLL;
+            }
+        }
+        assert_eq!(spawned, vec![(0, t(0)), (1, t(50)), (2, t(100))]);
+        // A band that has a worker starting is not spawned twice.
+        s.schedule_spawn(1, now);
+        assert_eq!(s.due_spawn(now + SPAWN_DELAY), None);
+        assert!(s.schedule.pending_spawns.is_empty());
+    }
+
+    #[test]
+    fn a_failing_band_backs_off_and_a_fresh_start_gives_up() {
+        let t = clock();
+        let mut s = supervisor(&t);
+        // Once the cluster served (or with a previous table), it never gives up.
+        let mut seen = Vec::new();
+        for _ in 0..8 {
+            match s.band_failed(2, t(0), false) {
+                BandFailure::Retry { attempt, backoff } => seen.push((attempt, backoff)),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (1, ms(200)),
+                (2, ms(400)),
+                (3, ms(800)),
+                (4, ms(1600)),
+                (5, ms(3200)),
+                (6, ms(6400)),
+                (7, MAX_BACKOFF),
+                (8, MAX_BACKOFF),
+            ]
+        );
+        assert_eq!(
+            s.schedule.pending_spawns.get(&2),
+            Some(&(t(0) + MAX_BACKOFF))
+        );
+        assert!(s.band_has_failed(2));
+        // Ready: the back-off starts over.
+        s.band_ready(2);
+        assert!(!s.band_has_failed(2));
+        assert_eq!(
+            s.band_failed(2, t(0), false),
+            BandFailure::Retry {
+                attempt: 1,
+                backoff: ms(200)
+            }
+        );
+        // A fresh start (nothing ever served) gives up at the third failure.
+        let mut s = supervisor(&t);
+        assert!(matches!(
+            s.band_failed(0, t(0), true),
+            BandFailure::Retry { attempt: 1, .. }
+        ));
+        assert!(matches!(
+            s.band_failed(0, t(0), true),
+            BandFailure::Retry { attempt: 2, .. }
+        ));
+        assert_eq!(
+            s.band_failed(0, t(0), true),
+            BandFailure::GiveUp {
+                attempts: FRESH_START_ATTEMPTS
+            }
+        );
+    }
+
+    #[test]
+    fn a_crash_is_replaced_at_once_without_back_off() {
+        let t = clock();
+        let mut s = supervisor(&t);
+        add(&mut s, 10, 0, WorkerState::Live, t(0));
+        // A spawn just happened: the next would wait for the spawn delay.
+        s.spawned_at(t(1000));
+        s.workers.remove(&10);
+        s.replace_at_once(0, t(1010));
+        assert_eq!(s.next_deadline(t(1010), true, []), t(1010));
+        assert_eq!(s.due_spawn(t(1010)), Some(0));
+        assert_eq!(s.schedule.crashed_at.get(&0), Some(&t(1010)));
+        // Not when its replacement is starting already.
+        let mut s = supervisor(&t);
+        add(&mut s, 11, 0, WorkerState::Starting, t(0));
+        s.replace_at_once(0, t(10));
+        assert!(s.schedule.pending_spawns.is_empty());
+    }
+
+    #[test]
+    fn kill_retired_ends_one_retired_worker_per_spawn_delay() {
+        let t = clock();
+        let mut s = supervisor(&t);
+        for pid in [1, 2, 3] {
+            add(&mut s, pid, pid as u32, WorkerState::Retired, t(0));
+        }
+        add(&mut s, 4, 0, WorkerState::Live, t(0));
+        assert_eq!(s.queue_kill_retired("kill-retired"), 3);
+        // Queued already: not twice.
+        assert_eq!(s.queue_kill_retired("SIGUSR1"), 0);
+        // Worker 2 exits by itself meanwhile: skipped.
+        s.workers.remove(&2);
+        let mut ended = Vec::new();
+        let mut now = t(0);
+        for _ in 0..10 {
+            now = s.next_deadline(now, true, []).max(now);
+            if let Some((pid, why)) = s.next_kill(now) {
+                assert_eq!(why, "kill-retired");
+                if let Some(w) = s.workers.get_mut(&pid) {
+                    w.state = WorkerState::Dying;
+                    w.dying_since = Some(now);
+                }
+                ended.push((pid, now));
+            } else {
+                break;
+            }
+        }
+        assert_eq!(ended, vec![(1, t(0)), (3, t(50))]);
+        assert!(s.schedule.kill_queue.is_empty());
+        assert_eq!(s.workers[&4].state, WorkerState::Live);
+    }
+
+    #[test]
+    fn the_soft_kill_deadline_is_strictly_after_the_timeout() {
+        let t = clock();
+        let mut s = supervisor(&t);
+        add(&mut s, 1, 0, WorkerState::Dying, t(0));
+        s.workers.get_mut(&1).unwrap().dying_since = Some(t(0));
+        assert!(
+            s.late_dying(t(5000)).is_empty(),
+            "exactly the timeout is not late"
+        );
+        let deadline = s.next_deadline(t(100), true, []);
+        assert!(deadline > t(5000) && deadline <= t(5001), "{deadline:?}");
+        assert_eq!(s.late_dying(deadline), vec![(1, deadline - t(0))]);
+        s.workers.get_mut(&1).unwrap().killed = true;
+        assert!(s.late_dying(t(6000)).is_empty(), "SIGKILL is sent once");
+    }
+}
