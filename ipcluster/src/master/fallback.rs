@@ -19,25 +19,18 @@
 
 use std::collections::HashSet;
 
+use super::supervisor::Worker;
 use crate::policy::WorkerState;
 
-/// What the choice needs to know of a worker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Candidate {
-    pub pid: i32,
-    pub band: u32,
-    pub generation: u64,
-    pub state: WorkerState,
-    pub ready: bool,
-    /// SIGKILL was sent: it is leaving.
-    pub killed: bool,
-}
-
 /// The worker to serve `band` (of `bands`) for now, by the rules above.
-pub fn stand_in(band: u32, bands: u32, candidates: &[Candidate]) -> Option<i32> {
-    let usable = |c: &&Candidate| c.ready && !c.killed;
+pub fn stand_in<'a>(
+    band: u32,
+    bands: u32,
+    candidates: impl Iterator<Item = &'a Worker> + Clone,
+) -> Option<i32> {
+    let usable = |c: &&Worker| c.ready && !c.killed;
     let same_band = candidates
-        .iter()
+        .clone()
         .filter(usable)
         .filter(|c| c.band == band && c.state == WorkerState::Retired)
         .max_by_key(|c| (c.generation, c.pid));
@@ -46,7 +39,6 @@ pub fn stand_in(band: u32, bands: u32, candidates: &[Candidate]) -> Option<i32> 
     }
     let bands = bands.max(1);
     candidates
-        .iter()
         .filter(usable)
         .filter(|c| c.state == WorkerState::Live)
         .min_by_key(|c| ((c.band + bands - band % bands) % bands, c.generation, c.pid))
@@ -68,19 +60,6 @@ impl super::Master {
             .values()
             .flat_map(|w| w.ports.iter().copied())
             .collect();
-        let candidates: Vec<Candidate> = self
-            .core
-            .workers
-            .values()
-            .map(|w| Candidate {
-                pid: w.pid,
-                band: w.band,
-                generation: w.generation,
-                state: w.state,
-                ready: w.ready,
-                killed: w.killed,
-            })
-            .collect();
         let bands = u32::try_from(table.bands()).unwrap_or(u32::MAX);
         for (service, route) in table.services.iter().enumerate() {
             for (band, &port) in route.worker_ports.iter().enumerate() {
@@ -88,7 +67,7 @@ impl super::Master {
                 if held.contains(&port) {
                     continue;
                 }
-                let Some(pid) = stand_in(band, bands, &candidates) else {
+                let Some(pid) = stand_in(band, bands, self.core.workers.values()) else {
                     log::warn!(
                         "band {band} of {}: port {port} has no worker and no worker is left \
                          to stand in",
@@ -143,15 +122,12 @@ fn state_word(state: WorkerState) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
-    fn c(pid: i32, band: u32, generation: u64, state: WorkerState) -> Candidate {
-        Candidate {
-            pid,
-            band,
-            generation,
-            state,
+    fn c(pid: i32, band: u32, generation: u64, state: WorkerState) -> Worker {
+        Worker {
             ready: true,
-            killed: false,
+            ..Worker::new(pid, band, generation, state, vec![], Instant::now())
         }
     }
 
@@ -162,7 +138,7 @@ mod tests {
             c(11, 0, 2, WorkerState::Retired),
             c(20, 1, 3, WorkerState::Live),
         ];
-        assert_eq!(stand_in(0, 2, &workers), Some(11));
+        assert_eq!(stand_in(0, 2, workers.iter()), Some(11));
     }
 
     #[test]
@@ -174,14 +150,18 @@ mod tests {
             c(30, 3, 2, WorkerState::Retired),
         ];
         assert_eq!(
-            stand_in(1, 4, &workers),
+            stand_in(1, 4, workers.iter()),
             Some(20),
             "its own band's live worker"
         );
-        assert_eq!(stand_in(3, 4, &workers), Some(30), "retired of band 3");
+        assert_eq!(
+            stand_in(3, 4, workers.iter()),
+            Some(30),
+            "retired of band 3"
+        );
         let without_retired = &workers[..3];
         // Band 3: band 0 is next (wrapping), before bands 1 and 2.
-        assert_eq!(stand_in(3, 4, without_retired), Some(23));
+        assert_eq!(stand_in(3, 4, without_retired.iter()), Some(23));
     }
 
     #[test]
@@ -191,8 +171,11 @@ mod tests {
         killed.killed = true;
         let mut starting = c(12, 1, 2, WorkerState::Live);
         starting.ready = false;
-        assert_eq!(stand_in(0, 2, &[dying, killed, starting]), None);
+        assert_eq!(
+            stand_in(0, 2, [&dying, &killed, &starting].into_iter()),
+            None
+        );
         dying.state = WorkerState::Live;
-        assert_eq!(stand_in(0, 2, &[dying]), Some(10));
+        assert_eq!(stand_in(0, 2, [&dying].into_iter()), Some(10));
     }
 }

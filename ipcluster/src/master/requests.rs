@@ -260,23 +260,7 @@ impl Master {
             .core
             .workers
             .values()
-            .map(|w| WorkerStatus {
-                pid: w.pid,
-                band: w.band,
-                generation: w.generation,
-                state: w.state,
-                port: w.ports.first().copied().unwrap_or(0),
-                ports: w.ports.clone(),
-                rss: w.rss,
-                connections: w.connections,
-                uptime: now.duration_since(w.started_at).as_secs(),
-                nice: w.nice,
-                aware: w.hello_at.is_some() || w.last_ping.is_some(),
-                last_ping_ago: w.last_ping.map(|t| now.duration_since(t).as_secs_f64()),
-                reason: w.reason.clone(),
-                stats: w.stats.clone(),
-                app: w.app.clone(),
-            })
+            .map(|w| super::status::worker_status(w, now))
             .collect();
         workers.sort_by_key(|w| (std::cmp::Reverse(w.generation), w.band, w.pid));
         let counters = self

@@ -3,14 +3,37 @@
 //! state file, /proc and the kernel, when the master is gone.
 
 use std::fmt::Write as _;
+use std::time::Instant;
 
 use anyhow::{Context as _, Result};
 
 use super::process_tree::{self, ProcessTable, SocketTable};
 use super::state::ClusterState;
+use super::supervisor::Worker;
 use crate::policy::WorkerState;
 use crate::protocol::{StatusReport, WorkerStatus};
 use crate::steering;
+
+/// What `status` says of a worker the master supervises.
+pub(super) fn worker_status(w: &Worker, now: Instant) -> WorkerStatus {
+    WorkerStatus {
+        pid: w.pid,
+        band: w.band,
+        generation: w.generation,
+        state: w.state,
+        port: w.ports.first().copied().unwrap_or(0),
+        ports: w.ports.clone(),
+        rss: w.rss,
+        connections: w.connections,
+        uptime: now.duration_since(w.started_at).as_secs(),
+        nice: w.nice,
+        aware: w.hello_at.is_some() || w.last_ping.is_some(),
+        last_ping_ago: w.last_ping.map(|t| now.duration_since(t).as_secs_f64()),
+        reason: w.reason.clone(),
+        stats: w.stats.clone(),
+        app: w.app.clone(),
+    }
+}
 
 /// The table people read.
 pub fn render(report: &StatusReport) -> String {
@@ -315,6 +338,22 @@ mod tests {
             assert!(lines_after(&text, 102).is_empty(), "{text}");
             assert!(text.lines().all(|l| !l.contains('\n')), "{text}");
         }
+    }
+
+    #[test]
+    fn a_supervised_worker_is_reported_with_its_latest_ping() {
+        let start = Instant::now();
+        let mut w = Worker::new(42, 3, 2, WorkerState::Live, vec![20001, 20002], start);
+        let quiet = worker_status(&w, start + std::time::Duration::from_secs(7));
+        assert_eq!((quiet.port, quiet.uptime, quiet.aware), (20001, 7, false));
+        assert_eq!((quiet.stats, quiet.app), (Value::Null, Value::Null));
+        w.last_ping = Some(start + std::time::Duration::from_secs(5));
+        (w.stats, w.app) = (json!({"requests": 9}), json!({"version": "2"}));
+        let pinged = worker_status(&w, start + std::time::Duration::from_secs(7));
+        assert!(pinged.aware);
+        assert_eq!(pinged.last_ping_ago, Some(2.0));
+        assert_eq!(pinged.stats, json!({"requests": 9}));
+        assert_eq!(pinged.app, json!({"version": "2"}));
     }
 
     #[test]
