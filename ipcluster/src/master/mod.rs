@@ -6,8 +6,14 @@
 //!
 //! One tokio current-thread loop owns all state; /proc is read in short
 //! synchronous steps, and the only long blocking step is `stop`, after which
-//! the master exits.
+//! the master exits. The loop has no fixed tick: it sleeps until the next
+//! deadline of the supervisor core ([`supervisor::Supervisor::next_deadline`]:
+//! a due spawn, the readiness poll while a worker starts, a soft-kill
+//! deadline, the kill-retired queue, the monitor pass) or the systemd
+//! watchdog, and events (exits, control lines, signals, scrapes) wake it.
 //!
+//! - [`supervisor`]: the core without I/O: the one `Worker` type, the schedule
+//!   and "when is a worker retired?".
 //! - [`lock`]: the cluster lock and handing over from the previous master.
 //! - [`registry`], `identity`: the registry of workers (pid, start time, band,
 //!   generation, ports, uid) the next master adopts from.

@@ -256,19 +256,29 @@ impl Supervisor {
 
     /// The band to spawn now, if one is due and the spawn delay has passed.
     /// `None` also when the due band already has a worker starting (it is
-    /// dropped from the schedule). The caller spawns, then calls
-    /// [`Supervisor::spawned_at`].
+    /// dropped from the schedule). A band whose starting worker was killed (its
+    /// connect timeout) waits for that worker's exit instead: it stays
+    /// scheduled. The caller spawns, then calls [`Supervisor::spawned_at`].
     pub fn due_spawn(&mut self, now: Instant) -> Option<u32> {
         if now < self.schedule.next_spawn_at {
             return None;
         }
-        let (&band, _) = self
+        let band = self
             .schedule
             .pending_spawns
             .iter()
-            .find(|(_, due)| **due <= now)?;
+            .find(|&(&band, due)| *due <= now && !self.waits_for_exit(band))
+            .map(|(&band, _)| band)?;
         self.schedule.pending_spawns.remove(&band);
         self.starting_for(band).is_none().then_some(band)
+    }
+
+    /// `band`'s starting worker was killed and has not exited yet: its next
+    /// worker waits for the exit (an event), not for a deadline.
+    fn waits_for_exit(&self, band: u32) -> bool {
+        self.workers
+            .values()
+            .any(|w| w.band == band && w.state == WorkerState::Starting && w.killed)
     }
 
     /// A spawn was attempted at `now`: the next waits for the spawn delay.
@@ -372,9 +382,11 @@ impl Supervisor {
         let starting = self.workers.values().any(Worker::needs_poll);
         let spawn = s
             .pending_spawns
-            .values()
+            .iter()
+            .filter(|&(&band, _)| !self.waits_for_exit(band))
+            .map(|(_, &due)| due)
             .min()
-            .map(|&due| due.max(s.next_spawn_at));
+            .map(|due| due.max(s.next_spawn_at));
         let soft_kill = self
             .workers
             .values()
@@ -567,6 +579,28 @@ mod tests {
                 attempts: FRESH_START_ATTEMPTS
             }
         );
+    }
+
+    #[test]
+    fn a_band_whose_killed_worker_has_not_exited_yet_is_spawned_after_the_exit() {
+        let t = clock();
+        let mut s = supervisor(&t);
+        // Killed for its connect timeout at t(1000), back-off 200 ms.
+        add(&mut s, 7, 0, WorkerState::Starting, t(0));
+        s.workers.get_mut(&7).unwrap().killed = true;
+        assert!(matches!(
+            s.band_failed(0, t(1000), false),
+            BandFailure::Retry { .. }
+        ));
+        // Its exit is late (a loaded host): the band is neither spawned twice
+        // nor dropped, and the loop does not spin on a past deadline.
+        assert_eq!(s.due_spawn(t(1300)), None);
+        assert_eq!(s.schedule.pending_spawns.get(&0), Some(&t(1200)));
+        assert_eq!(s.next_deadline(t(1300), true, []), t(60_000));
+        // The exit comes: the band is due.
+        s.workers.remove(&7);
+        assert_eq!(s.next_deadline(t(1400), true, []), t(1200));
+        assert_eq!(s.due_spawn(t(1400)), Some(0));
     }
 
     #[test]
