@@ -178,15 +178,16 @@ impl Notifier {
         self.send(&[NotifyState::Status(&status)]);
     }
 
-    /// `WATCHDOG=1` every half interval; called from the event loop's tick,
-    /// so a stuck loop stops it.
-    /// When the next watchdog keep-alive is due, if systemd wants them.
+    /// When the next watchdog keep-alive is due, if systemd wants them: the
+    /// event loop wakes for it.
     pub fn next_deadline(&self) -> Option<Instant> {
         self.watchdog
             .filter(|_| self.socket.is_some())
             .map(|_| self.next_watchdog)
     }
 
+    /// `WATCHDOG=1` every half interval; called from the event loop's tick,
+    /// so a stuck loop stops it.
     pub fn tick(&mut self, now: Instant) {
         let Some(interval) = self.watchdog else {
             return;
