@@ -77,7 +77,7 @@ use lock::ClusterLock;
 use process_tree::{ProcessTable, SocketTable};
 use spawn::{PortAllocator, RunAs, WorkerCommand, WorkerSpec};
 use state::ClusterState;
-use supervisor::{BandFailure, Supervisor, Worker};
+use supervisor::{BandFailure, ExitKind, Supervisor, Worker};
 
 /// A policy note of the same shape is written at most this often.
 const POLICY_LOG_REPEAT: Duration = Duration::from_secs(10);
@@ -1028,37 +1028,18 @@ impl Master {
                 log::warn!("table mirror: {e}");
             }
         }
-        if let Some(w) = self.core.workers.get_mut(&pid) {
-            w.state = WorkerState::Live;
-        }
-        let since = self
-            .core
-            .schedule
-            .crashed_at
-            .remove(&band)
-            .map(|t| format!(" ({:?} after the crash)", t.elapsed()))
+        let Some(promotion) = self.core.promoted(pid, Instant::now()) else {
+            return;
+        };
+        let since = promotion
+            .crashed_for
+            .map(|d| format!(" ({d:?} after the crash)"))
             .unwrap_or_default();
         log::info!(
             "band {band} now served by worker {pid} on port {}{since}",
             ports[0]
         );
-        let others: Vec<i32> = self
-            .core
-            .workers
-            .values()
-            .filter(|o| o.pid != pid && o.band == band && o.state == WorkerState::Live)
-            .map(|o| o.pid)
-            .collect();
-        for old in others {
-            let why = match self
-                .core
-                .workers
-                .get(&old)
-                .and_then(|o| o.reason.as_deref())
-            {
-                Some(reason) => format!("{reason}; replaced by worker {pid}"),
-                None => format!("replaced by worker {pid}"),
-            };
+        for (old, why) in promotion.retire {
             self.retire(old, &why);
         }
     }
@@ -1087,12 +1068,9 @@ impl Master {
 
     /// Out of the table already: tell the worker, and renice its tree.
     fn retire(&mut self, pid: i32, reason: &str) {
-        let Some(w) = self.core.workers.get_mut(&pid) else {
+        let Some(w) = self.core.retire(pid, Instant::now(), reason) else {
             return;
         };
-        w.state = WorkerState::Retired;
-        w.retired_at = Some(Instant::now());
-        w.reason = Some(reason.to_owned());
         self.metrics.retired(reason);
         let (band, generation, conn) = (w.band, w.generation, w.conn);
         let reniced = ProcessTable::read()
@@ -1121,7 +1099,8 @@ impl Master {
     // ---- exits, dying, killing ---------------------------------------------------
 
     fn on_worker_exit(&mut self, pid: i32) {
-        let Some(w) = self.core.workers.remove(&pid) else {
+        let now = Instant::now();
+        let Some((w, kind)) = self.core.exited(pid, now) else {
             return;
         };
         let pidfd = self.pidfds.remove(&pid);
@@ -1140,29 +1119,26 @@ impl Master {
         if let Some(conn) = w.conn {
             self.peers.remove(&conn);
         }
-        let now = Instant::now();
-        match w.state {
-            WorkerState::Live => {
+        match kind {
+            ExitKind::Crashed => {
                 log::warn!(
                     "live worker {pid} (band {}, generation {}) {status}: replacing it",
                     w.band,
                     w.generation
                 );
                 self.metrics.crashed();
-                // A crash is not a start-up failure: no back-off, at once.
-                self.core.replace_at_once(w.band, now);
             }
-            WorkerState::Starting => {
+            ExitKind::StartFailed | ExitKind::StartKilled => {
                 log::warn!(
                     "starting worker {pid} (band {}) {status} before it was ready",
                     w.band
                 );
                 // A worker killed for its connect timeout was counted already.
-                if !w.killed {
+                if kind == ExitKind::StartFailed {
                     self.band_failed(w.band, now, &status);
                 }
             }
-            WorkerState::Retired | WorkerState::Dying => log::info!(
+            ExitKind::Left => log::info!(
                 "{} worker {pid} (band {}, generation {}) {status} after {:?}",
                 state_name(w.state),
                 w.band,
@@ -1175,15 +1151,9 @@ impl Master {
     /// SIGTERM (or `die` to a worker that speaks the protocol); SIGKILL follows
     /// after the soft-kill timeout.
     fn ask_to_die(&mut self, pid: i32, reason: &str) {
-        let Some(w) = self.core.workers.get_mut(&pid) else {
+        let Some(w) = self.core.ask_to_die(pid, Instant::now(), reason) else {
             return;
         };
-        if w.state == WorkerState::Dying {
-            return;
-        }
-        w.state = WorkerState::Dying;
-        w.dying_since = Some(Instant::now());
-        w.reason = Some(reason.to_owned());
         let conn = w.conn;
         self.metrics
             .killed(reason, if conn.is_some() { "die" } else { "SIGTERM" });

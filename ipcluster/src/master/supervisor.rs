@@ -1,9 +1,12 @@
 //! The supervisor core, without I/O: every worker the master knows, as the one
 //! [`Worker`] type (the policy decides over it, `status` reports it, the
-//! registry record is computed from it), and the [`Schedule`] of what is due
-//! when (spawns and their back-off, the kill-retired queue, soft-kill
-//! deadlines), with [`Supervisor::next_deadline`] telling the event loop when
-//! to wake. Time is always passed in (`now`), so the unit tests drive it with a
+//! registry record is computed from it), the transitions of a worker's life
+//! (spawned and adopted workers are added by the runtime; [`Supervisor::promoted`],
+//! [`Supervisor::retire`], [`Supervisor::ask_to_die`], [`Supervisor::exited`]
+//! with a crash replaced at once, [`Supervisor::band_failed`] with its
+//! back-off), and the [`Schedule`] of what is due when (spawns, the
+//! kill-retired queue, soft-kill deadlines, the monitor pass), with
+//! [`Supervisor::next_deadline`] telling the event loop when to wake. Time is always passed in (`now`), so the unit tests drive it with a
 //! fake clock. The master's runtime (`master/mod.rs`) reads /proc, signals
 //! through pidfds, publishes tables and writes files; it asks this module what
 //! is due and records here what happened.
@@ -200,6 +203,29 @@ pub struct Schedule {
     pub next_monitor: Instant,
 }
 
+/// How a worker's exit is taken.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitKind {
+    /// A live worker: its band's replacement is scheduled at once.
+    Crashed,
+    /// A starting worker, before it was ready: a failed attempt of its band.
+    StartFailed,
+    /// A starting worker killed for its connect timeout: the failure was
+    /// counted when it was killed.
+    StartKilled,
+    /// A retired or dying worker: it was on its way out.
+    Left,
+}
+
+/// A worker was promoted: its band's other live workers to retire, and how
+/// long the band had been without its own worker after a crash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Promotion {
+    pub crashed_for: Option<Duration>,
+    /// Each replaced worker and the reason it is retired with.
+    pub retire: Vec<(i32, String)>,
+}
+
 /// The workers and the schedule.
 #[derive(Debug)]
 pub struct Supervisor {
@@ -355,6 +381,76 @@ impl Supervisor {
                 (dying_for > self.soft_kill_timeout).then_some((w.pid, dying_for))
             })
             .collect()
+    }
+
+    /// Worker `pid` exited: it is forgotten, and its band replaced when it
+    /// was live. Returns the worker as it was, and how its exit is taken.
+    pub fn exited(&mut self, pid: i32, now: Instant) -> Option<(Worker, ExitKind)> {
+        let w = self.workers.remove(&pid)?;
+        let kind = match w.state {
+            WorkerState::Live => {
+                // A crash is not a start-up failure: no back-off, at once.
+                self.replace_at_once(w.band, now);
+                ExitKind::Crashed
+            }
+            WorkerState::Starting if w.killed => ExitKind::StartKilled,
+            WorkerState::Starting => ExitKind::StartFailed,
+            WorkerState::Retired | WorkerState::Dying => ExitKind::Left,
+        };
+        Some((w, kind))
+    }
+
+    /// Worker `pid` is out of the table in force: retired from `now`, for
+    /// `reason` (see the module documentation for when this happens).
+    pub fn retire(&mut self, pid: i32, now: Instant, reason: &str) -> Option<&Worker> {
+        let w = self.workers.get_mut(&pid)?;
+        w.state = WorkerState::Retired;
+        w.retired_at = Some(now);
+        w.reason = Some(reason.to_owned());
+        Some(w)
+    }
+
+    /// Worker `pid` is asked to die from `now`; `None` when it is unknown or
+    /// was asked already (it is not asked twice).
+    pub fn ask_to_die(&mut self, pid: i32, now: Instant, reason: &str) -> Option<&Worker> {
+        let w = self.workers.get_mut(&pid)?;
+        if w.state == WorkerState::Dying {
+            return None;
+        }
+        w.state = WorkerState::Dying;
+        w.dying_since = Some(now);
+        w.reason = Some(reason.to_owned());
+        Some(w)
+    }
+
+    /// Worker `pid` is steered to for its band: it is live, and the band's
+    /// other live workers are to be retired ("replaced by worker N", after
+    /// the reason their replacement was started for).
+    pub fn promoted(&mut self, pid: i32, now: Instant) -> Option<Promotion> {
+        let w = self.workers.get_mut(&pid)?;
+        w.state = WorkerState::Live;
+        let band = w.band;
+        let crashed_for = self
+            .schedule
+            .crashed_at
+            .remove(&band)
+            .map(|t| now.saturating_duration_since(t));
+        let retire = self
+            .workers
+            .values()
+            .filter(|o| o.pid != pid && o.band == band && o.state == WorkerState::Live)
+            .map(|o| {
+                let why = match o.reason.as_deref() {
+                    Some(reason) => format!("{reason}; replaced by worker {pid}"),
+                    None => format!("replaced by worker {pid}"),
+                };
+                (o.pid, why)
+            })
+            .collect();
+        Some(Promotion {
+            crashed_for,
+            retire,
+        })
     }
 
     /// Forget the health retirements older than `window` (the rate limit's).
@@ -601,6 +697,90 @@ mod tests {
         s.workers.remove(&7);
         assert_eq!(s.next_deadline(t(1400), true, []), t(1200));
         assert_eq!(s.due_spawn(t(1400)), Some(0));
+    }
+
+    #[test]
+    fn exits_table() {
+        let t = clock();
+        struct Row {
+            name: &'static str,
+            state: WorkerState,
+            killed: bool,
+            /// A replacement of band 0 is starting already.
+            replacing: bool,
+            kind: ExitKind,
+            scheduled: bool,
+        }
+        #[rustfmt::skip]
+        let rows = [
+            Row { name: "live worker crashes", state: WorkerState::Live, killed: false, replacing: false, kind: ExitKind::Crashed, scheduled: true },
+            Row { name: "live worker crashes, replacement starting", state: WorkerState::Live, killed: false, replacing: true, kind: ExitKind::Crashed, scheduled: false },
+            Row { name: "starting worker exits", state: WorkerState::Starting, killed: false, replacing: false, kind: ExitKind::StartFailed, scheduled: false },
+            Row { name: "starting worker killed for its timeout", state: WorkerState::Starting, killed: true, replacing: false, kind: ExitKind::StartKilled, scheduled: false },
+            Row { name: "retired worker leaves", state: WorkerState::Retired, killed: false, replacing: false, kind: ExitKind::Left, scheduled: false },
+            Row { name: "dying worker leaves", state: WorkerState::Dying, killed: true, replacing: false, kind: ExitKind::Left, scheduled: false },
+        ];
+        for row in rows {
+            let mut s = supervisor(&t);
+            add(&mut s, 1, 0, row.state, t(0));
+            s.workers.get_mut(&1).unwrap().killed = row.killed;
+            if row.replacing {
+                add(&mut s, 2, 0, WorkerState::Starting, t(0));
+            }
+            let (w, kind) = s.exited(1, t(500)).expect(row.name);
+            assert_eq!((w.pid, kind), (1, row.kind), "{}", row.name);
+            assert!(!s.workers.contains_key(&1), "{}", row.name);
+            assert_eq!(
+                s.schedule.pending_spawns.get(&0).copied(),
+                row.scheduled.then_some(t(500)),
+                "{}",
+                row.name
+            );
+            assert_eq!(s.exited(1, t(600)), None, "{}: twice", row.name);
+        }
+    }
+
+    #[test]
+    fn promotion_retires_the_bands_old_live_worker_with_its_reason() {
+        let t = clock();
+        let mut s = supervisor(&t);
+        add(&mut s, 1, 0, WorkerState::Live, t(0));
+        s.workers.get_mut(&1).unwrap().reason = Some("low watermark breach".into());
+        add(&mut s, 2, 1, WorkerState::Live, t(0));
+        add(&mut s, 3, 0, WorkerState::Retired, t(0));
+        add(&mut s, 4, 0, WorkerState::Starting, t(0));
+        let p = s.promoted(4, t(900)).expect("known");
+        assert_eq!(
+            p,
+            Promotion {
+                crashed_for: None,
+                retire: vec![(1, "low watermark breach; replaced by worker 4".into())],
+            }
+        );
+        assert_eq!(s.workers[&4].state, WorkerState::Live);
+        let w = s.retire(1, t(900), &p.retire[0].1).expect("known").clone();
+        assert_eq!(w.state, WorkerState::Retired);
+        assert_eq!(w.retired_at, Some(t(900)));
+        // After a crash: how long the band went without its own worker.
+        s.workers.remove(&4);
+        s.replace_at_once(0, t(1000));
+        add(&mut s, 5, 0, WorkerState::Starting, t(1000));
+        let p = s.promoted(5, t(1250)).expect("known");
+        assert_eq!(p.crashed_for, Some(ms(250)));
+        assert!(p.retire.is_empty(), "{p:?}");
+        assert_eq!(s.promoted(99, t(1300)), None);
+    }
+
+    #[test]
+    fn a_worker_is_asked_to_die_once() {
+        let t = clock();
+        let mut s = supervisor(&t);
+        add(&mut s, 1, 0, WorkerState::Retired, t(0));
+        let w = s.ask_to_die(1, t(10), "idle").expect("first time").clone();
+        assert_eq!((w.state, w.dying_since), (WorkerState::Dying, Some(t(10))));
+        assert_eq!(s.ask_to_die(1, t(20), "again").map(|w| w.pid), None);
+        assert_eq!(s.workers[&1].dying_since, Some(t(10)));
+        assert_eq!(s.workers[&1].reason.as_deref(), Some("idle"));
     }
 
     #[test]
