@@ -356,8 +356,7 @@ impl Master {
     async fn start(args: RunArgs) -> Result<Master> {
         let cfg = Config::from_args(&args)?;
         let name = cfg.name.clone();
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
+        let euid = rustix::process::geteuid().as_raw();
         match &cfg.run_as {
             None if euid == 0 => {
                 log::warn!("workers will run as root; use --user USER to run them unprivileged")

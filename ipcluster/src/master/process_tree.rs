@@ -395,12 +395,10 @@ pub fn renice(table: &ProcessTable, pids: &[i32], increment: i32) -> usize {
             .map(|tasks| tasks.flatten().map(|t| t.tid).collect())
             .unwrap_or_else(|_| vec![pid]);
         for tid in tids {
-            let Ok(who) = libc::id_t::try_from(tid) else {
+            let Some(who) = rustix::process::Pid::from_raw(tid) else {
                 continue;
             };
-            // SAFETY: setpriority only reads its integer arguments.
-            let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, nice) };
-            if rc == 0 {
+            if rustix::process::setpriority_process(Some(who), nice).is_ok() {
                 changed += 1;
             }
         }

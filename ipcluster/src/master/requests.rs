@@ -39,8 +39,7 @@ impl Master {
                 log::warn!("control socket ({who}): {e}; dropped: {shown:?}");
             }
             Ok(Incoming::Admin(request)) => {
-                // SAFETY: geteuid has no preconditions.
-                let euid = unsafe { libc::geteuid() };
+                let euid = rustix::process::geteuid().as_raw();
                 if peer.uid != 0 && peer.uid != euid {
                     log::warn!("control socket ({who}): {request:?} refused: not root");
                     self.send(

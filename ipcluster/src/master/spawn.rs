@@ -10,6 +10,8 @@ use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use rustix::process::{Gid, Uid};
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error(
@@ -288,7 +290,10 @@ pub fn spawn_worker(
     cmd.envs(command.env.iter().map(|(k, v)| (k, v)));
     cmd.envs(spec.environment());
     let dir = CString::new(command.dir.as_os_str().as_encoded_bytes()).ok();
-    let ids = run_as.map(|r| (r.uid, r.gid, r.groups.clone()));
+    let ids = run_as.map(|r| {
+        let groups: Vec<Gid> = r.groups.iter().map(|&g| Gid::from_raw(g)).collect();
+        (Uid::from_raw(r.uid), Gid::from_raw(r.gid), groups)
+    });
     if let Some(r) = run_as
         && let Some(home) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(r.uid))
             .ok()
@@ -298,25 +303,23 @@ pub fn spawn_worker(
             .env("USER", &r.name)
             .env("LOGNAME", &r.name);
     }
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls on data prepared before the fork.
+    // SAFETY: pre_exec is unsafe by std's contract (the closure runs in the
+    // forked child). It only makes system calls, which are async-signal-safe,
+    // on data prepared before the fork (no allocation). rustix's set*id calls
+    // change the calling thread only: the child has no other thread.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some((uid, gid, groups)) = &ids
-                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0)
-            {
-                return Err(std::io::Error::last_os_error());
+            rustix::process::setsid()?;
+            if let Some((uid, gid, groups)) = &ids {
+                rustix::thread::set_thread_groups(groups)?;
+                rustix::thread::set_thread_gid(*gid)?;
+                rustix::thread::set_thread_uid(*uid)?;
             }
             // As the worker's user: the run directory if it may enter it.
             if let Some(dir) = &dir
-                && libc::chdir(dir.as_ptr()) != 0
+                && rustix::process::chdir(dir.as_c_str()).is_err()
             {
-                libc::chdir(c"/".as_ptr());
+                let _ = rustix::process::chdir(c"/");
             }
             Ok(())
         });
