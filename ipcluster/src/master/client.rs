@@ -2,7 +2,7 @@
 //! and `kill-retired`, and a reloading master's `shutdown` request. When no
 //! master runs, `status` and `stop` work from the state file and /proc.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::Write as _;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -16,11 +16,8 @@ use super::state::ClusterState;
 use super::status;
 use crate::cli::StatusArgs;
 use crate::paths;
-use crate::protocol::{AdminReply, AdminRequest, StatusReport};
+use crate::protocol::{self, AdminReply, AdminRequest, LineReader, StatusReport};
 use crate::steering;
-
-/// Largest reply accepted (a status of 256 workers is far below this).
-const MAX_REPLY: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -36,6 +33,11 @@ pub enum ClientError {
     },
     #[error("the master on {path} closed the connection without answering")]
     NoReply { path: String },
+    #[error("the master on {path} answered with {source}")]
+    BadReply {
+        path: String,
+        source: protocol::LineError,
+    },
 }
 
 /// Send one request and return the master's one-line reply.
@@ -56,17 +58,21 @@ pub fn request(
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = serde_json::to_string(request).map_err(|e| io(std::io::Error::other(e)))?;
+    let mut line = protocol::to_line(request).map_err(|e| io(std::io::Error::other(e)))?;
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;
-    let mut reply = String::new();
-    BufReader::new(stream.take(MAX_REPLY))
-        .read_line(&mut reply)
-        .map_err(io)?;
-    if reply.trim().is_empty() {
-        return Err(ClientError::NoReply { path: shown });
-    }
-    Ok(reply.trim_end().to_owned())
+    let reply = match LineReader::new(&stream).read_line() {
+        Ok(Some(reply)) if !reply.trim().is_empty() => reply,
+        Ok(_) => return Err(ClientError::NoReply { path: shown }),
+        Err(protocol::LineError::Io(source)) => return Err(io(source)),
+        Err(source) => {
+            return Err(ClientError::BadReply {
+                path: shown,
+                source,
+            });
+        }
+    };
+    Ok(reply)
 }
 
 fn ok_or_bail(reply: &str) -> Result<String> {

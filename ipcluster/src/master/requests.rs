@@ -13,13 +13,25 @@ use super::{Exit, Master, adopt, identity, kill, own_rss};
 use crate::paths;
 use crate::policy::WorkerState;
 use crate::protocol::{
-    AdminReply, AdminRequest, Incoming, MasterMessage, MemoryLimits, StatusReport, WorkerMessage,
-    WorkerStatus,
+    self, AdminReply, AdminRequest, Incoming, MasterMessage, MemoryLimits, StatusReport,
+    WorkerMessage, WorkerStatus,
 };
 
 impl Master {
+    /// Send one message as one line. A message over the protocol's line limit
+    /// (a status report of a huge cluster) is replaced by an `error` reply that
+    /// says so: the peer would refuse the line, and must not wait for it.
     pub(super) fn send<T: serde::Serialize>(&self, conn: u64, message: &T) {
-        if let (Some(peer), Ok(line)) = (self.peers.get(&conn), serde_json::to_string(message)) {
+        let Some(peer) = self.peers.get(&conn) else {
+            return;
+        };
+        let line = protocol::to_line(message).or_else(|e| {
+            log::error!("control socket: cannot answer connection {conn}: {e}");
+            protocol::to_line(&AdminReply::Error {
+                message: format!("the master cannot send its answer: {e}"),
+            })
+        });
+        if let Ok(line) = line {
             let _ = peer.outgoing.send(line);
         }
     }
