@@ -87,6 +87,23 @@ pub fn to_line<T: Serialize>(message: &T) -> Result<String, LineError> {
     Ok(line)
 }
 
+/// The line to answer with: `message`, or, when it does not fit in a line, an
+/// `error` reply that says so (with the reason, for the log): a peer waiting
+/// for an answer gets one it can read.
+pub fn reply_line<T: Serialize>(message: &T) -> (String, Option<LineError>) {
+    match to_line(message) {
+        Ok(line) => (line, None),
+        Err(e) => {
+            let reply = AdminReply::Error {
+                message: format!("the master cannot send its answer: {e}"),
+            };
+            // A short message of our own: it always fits.
+            let line = serde_json::to_string(&reply).unwrap_or_default();
+            (line, Some(e))
+        }
+    }
+}
+
 /// The framing: tokio-util's `LinesCodec` with the [`MAX_LINE`] limit. A
 /// trailing `\r` is dropped. After [`LineError::TooLong`] it skips the rest of
 /// that line; after [`LineError::NotUtf8`] the next line decodes normally.
@@ -614,6 +631,24 @@ mod tests {
             "{} bytes for {} workers",
             line.len(),
             report.workers.len()
+        );
+        assert_eq!(reply_line(&report).0, line);
+
+        // Twice as many generations do not fit: the answer says so instead.
+        let mut huge = report.clone();
+        huge.workers.extend(report.workers.iter().cloned());
+        let (answer, error) = reply_line(&huge);
+        assert!(
+            matches!(error, Some(LineError::MessageTooLong(_))),
+            "{error:?}"
+        );
+        let AdminReply::Error { message } = serde_json::from_str(&answer).expect("an error reply")
+        else {
+            panic!("not an error reply: {answer}");
+        };
+        assert!(
+            message.contains(&format!("limit of {MAX_LINE} bytes")),
+            "{message}"
         );
     }
 }

@@ -25,15 +25,11 @@ impl Master {
         let Some(peer) = self.peers.get(&conn) else {
             return;
         };
-        let line = protocol::to_line(message).or_else(|e| {
+        let (line, refused) = protocol::reply_line(message);
+        if let Some(e) = refused {
             log::error!("control socket: cannot answer connection {conn}: {e}");
-            protocol::to_line(&AdminReply::Error {
-                message: format!("the master cannot send its answer: {e}"),
-            })
-        });
-        if let Ok(line) = line {
-            let _ = peer.outgoing.send(line);
         }
+        let _ = peer.outgoing.send(line);
     }
 
     pub(super) fn on_line(&mut self, conn: u64, line: &str) {
