@@ -52,7 +52,8 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct NameArg {
     /// Cluster name: names the state directory /run/ipcluster/<NAME>/, the pin folder
-    /// /sys/fs/bpf/ipcluster/<NAME>/, the iptables chain and the control socket.
+    /// /sys/fs/bpf/ipcluster/<NAME>/, the iptables chain and the control socket. 1 to 64
+    /// letters, digits, '-' or '_', not starting with '-'.
     #[arg(long, short = 'n', default_value = "default", value_parser = parse_name)]
     pub name: String,
 }
