@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 
 use crate::protocol::{MasterMessage, env};
-use crate::worker_api::{Worker, WorkerEnv};
+use crate::worker_api::{Worker, WorkerApiError, WorkerEnv};
 
 /// Who this worker is, from the environment the master gave it.
 #[derive(Clone, Debug)]
@@ -95,9 +95,14 @@ fn control(worker: &Worker, counters: &Counters) {
     let messages = loop {
         match worker.hello() {
             Ok(messages) => break messages,
-            Err(e) => {
+            Err(e @ (WorkerApiError::Connect { .. } | WorkerApiError::Send { .. })) => {
                 log::debug!("demo worker: {e}; trying again in {HELLO_RETRY:?}");
                 std::thread::sleep(HELLO_RETRY);
+            }
+            // It keeps serving, unsupervised by the control socket.
+            Err(e) => {
+                log::warn!("demo worker: {e}");
+                return;
             }
         }
     };
