@@ -117,10 +117,23 @@ fn an_over_long_line_closes_only_that_peer() {
     let live = live_workers(&after, Some(1));
     let pids_after: Vec<_> = live.iter().map(|w| w["pid"].clone()).collect();
     assert_eq!(pids, pids_after, "the workers changed: {after}");
-    assert!(
-        live.iter().all(|w| w["aware"] == true),
-        "a demo worker did not say hello: {after}"
-    );
+    // Aware once their hello is in (they say it right after they listen, which
+    // may be after the master saw the socket).
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let status = cluster.status();
+        if live_workers(&status, Some(1))
+            .iter()
+            .all(|w| w["aware"] == true)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a demo worker did not say hello: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     demo_get(loopback_client(2), listen).expect("the cluster still serves");
     assert!(
         !cluster.master_exited(1),
