@@ -46,13 +46,21 @@ pub fn request(
     request: &AdminRequest,
     timeout: Duration,
 ) -> Result<String, ClientError> {
-    let path = paths::control_socket(cluster);
+    request_at(&paths::control_socket(cluster), request, timeout)
+}
+
+/// [`request`] on the control socket at `path`.
+fn request_at(
+    path: &std::path::Path,
+    request: &AdminRequest,
+    timeout: Duration,
+) -> Result<String, ClientError> {
     let shown = path.display().to_string();
     let io = |source| ClientError::Io {
         path: shown.clone(),
         source,
     };
-    let mut stream = UnixStream::connect(&path).map_err(|source| ClientError::NoMaster {
+    let mut stream = UnixStream::connect(path).map_err(|source| ClientError::NoMaster {
         path: shown.clone(),
         source,
     })?;
@@ -223,4 +231,53 @@ pub fn find_offline(cluster: &str, state: Option<&ClusterState>) -> Result<Vec<a
         &ProcessTable::read()?,
         &[],
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead as _, BufReader};
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+    use crate::protocol::MAX_LINE;
+
+    /// A master that answers one request with `reply` (and a newline).
+    fn answer_with(reply: Vec<u8>) -> Result<String, ClientError> {
+        let dir = std::env::temp_dir().join(format!("ipcluster-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(format!("control-{}.sock", reply.len()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let master = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut request = String::new();
+            BufReader::new(&stream)
+                .read_line(&mut request)
+                .expect("request");
+            assert_eq!(request, "{\"type\":\"status\"}\n");
+            let _ = stream.write_all(&reply);
+            let _ = stream.write_all(b"\n");
+        });
+        let answer = request_at(&path, &AdminRequest::Status, Duration::from_secs(10));
+        master.join().expect("fake master");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&dir);
+        answer
+    }
+
+    #[test]
+    fn replies_are_read_up_to_the_protocol_limit() {
+        let at_limit = answer_with(vec![b'x'; MAX_LINE]).expect("a reply at the limit");
+        assert_eq!(at_limit.len(), MAX_LINE);
+        let e = answer_with(vec![b'x'; MAX_LINE + 1]).expect_err("one byte over");
+        assert!(matches!(e, ClientError::BadReply { .. }), "{e:?}");
+        let shown = e.to_string();
+        assert!(
+            shown.contains(&format!("a line longer than {MAX_LINE} bytes"))
+                && shown.contains(".sock"),
+            "{shown}"
+        );
+        let e = answer_with(Vec::new()).expect_err("an empty reply");
+        assert!(matches!(e, ClientError::NoReply { .. }), "{e:?}");
+    }
 }
