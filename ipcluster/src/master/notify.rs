@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use sd_notify::NotifyState;
 
 /// The variable naming the write end of the `--detach` pipe.
-pub const READY_FD_ENV: &str = "IPCLUSTER_READY_FD";
+pub const READY_FD_ENV: &str = crate::protocol::env::READY_FD;
 /// Where a master writes the watchdog interval (µs) for the masters after it.
 const WATCHDOG_FILE: &str = "watchdog-usec";
 /// How long a master waits for systemd to read its `MAINPID=`.

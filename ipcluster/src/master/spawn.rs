@@ -12,6 +12,8 @@ use std::process::{Command, Stdio};
 
 use rustix::process::{Gid, Uid};
 
+use crate::protocol::env as vars;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error(
@@ -63,11 +65,6 @@ pub const KEPT_VARIABLES: &[&str] = &[
     "RUST_BACKTRACE",
 ];
 
-/// Variables ipcluster sets itself: `--env` may not name them.
-fn reserved(key: &str) -> bool {
-    key == "PORT" || key.starts_with("IPCLUSTER_")
-}
-
 /// The worker environment taken from `master_env`: [`KEPT_VARIABLES`] and
 /// `LC_*`, then each `--env KEY=VALUE` (or `--env KEY`, the master's value).
 pub fn base_environment(
@@ -97,7 +94,7 @@ pub fn base_environment(
         if key.is_empty() || key.contains('\0') || value.contains('\0') {
             return Err(SpawnError::BadEnv(item.clone(), "not a KEY or KEY=VALUE"));
         }
-        if reserved(&key) {
+        if vars::is_reserved(&key) {
             return Err(SpawnError::BadEnv(
                 item.clone(),
                 "PORT and IPCLUSTER_* are set by ipcluster for each worker",
@@ -246,17 +243,17 @@ impl WorkerSpec {
     pub fn environment(&self) -> Vec<(String, String)> {
         let mut env = Vec::new();
         if let Some((_, first)) = self.ports.first() {
-            env.push(("PORT".into(), first.to_string()));
+            env.push((vars::PORT.into(), first.to_string()));
         }
         for (public, local) in &self.ports {
-            env.push((format!("IPCLUSTER_PORT_{public}"), local.to_string()));
+            env.push((vars::port_var(*public), local.to_string()));
         }
-        env.push(("IPCLUSTER_BAND".into(), self.band.to_string()));
-        env.push(("IPCLUSTER_WORKERS".into(), self.bands.to_string()));
-        env.push(("IPCLUSTER_GENERATION".into(), self.generation.to_string()));
-        env.push(("IPCLUSTER_NAME".into(), self.cluster.clone()));
+        env.push((vars::BAND.into(), self.band.to_string()));
+        env.push((vars::WORKERS.into(), self.bands.to_string()));
+        env.push((vars::GENERATION.into(), self.generation.to_string()));
+        env.push((vars::NAME.into(), self.cluster.clone()));
         env.push((
-            "IPCLUSTER_CONTROL".into(),
+            vars::CONTROL.into(),
             self.control_socket.display().to_string(),
         ));
         env
