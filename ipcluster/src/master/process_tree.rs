@@ -217,6 +217,21 @@ pub struct TcpSocket {
     pub inode: u64,
 }
 
+/// The first time the socket dump fails, say so: counting from /proc/net/tcp
+/// works but costs the master far more CPU with many connections. Later
+/// failures are only debug lines.
+fn sock_diag_fell_back(e: &dyn std::fmt::Display) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log::debug!("sock_diag failed ({e}); reading /proc/net/tcp");
+    } else {
+        log::warn!(
+            "sock_diag failed ({e}); counting connections from /proc/net/tcp instead, \
+             which costs much more CPU with many connections"
+        );
+    }
+}
+
 /// Every TCP socket of this network namespace (IPv4 and IPv6).
 #[derive(Clone, Debug, Default)]
 pub struct SocketTable {
@@ -231,7 +246,7 @@ impl SocketTable {
         match tcp_sockets(&[TCP_LISTEN, TCP_ESTABLISHED]) {
             Ok(sockets) => Ok(SocketTable { sockets }),
             Err(e) => {
-                log::debug!("sock_diag failed ({e}); reading /proc/net/tcp");
+                sock_diag_fell_back(&e);
                 SocketTable::read_procfs()
             }
         }
@@ -245,7 +260,7 @@ impl SocketTable {
         match tcp_sockets_filtered(&[TCP_LISTEN, TCP_ESTABLISHED], ports) {
             Ok(sockets) => Ok(SocketTable { sockets }),
             Err(e) => {
-                log::debug!("sock_diag failed ({e}); reading /proc/net/tcp");
+                sock_diag_fell_back(&e);
                 let mut table = SocketTable::read_procfs()?;
                 table.sockets.retain(|s| ports.contains(&s.local_port));
                 Ok(table)
