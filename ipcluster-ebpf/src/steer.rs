@@ -192,6 +192,24 @@ fn count(counter: Counter) {
     }
 }
 
+/// `size_of::<T>()` bytes of the packet at `offset`: read in place when they
+/// lie in the skb's linear data (always so for the headers of packets on
+/// `lo` and for locally sent ones), else copied out by the
+/// `bpf_skb_load_bytes` helper (a paged header). Reading in place saves a
+/// helper call per header on the hot path.
+#[inline(always)]
+fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    let start = ctx.data();
+    let end = ctx.data_end();
+    if start + offset + core::mem::size_of::<T>() <= end {
+        // SAFETY: the bytes lie between `data` and `data_end` (checked just
+        // above, as the verifier demands); `T` is plain bytes or integers.
+        Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
+    } else {
+        ctx.load(offset).ok()
+    }
+}
+
 /// Where the IP header starts: after an Ethernet header (Ethernet devices and
 /// `lo`), or at once on L3 devices (tun, WireGuard) that carry no link-layer
 /// header. The IP version comes from the skb's protocol, never from the
@@ -204,12 +222,14 @@ fn network_offset(ctx: &TcContext) -> Option<(u16, usize)> {
         ETH_P_IPV6 => 6,
         _ => return None,
     };
-    let first: u8 = ctx.load(0).ok()?;
-    if first >> 4 != version {
+    // Two bytes, not one: the verifier finds no range in `data_end > data`,
+    // which is what a one-byte bounds check at offset 0 compiles to.
+    let first: [u8; 2] = read(ctx, 0)?;
+    if first[0] >> 4 != version {
         // Not an IP header at offset 0: a link-layer header comes first.
         return Some((protocol, ETH_HLEN));
     }
-    let at_ethertype = u16::from_be(ctx.load::<u16>(12).ok()?);
+    let at_ethertype = u16::from_be(read::<u16>(ctx, 12)?);
     if at_ethertype != protocol {
         // No ethertype where an Ethernet header has one: an L3 device.
         return Some((protocol, 0));
@@ -230,7 +250,7 @@ fn network_offset(ctx: &TcContext) -> Option<(u16, usize)> {
     if loaded < 0 {
         return None;
     }
-    let at_eth_hlen: [u8; 8] = ctx.load(ETH_HLEN).ok()?;
+    let at_eth_hlen: [u8; 8] = read(ctx, ETH_HLEN)?;
     if net == at_eth_hlen {
         Some((protocol, ETH_HLEN))
     } else {
@@ -249,7 +269,7 @@ fn parse_tcp(ctx: &TcContext) -> Result<Tcp, NotTcp> {
     } else {
         parse_ipv6(ctx, l3)?
     };
-    let tcp: [u8; TCP_HLEN] = ctx.load(l4).map_err(|_| NotTcp::Other)?;
+    let tcp: [u8; TCP_HLEN] = read(ctx, l4).ok_or(NotTcp::Other)?;
     if tcp[12] >> 4 < 5 {
         return Err(NotTcp::Other);
     }
@@ -267,7 +287,7 @@ fn parse_tcp(ctx: &TcContext) -> Result<Tcp, NotTcp> {
 
 #[inline(always)]
 fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<(u16, [u8; 16], [u8; 16], usize), NotTcp> {
-    let ip: [u8; 20] = ctx.load(l3).map_err(|_| NotTcp::Other)?;
+    let ip: [u8; 20] = read(ctx, l3).ok_or(NotTcp::Other)?;
     if ip[0] >> 4 != 4 {
         return Err(NotTcp::Other);
     }
@@ -301,7 +321,7 @@ fn parse_ipv4(ctx: &TcContext, l3: usize) -> Result<(u16, [u8; 16], [u8; 16], us
 
 #[inline(always)]
 fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<(u16, [u8; 16], [u8; 16], usize), NotTcp> {
-    let ip: [u8; IPV6_HLEN] = ctx.load(l3).map_err(|_| NotTcp::Other)?;
+    let ip: [u8; IPV6_HLEN] = read(ctx, l3).ok_or(NotTcp::Other)?;
     if ip[0] >> 4 != 6 {
         return Err(NotTcp::Other);
     }
@@ -314,13 +334,13 @@ fn parse_ipv6(ctx: &TcContext, l3: usize) -> Result<(u16, [u8; 16], [u8; 16], us
         match next {
             // Hop-by-hop, routing, destination options: length in 8-byte units.
             0 | 43 | 60 => {
-                let ext: [u8; 2] = ctx.load(offset).map_err(|_| NotTcp::Other)?;
+                let ext: [u8; 2] = read(ctx, offset).ok_or(NotTcp::Other)?;
                 next = ext[0];
                 offset += (usize::from(ext[1]) + 1) * 8;
             }
             // Authentication header: length in 4-byte units, minus 2.
             51 => {
-                let ext: [u8; 2] = ctx.load(offset).map_err(|_| NotTcp::Other)?;
+                let ext: [u8; 2] = read(ctx, offset).ok_or(NotTcp::Other)?;
                 next = ext[0];
                 offset += (usize::from(ext[1]) + 2) * 4;
             }
