@@ -346,7 +346,16 @@ fn per_packet_cost() {
     );
     assert!(syn > 0 && hit > 0 && eg > 0 && other_med > 0);
 
+    // Load (verification) time of each program, from a fresh object: what a
+    // starting or reloading master waits for before it can steer.
+    let mut fresh = EbpfLoader::new()
+        .map_max_entries(map_names::FLOWS, 65_536)
+        .load(object())
+        .expect("load the eBPF object");
     for name in [program_names::INGRESS, program_names::EGRESS] {
+        let start = Instant::now();
+        ebpf_support::load_classifier(&mut fresh, name);
+        let load_time = start.elapsed();
         let info = classifier(&ebpf, name).info().expect("program info");
         let verified = info.verified_instruction_count().unwrap_or(0);
         assert!(verified > 0, "{name}: no verified instruction count");
@@ -359,6 +368,7 @@ fn per_packet_cost() {
                     info.size_translated().unwrap_or(0).to_string(),
                 ),
                 ("jited_bytes", info.size_jitted().to_string()),
+                ("load_ms", format!("{:.1}", load_time.as_secs_f64() * 1e3)),
             ],
         );
     }

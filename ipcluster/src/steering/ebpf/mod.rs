@@ -9,6 +9,7 @@
 //! are pinned, so traffic keeps being steered while no master runs. Only
 //! [`Steering::teardown`] removes them.
 
+mod batch;
 pub mod attach;
 pub mod maps;
 pub mod pins;
