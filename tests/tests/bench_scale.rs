@@ -453,9 +453,21 @@ fn per_packet_cost_by_kind() {
     let before = counters(&maps);
     let (min, med, out) = timed_batches(ingress, &tcp4(client, ping, ACK), REPEAT);
     let after = counters(&maps);
-    assert_eq!(after.flow_hits - before.flow_hits, runs, "not a flow hit every run");
-    assert_eq!(after.steered - before.steered, runs, "not rewritten every run");
-    assert_eq!(dst_port(&out), PING, "an even number of rewrites ends where it began");
+    assert_eq!(
+        after.flow_hits - before.flow_hits,
+        runs,
+        "not a flow hit every run"
+    );
+    assert_eq!(
+        after.steered - before.steered,
+        runs,
+        "not rewritten every run"
+    );
+    assert_eq!(
+        dst_port(&out),
+        PING,
+        "an even number of rewrites ends where it began"
+    );
     figures.push(("packet_kind_ingress_ack_steered", "ack", min, med));
 
     // SYN again (retransmission, or the same SYN on a second hook): the flow
@@ -463,8 +475,15 @@ fn per_packet_cost_by_kind() {
     let before = counters(&maps);
     let (min, med, _) = timed_batches(ingress, &tcp4(client, ping, SYN), REPEAT);
     let after = counters(&maps);
-    assert_eq!(after.steered - before.steered, runs, "SYN not rewritten every run");
-    assert_eq!(after.new_flows, before.new_flows, "a known SYN recorded a new flow");
+    assert_eq!(
+        after.steered - before.steered,
+        runs,
+        "SYN not rewritten every run"
+    );
+    assert_eq!(
+        after.new_flows, before.new_flows,
+        "a known SYN recorded a new flow"
+    );
     figures.push(("packet_kind_ingress_syn_known", "syn", min, med));
 
     // Egress restore: the reply from the worker port gets the public port
@@ -496,7 +515,11 @@ fn per_packet_cost_by_kind() {
     assert_eq!(out, udp);
     figures.push(("packet_kind_ingress_udp", "udp", min, med));
     let after = counters(&maps);
-    assert_eq!(after.passed - before.passed, 3 * runs, "not passed every run");
+    assert_eq!(
+        after.passed - before.passed,
+        3 * runs,
+        "not passed every run"
+    );
     assert_eq!(after.steered, before.steered);
 
     // A new flow cannot repeat (the second run finds the flow): single runs

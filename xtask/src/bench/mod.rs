@@ -513,13 +513,17 @@ fn run_cases(
     // then measured in alternation, path order rotated every round, so that a
     // change in the machine's background load falls on every path alike.
     // The kernel's per-program run statistics, on for the bench only.
-    let _bpf_stats = bpf_stats::StatsEnabled::enable()
+    let bpf_stats_on = bpf_stats::StatsEnabled::enable()
         .map_err(|e| figures.errors.push(format!("per-program cost: {e:#}")))
         .ok();
     for workers in [1u16, 4] {
         measure_paths(opts, worker_script, &settings, workers, &mut figures);
         env::check_interrupted()?;
     }
+    // Off again before the reloads and the `BPF_PROG_TEST_RUN` timings: with
+    // the statistics on, every program run also reads the clock twice
+    // (about 100 ns per run on this kind of VM), which is not steering's cost.
+    drop(bpf_stats_on);
 
     // Case 3: reload under load, both backends, the demo worker (it reports its generation).
     for pace in [Some(RELOAD_PACE), None] {

@@ -6,8 +6,8 @@
 
 use std::os::fd::{AsFd as _, AsRawFd as _};
 
-use aya::maps::MapData;
 use aya::Pod;
+use aya::maps::MapData;
 
 /// `BPF_MAP_UPDATE_BATCH` (include/uapi/linux/bpf.h, `enum bpf_cmd`).
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;

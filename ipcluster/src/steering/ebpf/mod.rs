@@ -9,8 +9,8 @@
 //! are pinned, so traffic keeps being steered while no master runs. Only
 //! [`Steering::teardown`] removes them.
 
-mod batch;
 pub mod attach;
+mod batch;
 pub mod maps;
 pub mod pins;
 
