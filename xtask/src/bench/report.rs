@@ -515,6 +515,7 @@ impl Figures {
             }
             md.push('\n');
         }
+        md.push_str(&super::repeatability::markdown(&self.single));
         md.push_str(&self.breakdown_markdown(false));
         md.push_str(&self.counters_markdown(false));
         let _ = writeln!(
