@@ -8,10 +8,10 @@
 //! count), as ratios to the direct connection measured in the same run.
 
 mod bpf_stats;
+mod crash;
 mod env;
 mod load;
 mod master_scale;
-mod repeatability;
 mod repeatability;
 mod report;
 
