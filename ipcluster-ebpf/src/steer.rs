@@ -97,9 +97,6 @@ const TCP_FLAG_RST: u8 = 0x04;
 const PACKET_OTHERHOST: u32 = 3;
 /// `lo` has this index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
-/// `port_bits` results.
-const PORT_PUBLIC: u32 = 1;
-const PORT_WORKER: u32 = 2;
 /// `BPF_F_HDR_FIELD_MASK` size of a 16-bit field for `l4_csum_replace`.
 const CSUM_FIELD_16: u64 = 2;
 
@@ -372,23 +369,12 @@ fn find_service(pkt: &Tcp) -> Option<(ServiceValue, bool)> {
     table::find_service(pkt.family, pkt.dst, pkt.dport)
 }
 
-/// The `ports` bitmap bits of `port`: `PORT_PUBLIC`, `PORT_WORKER`.
+/// Whether the `ports` bitmap has the bit of `port` of `kind`
+/// (`PORT_KIND_PUBLIC`, `PORT_KIND_WORKER`): one array lookup.
 #[inline(always)]
-fn port_bits(port: u16) -> u32 {
-    let mut bits = 0;
-    let (index, bit) = port_bit(PORT_KIND_PUBLIC, port);
-    if let Some(word) = PORTS.get(index)
-        && *word & bit != 0
-    {
-        bits |= PORT_PUBLIC;
-    }
-    let (index, bit) = port_bit(PORT_KIND_WORKER, port);
-    if let Some(word) = PORTS.get(index)
-        && *word & bit != 0
-    {
-        bits |= PORT_WORKER;
-    }
-    bits
+fn port_is(kind: u32, port: u16) -> bool {
+    let (index, bit) = port_bit(kind, port);
+    matches!(PORTS.get(index), Some(word) if *word & bit != 0)
 }
 
 /// Whether the routing table delivers this packet to the host itself, as the
@@ -651,15 +637,12 @@ fn ingress_tcp(ctx: &TcContext) -> NotTcp {
 
 #[inline(always)]
 fn ingress_steer(ctx: &TcContext, pkt: &Tcp) {
-    let bits = port_bits(pkt.dport);
-    if bits & (PORT_PUBLIC | PORT_WORKER) == 0 {
-        count(Counter::Passed);
+    // One bitmap lookup for a packet of a steered flow or of another port;
+    // the worker-port bit matters only for a SYN (a direct connection).
+    if port_is(PORT_KIND_PUBLIC, pkt.dport) && steer(ctx, pkt) {
         return;
     }
-    if bits & PORT_PUBLIC != 0 && steer(ctx, pkt) {
-        return;
-    }
-    if bits & PORT_WORKER != 0 {
+    if pkt.is_new_connection() && port_is(PORT_KIND_WORKER, pkt.dport) {
         record_direct_connection(ctx, pkt);
     }
     count(Counter::Passed);
@@ -928,7 +911,7 @@ fn translate_icmp_error(ctx: &TcContext) -> Option<()> {
     // Every ICMP error quotes at least the ports.
     let ports: [u8; 4] = ctx.load(inner_l4).ok()?;
     let public_port = u16::from_be_bytes([ports[0], ports[1]]);
-    if port_bits(public_port) & PORT_PUBLIC == 0 {
+    if !port_is(PORT_KIND_PUBLIC, public_port) {
         return None;
     }
     let key = FlowKey {
@@ -971,7 +954,7 @@ fn egress(ctx: &TcContext) {
         count(Counter::Passed);
         return;
     };
-    if port_bits(pkt.sport) & PORT_WORKER == 0 {
+    if !port_is(PORT_KIND_WORKER, pkt.sport) {
         count(Counter::Passed);
         return;
     }

@@ -800,7 +800,7 @@ impl Figures {
                     field(r, "single_median_ns").unwrap_or("?")
                 ),
                 None => format!(
-                    "min of 7 runs with repeat (median {} ns; {})",
+                    "min of 25 batches with repeat (median {} ns; {})",
                     field(r, "median_ns").unwrap_or("?"),
                     field(r, "method").unwrap_or("?")
                 ),
@@ -813,7 +813,7 @@ impl Figures {
                 md,
                 "\nBy packet kind (`BPF_PROG_TEST_RUN` with `repeat`, run statistics off; a ping-pong table \
                  keeps a rewritten packet on the path measured, and the programs' counters check every run's \
-                 path; the minimum of 7 batches is the figure least disturbed by other work):\n"
+                 path; the minimum of 25 batches is the figure least disturbed by other work):\n"
             );
             let _ = writeln!(md, "| packet | ns per packet | how |\n|---|---|---|");
             for r in rows {
