@@ -25,6 +25,7 @@
 //! - the supervision rules themselves are [`crate::policy::decide`].
 
 pub mod adopt;
+mod boost;
 mod census;
 pub mod client;
 pub mod control;
@@ -461,7 +462,11 @@ impl Master {
             .with_context(|| format!("creating the {} steering backend", cfg.backend))?;
         let fresh = previous_state.is_none() && found.is_empty() && !replaced_master;
         let install_started = std::time::Instant::now();
-        let installed = steering.install();
+        let installed = {
+            // Loading the programs is CPU-bound and on the reload's critical path.
+            let _boost = boost::Boost::raise();
+            steering.install()
+        };
         let install_time = install_started.elapsed();
         let previous_table = match installed {
             Ok(table) => table,
