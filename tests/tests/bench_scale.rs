@@ -184,12 +184,16 @@ fn v4(a: [u8; 4], port: u16) -> SocketAddr {
     SocketAddr::new(IpAddr::V4(Ipv4Addr::from(a)), port)
 }
 
+/// The programs' aya-log level as the master patches it without `--ebpf-log`.
+const LOG_OFF: u8 = 0;
+
 /// The object loaded without pins (nothing is attached or pinned: dropping it
 /// leaves nothing in the kernel), a table published into its maps.
 fn load_programs(flow_entries: u32) -> (Ebpf, SteeringMaps) {
     require_root();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(map_names::FLOWS, flow_entries)
+        .override_global("AYA_LOG_LEVEL", &LOG_OFF, false)
         .load(object())
         .expect("load the eBPF object");
     let mut maps = SteeringMaps::take_from(&mut ebpf).expect("take the maps");
@@ -346,31 +350,42 @@ fn per_packet_cost() {
     );
     assert!(syn > 0 && hit > 0 && eg > 0 && other_med > 0);
 
-    // Load (verification) time of each program, from a fresh object: what a
-    // starting or reloading master waits for before it can steer.
-    let mut fresh = EbpfLoader::new()
-        .map_max_entries(map_names::FLOWS, 65_536)
-        .load(object())
-        .expect("load the eBPF object");
-    for name in [program_names::INGRESS, program_names::EGRESS] {
-        let start = Instant::now();
-        ebpf_support::load_classifier(&mut fresh, name);
-        let load_time = start.elapsed();
-        let info = classifier(&ebpf, name).info().expect("program info");
-        let verified = info.verified_instruction_count().unwrap_or(0);
-        assert!(verified > 0, "{name}: no verified instruction count");
-        bench(
-            &format!("verifier_{name}"),
-            &[
-                ("verified_insns", verified.to_string()),
-                (
-                    "xlated_bytes",
-                    info.size_translated().unwrap_or(0).to_string(),
-                ),
-                ("jited_bytes", info.size_jitted().to_string()),
-                ("load_ms", format!("{:.1}", load_time.as_secs_f64() * 1e3)),
-            ],
-        );
+    // Load (verification) time and the verifier's figures of each program,
+    // from a fresh object loaded as the master loads it: the aya-log level
+    // patched to off (the default; the verifier then skips the log code, the
+    // level being a constant of a frozen map) and to debug (`--ebpf-log`).
+    for (log, level) in [("off", LOG_OFF), ("debug", 4u8)] {
+        let mut fresh = EbpfLoader::new()
+            .map_max_entries(map_names::FLOWS, 65_536)
+            .override_global("AYA_LOG_LEVEL", &level, false)
+            .load(object())
+            .expect("load the eBPF object");
+        for name in [program_names::INGRESS, program_names::EGRESS] {
+            let start = Instant::now();
+            ebpf_support::load_classifier(&mut fresh, name);
+            let load_time = start.elapsed();
+            let info = classifier(&fresh, name).info().expect("program info");
+            let verified = info.verified_instruction_count().unwrap_or(0);
+            assert!(verified > 0, "{name}: no verified instruction count");
+            let line = if log == "off" {
+                format!("verifier_{name}")
+            } else {
+                format!("verifier_{name}_ebpf_log")
+            };
+            bench(
+                &line,
+                &[
+                    ("verified_insns", verified.to_string()),
+                    (
+                        "xlated_bytes",
+                        info.size_translated().unwrap_or(0).to_string(),
+                    ),
+                    ("jited_bytes", info.size_jitted().to_string()),
+                    ("load_ms", format!("{:.1}", load_time.as_secs_f64() * 1e3)),
+                    ("log", log.to_owned()),
+                ],
+            );
+        }
     }
 }
 
@@ -387,6 +402,7 @@ fn load_ping_pong() -> (Ebpf, SteeringMaps) {
     require_root();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(map_names::FLOWS, 65_536)
+        .override_global("AYA_LOG_LEVEL", &LOG_OFF, false)
         .load(object())
         .expect("load the eBPF object");
     let mut maps = SteeringMaps::take_from(&mut ebpf).expect("take the maps");

@@ -1087,6 +1087,35 @@ mod tests {
     }
 
     #[test]
+    fn packet_kinds_are_reported_from_bench_scale_lines() {
+        let mut figures = Figures::default();
+        figures.scale = vec![
+            "packet_kind_ingress_ack_steered kind=ack ns=229 median_ns=232 method=repeat=40000x25"
+                .into(),
+            "packet_kind_ingress_syn_new kind=syn_new ns=845 single_median_ns=922 floor_ns=77 \
+             method=single_runs=2000"
+                .into(),
+            "verifier_ipcluster_ingress verified_insns=122072 xlated_bytes=52488 \
+             jited_bytes=31057 load_ms=442.5"
+                .into(),
+        ];
+        let md = figures.scale_markdown();
+        assert!(md.contains("| ingress: ACK of a steered flow (flow hit, port rewritten) | **229 ns** | min of 25 batches with repeat (median 232 ns; repeat=40000x25) |"), "{md}");
+        assert!(
+            md.contains("**845 ns** | single runs: median 922 ns less the harness floor 77 ns"),
+            "{md}"
+        );
+        assert!(
+            md.contains("122072 instructions processed") && md.contains("loaded in 442.5 ms"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("| packet_kind_"),
+            "a by-kind line fell into the generic rows: {md}"
+        );
+    }
+
+    #[test]
     fn median_and_spread() {
         assert_eq!(stats([3.0, 1.0, 2.0].into_iter()), Some((2.0, 1.0, 3.0)));
         assert_eq!(stats([4.0, 1.0].into_iter()), Some((2.5, 1.0, 4.0)));
