@@ -189,13 +189,23 @@ fn count(counter: Counter) {
     }
 }
 
-/// `size_of::<T>()` bytes of the packet at `offset`: read in place when they
-/// lie in the skb's linear data (always so for the headers of packets on
-/// `lo` and for locally sent ones), else copied out by the
-/// `bpf_skb_load_bytes` helper (a paged header). Reading in place saves a
-/// helper call per header on the hot path.
+/// `size_of::<T>()` bytes of the packet at `offset`, read in place. They
+/// lie in the skb's linear data for the headers of packets on `lo` and of
+/// locally sent ones; a paged header is first made linear with
+/// `bpf_skb_pull_data` (as the kernel's own parsers pull headers). Reading
+/// in place saves a helper call per header on the hot path.
 #[inline(always)]
 fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
+    if let Some(value) = read_linear(ctx, offset) {
+        return Some(value);
+    }
+    ctx.pull_data((offset + core::mem::size_of::<T>()) as u32)
+        .ok()?;
+    read_linear(ctx, offset)
+}
+
+#[inline(always)]
+fn read_linear<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
     let start = ctx.data();
     let end = ctx.data_end();
     if start + offset + core::mem::size_of::<T>() <= end {
@@ -203,7 +213,7 @@ fn read<T: Copy>(ctx: &TcContext, offset: usize) -> Option<T> {
         // above, as the verifier demands); `T` is plain bytes or integers.
         Some(unsafe { core::ptr::read_unaligned((start + offset) as *const T) })
     } else {
-        ctx.load(offset).ok()
+        None
     }
 }
 
