@@ -355,11 +355,30 @@ fn per_packet_cost() {
     // patched to off (the default; the verifier then skips the log code, the
     // level being a constant of a frozen map) and to debug (`--ebpf-log`).
     for (log, level) in [("off", LOG_OFF), ("debug", 4u8)] {
-        let mut fresh = EbpfLoader::new()
+        // The loader parses the kernel's BTF when it is made; the object's
+        // maps are created by `load`: both are a starting master's work too.
+        let start = Instant::now();
+        let mut loader = EbpfLoader::new();
+        let loader_time = start.elapsed();
+        let start = Instant::now();
+        let mut fresh = loader
             .map_max_entries(map_names::FLOWS, 65_536)
             .override_global("AYA_LOG_LEVEL", &level, false)
             .load(object())
             .expect("load the eBPF object");
+        bench(
+            &format!("object_load_log_{log}"),
+            &[
+                (
+                    "loader_new_ms",
+                    format!("{:.1}", loader_time.as_secs_f64() * 1e3),
+                ),
+                (
+                    "object_ms",
+                    format!("{:.1}", start.elapsed().as_secs_f64() * 1e3),
+                ),
+            ],
+        );
         for name in [program_names::INGRESS, program_names::EGRESS] {
             let start = Instant::now();
             ebpf_support::load_classifier(&mut fresh, name);
