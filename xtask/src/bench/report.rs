@@ -1088,8 +1088,8 @@ mod tests {
 
     #[test]
     fn packet_kinds_are_reported_from_bench_scale_lines() {
-        let mut figures = Figures::default();
-        figures.scale = vec![
+        let figures = Figures {
+            scale: vec![
             "packet_kind_ingress_ack_steered kind=ack ns=229 median_ns=232 method=repeat=40000x25"
                 .into(),
             "packet_kind_ingress_syn_new kind=syn_new ns=845 single_median_ns=922 floor_ns=77 \
@@ -1098,7 +1098,9 @@ mod tests {
             "verifier_ipcluster_ingress verified_insns=122072 xlated_bytes=52488 \
              jited_bytes=31057 load_ms=442.5"
                 .into(),
-        ];
+            ],
+            ..Figures::default()
+        };
         let md = figures.scale_markdown();
         assert!(md.contains("| ingress: ACK of a steered flow (flow hit, port rewritten) | **229 ns** | min of 25 batches with repeat (median 232 ns; repeat=40000x25) |"), "{md}");
         assert!(
