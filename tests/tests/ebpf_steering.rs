@@ -172,6 +172,73 @@ fn flip_with_a_tiny_flow_table_resets_nothing() {
     );
 }
 
+/// The worker ports the pinned `worker_ports` map holds, with their public port.
+fn worker_port_index(cluster: &str) -> std::collections::BTreeMap<u64, u64> {
+    let path = pin_dir(cluster).join(map_names::WORKER_PORTS);
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("run bpftool map dump");
+    assert!(out.status.success(), "bpftool map dump {}", path.display());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    json.as_array()
+        .expect("a list of entries")
+        .iter()
+        .map(|e| {
+            let port = e["formatted"]["key"].as_u64();
+            let public = e["formatted"]["value"]["public_port"].as_u64();
+            match (port, public) {
+                (Some(port), Some(public)) => (port, public),
+                _ => panic!("unexpected worker_ports entry (no BTF?): {e}"),
+            }
+        })
+        .collect()
+}
+
+/// Publishes write each map with one batch call; when the worker-port index
+/// is full (every reload brings new worker ports), the batch stops and the
+/// rest is written entry by entry after ports nothing uses any more are
+/// forgotten. Four generations of 16 services × 256 bands (16,384 ports, the
+/// index holds 8,192): every publish succeeds, reads back, and the index
+/// holds every port of the table in force with its public port.
+#[test]
+fn publishes_fill_and_collect_the_worker_port_index() {
+    let cluster = Cluster::new("wpfull", 16, 0, 4096);
+    let mut steering = ebpf(cluster.config.clone());
+    assert_eq!(steering.install().expect("install"), None);
+    for generation in 0..4u16 {
+        let ports: Vec<Vec<u16>> = (0..16u16)
+            .map(|s| {
+                (0..256u16)
+                    .map(|b| 20_000 + generation * 4096 + s * 256 + b)
+                    .collect()
+            })
+            .collect();
+        let table = SteeringTable::uniform(&cluster.config.services, 0, &ports);
+        steering
+            .publish(&table)
+            .unwrap_or_else(|e| panic!("publish of generation {generation}: {e}"));
+        assert_eq!(
+            steering.read_table().expect("read back"),
+            Some(table.clone()),
+            "generation {generation} does not read back"
+        );
+        let index = worker_port_index(&cluster.config.cluster);
+        for (service, route) in table.services.iter().enumerate() {
+            for &port in &route.worker_ports {
+                assert_eq!(
+                    index.get(&u64::from(port)),
+                    Some(&u64::from(route.listen.port())),
+                    "generation {generation}: worker port {port} of service {service} \
+                     missing from the index ({} entries)",
+                    index.len()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn state_survives_the_object_and_reads_back() {
     let cluster = Cluster::new("persist", 1, 4, ipcluster_common::DEFAULT_FLOW_ENTRIES);

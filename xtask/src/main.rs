@@ -50,7 +50,8 @@ enum Task {
         paths: Vec<String>,
         /// Run only this case: `crash` (how soon a crashed worker's band is steered away and
         /// served by its replacement, every backend) or `master-scale` (master CPU and `status` latency with
-        /// 10k/50k/100k idle connections on 8 workers, and with 64 idle workers).
+        /// 10k/50k/100k idle connections on 8 workers, and with 64 idle workers) or `reload`
+        /// (reloads under paced and saturating load of the backends among --paths).
         #[arg(long)]
         case: Option<String>,
     },
