@@ -14,21 +14,14 @@ pub struct Boost {
     previous: Option<i32>,
 }
 
-/// The calling thread's nice value (`setpriority`/`getpriority` with
-/// `PRIO_PROCESS` and id 0 act on the calling thread on Linux).
+/// The calling thread's nice value (`PRIO_PROCESS` with no pid acts on the
+/// calling thread on Linux).
 fn nice() -> Option<i32> {
-    // SAFETY: errno is thread-local; clearing it tells an error from a
-    // nice value of -1, as getpriority(2) asks.
-    unsafe {
-        *libc::__errno_location() = 0;
-        let value = libc::getpriority(libc::PRIO_PROCESS, 0);
-        (value != -1 || *libc::__errno_location() == 0).then_some(value)
-    }
+    rustix::process::getpriority_process(None).ok()
 }
 
-fn set_nice(value: i32) -> bool {
-    // SAFETY: plain syscall on the calling thread.
-    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, value) == 0 }
+fn set_nice(value: i32) -> std::io::Result<()> {
+    rustix::process::setpriority_process(None, value).map_err(std::io::Error::from)
 }
 
 impl Boost {
@@ -39,7 +32,7 @@ impl Boost {
             return Boost { previous: None };
         };
         let boosted = (previous - BOOST).max(-20);
-        if boosted == previous || !set_nice(boosted) {
+        if boosted == previous || set_nice(boosted).is_err() {
             log::debug!("no scheduling boost for the steering install (nice stays {previous})");
             return Boost { previous: None };
         }
@@ -52,12 +45,9 @@ impl Boost {
 impl Drop for Boost {
     fn drop(&mut self) {
         if let Some(previous) = self.previous
-            && !set_nice(previous)
+            && let Err(e) = set_nice(previous)
         {
-            log::warn!(
-                "could not put the master's nice value back to {previous}: {}",
-                std::io::Error::last_os_error()
-            );
+            log::warn!("could not put the master's nice value back to {previous}: {e}");
         }
     }
 }
