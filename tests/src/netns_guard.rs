@@ -26,7 +26,7 @@
 
 use std::fs::File;
 use std::os::unix::fs::MetadataExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -56,9 +56,13 @@ impl NetNsId {
             .unwrap_or_else(|e| panic!("reading /proc/thread-self/ns/net: {e}"))
     }
 
-    /// The host's network namespace: that of process 1.
+    /// The host's network namespace: the one this test process was started
+    /// in, where other test runs and the machine's services live. It is the
+    /// namespace of the process's main thread, which libtest keeps waiting
+    /// while each test runs on a thread of its own.
     pub fn host() -> NetNsId {
-        NetNsId::of(Path::new(HOST_NETNS)).unwrap_or_else(|e| panic!("reading {HOST_NETNS}: {e}"))
+        let path = host_netns_path();
+        NetNsId::of(&path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
     }
 }
 
@@ -68,8 +72,11 @@ impl std::fmt::Display for NetNsId {
     }
 }
 
-/// The host's network namespace as a path, for `nsenter --net=` and `setns`.
-pub const HOST_NETNS: &str = "/proc/1/ns/net";
+/// The host's network namespace ([`NetNsId::host`]) as a path that other
+/// processes can open too, for `nsenter --net=` and `setns`.
+pub fn host_netns_path() -> PathBuf {
+    PathBuf::from(format!("/proc/{}/ns/net", std::process::id()))
+}
 
 /// The calling thread is in a namespace of its own, not the host's.
 pub fn in_own_netns() -> bool {
@@ -92,6 +99,12 @@ impl NetNsGuard {
     /// fails) when not root or when the kernel refuses.
     pub fn enter() -> NetNsGuard {
         crate::assert_root();
+        assert_ne!(
+            nix::unistd::gettid(),
+            nix::unistd::getpid(),
+            "NetNsGuard::enter on the main thread: the host's namespace is known as the \
+             main thread's, so a test must run on a thread of its own (libtest does that)"
+        );
         let original = File::open("/proc/thread-self/ns/net")
             .unwrap_or_else(|e| panic!("opening /proc/thread-self/ns/net: {e}"));
         unshare(CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| {
