@@ -95,6 +95,47 @@ fn steering_stays_in_the_tests_namespace(backend: &str) {
         &cluster_name("isolated"),
         ClusterSpec::demo(backend, 2, listen),
     );
+    // Where the steering is (the host's view first).
+    match backend {
+        "iptables" => {
+            let chain = ipcluster::steering::iptables::chain_name(&cluster.name);
+            let there = nat_rules(true);
+            assert!(
+                !there.contains(&chain),
+                "the host's namespace has the test's chain {chain}:\n{there}"
+            );
+            let here = nat_rules(false);
+            assert!(
+                here.contains(&chain),
+                "the chain {chain} is in the test's namespace:\n{here}"
+            );
+        }
+        "ebpf" => {
+            let maps = pinned_map_ids(&cluster.name);
+            assert!(!maps.is_empty(), "the cluster pinned its maps");
+            let there = in_host(|| tcx_programs_on_lo(&maps));
+            assert!(
+                there.is_empty(),
+                "programs {there:?} of the test's cluster are attached to the host's lo"
+            );
+            let here = tcx_programs_on_lo(&maps);
+            assert!(
+                here.len() >= 2,
+                "ingress and egress programs of the cluster on the test's lo: {here:?}"
+            );
+        }
+        "sk-lookup" => {
+            let ino = sk_lookup_link_netns(&cluster.name);
+            assert_eq!(
+                ino, ours.ino,
+                "the sk_lookup link is attached to the test's namespace {ours} \
+                 (the host's is {host})"
+            );
+        }
+        other => panic!("unknown backend {other}"),
+    }
+
+    // It serves, from processes all in the test's namespace.
     let reply = demo_get(loopback_client(2), listen)
         .unwrap_or_else(|e| panic!("GET {listen}: {e}\n{}", cluster.logs()));
 
@@ -114,75 +155,39 @@ fn steering_stays_in_the_tests_namespace(backend: &str) {
         );
     }
 
-    match backend {
-        "iptables" => {
-            let chain = ipcluster::steering::iptables::chain_name(&cluster.name);
-            let here = nat_rules(false);
-            assert!(
-                here.contains(&chain),
-                "the chain {chain} is in the test's namespace:\n{here}"
-            );
-            let there = nat_rules(true);
-            assert!(
-                !there.contains(&chain),
-                "the host's namespace has the test's chain {chain}:\n{there}"
-            );
-        }
-        "ebpf" => {
-            let maps = pinned_map_ids(&cluster.name);
-            assert!(!maps.is_empty(), "the cluster pinned its maps");
-            let here = tcx_programs_on_lo(&maps);
-            assert!(
-                here.len() >= 2,
-                "ingress and egress programs of the cluster on the test's lo: {here:?}"
-            );
-            let there = in_host(|| tcx_programs_on_lo(&maps));
-            assert!(
-                there.is_empty(),
-                "programs {there:?} of the test's cluster are attached to the host's lo"
-            );
-        }
-        "sk-lookup" => {
-            let ino = sk_lookup_link_netns(&cluster.name);
-            assert_eq!(
-                ino, ours.ino,
-                "the sk_lookup link is attached to the test's namespace {ours} \
-                 (the host's is {host})"
-            );
-        }
-        other => panic!("unknown backend {other}"),
-    }
     cluster.stop();
 }
 
 ipcluster_tests::for_each_backend!(steering_stays_in_the_tests_namespace);
 
 /// Two tests at once: each in its own namespace, both listen on the same
-/// address and port, and each one's client reaches its own listener.
+/// address and port at the same time (in one namespace the second bind would
+/// fail), and each one's client reaches its own listener.
 #[test]
 fn two_tests_namespaces_are_independent() {
     let _netns = NetNsGuard::enter();
     let ports = Ports::reserve(1);
     let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, ports.get(0));
-    let both_listening = Barrier::new(2);
-    let seen: Vec<(NetNsId, NetNsId)> = std::thread::scope(|s| {
-        let threads: Vec<_> = (0..2)
-            .map(|_| {
-                let both_listening = &both_listening;
-                s.spawn(move || {
-                    let guard = NetNsGuard::enter();
-                    let listener = TcpListener::bind(addr)
-                        .unwrap_or_else(|e| panic!("bind {addr} in {}: {e}", guard.id()));
-                    both_listening.wait();
-                    let _client = TcpStream::connect(addr).expect("connect");
-                    let (conn, _) = listener.accept().expect("accept");
-                    // The accepted connection is in this thread's namespace.
-                    let conn_ns = NetNsId::current();
-                    drop(conn);
-                    (guard.id(), conn_ns)
-                })
-            })
-            .collect();
+    let both_bound = Barrier::new(2);
+    let one_test = |both_bound: &Barrier| -> Result<NetNsId, String> {
+        let guard = NetNsGuard::enter();
+        let bound = TcpListener::bind(addr);
+        // Both threads reach the barrier, whatever bind said, so none waits forever.
+        both_bound.wait();
+        let listener = bound.map_err(|e| format!("bind {addr} in {}: {e}", guard.id()))?;
+        let client = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
+        let (_conn, peer) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        let client_addr = client.local_addr().map_err(|e| e.to_string())?;
+        if peer != client_addr {
+            return Err(format!(
+                "the listener in {} accepted {peer}, not its own client {client_addr}",
+                guard.id()
+            ));
+        }
+        Ok(guard.id())
+    };
+    let results: Vec<Result<NetNsId, String>> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..2).map(|_| s.spawn(|| one_test(&both_bound))).collect();
         threads
             .into_iter()
             .map(|t| {
@@ -191,12 +196,12 @@ fn two_tests_namespaces_are_independent() {
             })
             .collect()
     });
-    let host = NetNsId::host();
-    assert_ne!(seen[0].0, seen[1].0, "two namespaces: {seen:?}");
-    for (id, conn_ns) in &seen {
-        assert_eq!(id, conn_ns);
-        assert_ne!(*id, host);
-    }
+    let ids: Vec<NetNsId> = results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{e}")))
+        .collect();
+    assert_ne!(ids[0], ids[1], "two namespaces");
+    assert!(!ids.contains(&NetNsId::host()), "neither is the host's");
 }
 
 /// Whether `observer` still has interface `name`.
@@ -238,6 +243,20 @@ fn tie_to(observer: &NetNs, here: &str, there: &str) {
     assert!(has_link(observer, there), "{there} in {}", observer.name());
 }
 
+/// Whether `child` exits within `timeout`; killed (and reaped) if it does not.
+fn wait_exit(child: &mut std::process::Child, timeout: Duration) -> bool {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if let Ok(Some(_)) = child.try_wait() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    false
+}
+
 /// The guard returns the thread to where it was and the namespace is freed;
 /// a process left in it is SIGKILLed and reported as a failure, and then the
 /// namespace is freed too.
@@ -277,7 +296,7 @@ fn the_guard_leaves_no_namespace_behind() {
         drop(guard);
     }));
     let mut sleeper = sleeper.expect("sleep was started");
-    let status = sleeper.wait().expect("reap sleep");
+    let killed = wait_exit(&mut sleeper, Duration::from_secs(5));
     let message = match result {
         Ok(()) => panic!("the guard let a process outlive the test"),
         Err(panic) => panic
@@ -289,7 +308,7 @@ fn the_guard_leaves_no_namespace_behind() {
         message.contains("processes left") && message.contains("sleep"),
         "the failure names the process: {message}"
     );
-    assert!(!status.success(), "sleep was killed: {status}");
+    assert!(killed, "the guard killed the leaked sleep");
     assert_eq!(NetNsId::current(), outer);
     let leaked_id = leaked_id.expect("the guard was entered");
     assert!(processes_in(leaked_id).is_empty());
