@@ -90,6 +90,8 @@ pub fn in_own_netns() -> bool {
 pub struct NetNsGuard {
     /// The thread's namespace before `enter`, to go back to.
     original: File,
+    original_id: NetNsId,
+    /// The fresh namespace `enter` made.
     id: NetNsId,
 }
 
@@ -107,12 +109,24 @@ impl NetNsGuard {
         );
         let original = File::open("/proc/thread-self/ns/net")
             .unwrap_or_else(|e| panic!("opening /proc/thread-self/ns/net: {e}"));
+        let original_id = NetNsId::of(Path::new("/proc/thread-self/ns/net"))
+            .unwrap_or_else(|e| panic!("reading /proc/thread-self/ns/net: {e}"));
         unshare(CloneFlags::CLONE_NEWNET).unwrap_or_else(|e| {
             panic!("unshare(CLONE_NEWNET) failed: {e}; root tests need CAP_SYS_ADMIN")
         });
+        let id = NetNsId::current();
+        // The drop kills every process left in `id`: it must be the new
+        // namespace, never the one the thread came from or the host's.
+        assert!(
+            id != original_id && id != NetNsId::host(),
+            "unshare(CLONE_NEWNET) left the thread in {id} (it came from {original_id}, \
+             the host's is {})",
+            NetNsId::host()
+        );
         let guard = NetNsGuard {
             original,
-            id: NetNsId::current(),
+            original_id,
+            id,
         };
         // From here on a failure drops `guard`, which returns the thread.
         crate::netns::run_ok(Command::new("ip").args(["link", "set", "lo", "up"]));
@@ -127,10 +141,28 @@ impl NetNsGuard {
 
 impl Drop for NetNsGuard {
     fn drop(&mut self) {
-        let left = processes_left_in(self.id, Duration::from_secs(3));
+        // Processes are looked for (and killed) only in a namespace that is
+        // neither the one the thread came from nor the host's, checked again
+        // here and per process right before the signal: a mistake must never
+        // turn this into a kill of everything on the machine.
+        let own = NetNsId::of(Path::new(&host_netns_path()))
+            .is_ok_and(|host| self.id != host && self.id != self.original_id);
+        let left = if own {
+            processes_left_in(self.id, Duration::from_secs(3))
+        } else {
+            eprintln!(
+                "NetNsGuard: {} is not a namespace of its own; no process check",
+                self.id
+            );
+            Vec::new()
+        };
         for (pid, _) in &left {
-            // SAFETY: kill has no memory preconditions.
-            unsafe { libc::kill(*pid, libc::SIGKILL) };
+            let still_ours =
+                NetNsId::of(Path::new(&format!("/proc/{pid}/ns/net"))).is_ok_and(|n| n == self.id);
+            if still_ours {
+                // SAFETY: kill has no memory preconditions.
+                unsafe { libc::kill(*pid, libc::SIGKILL) };
+            }
         }
         let back = setns(&self.original, CloneFlags::CLONE_NEWNET);
         let mut problems = Vec::new();
