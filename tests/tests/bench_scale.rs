@@ -104,11 +104,13 @@ fn publish_times(kind: BackendKind, runs: usize) {
 
 #[test]
 fn publish_time_ebpf() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     publish_times(BackendKind::Ebpf, 21);
 }
 
 #[test]
 fn publish_time_iptables() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     publish_times(BackendKind::Iptables, 11);
 }
 
@@ -254,6 +256,7 @@ fn median_ns(mut v: Vec<Duration>) -> (u128, u128) {
 /// - No real socket, no GRO, no cache pressure from a busy machine.
 #[test]
 fn per_packet_cost() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let (ebpf, _maps) = load_programs(65_536);
     let ingress = classifier(&ebpf, program_names::INGRESS);
     let egress = classifier(&ebpf, program_names::EGRESS);
@@ -630,6 +633,7 @@ fn flows_memlock(flow_entries: u32) -> u64 {
 /// the difference divided by the difference in entries (fixed overhead cancels).
 #[test]
 fn flow_table_memory_per_entry() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let (small, large) = (65_536u32, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let (m_small, m_large) = (flows_memlock(small), flows_memlock(large));
     assert!(

@@ -77,6 +77,7 @@ fn pinned_maps(cluster: &str) -> SteeringMaps {
 
 #[test]
 fn sixty_four_clients_three_times_each_reach_their_band() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("sticky64", 1, 8, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let mut steering = cluster.backend();
     assert_eq!(steering.install().expect("install"), None);
@@ -156,12 +157,14 @@ fn flip_under_open_connections(what: &str, flow_entries: u32) -> ipcluster::stee
 
 #[test]
 fn flip_under_open_connections_keeps_them() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let counters = flip_under_open_connections("flip", ipcluster_common::DEFAULT_FLOW_ENTRIES);
     assert!(counters.flow_hits > 0, "{counters:?}");
 }
 
 #[test]
 fn flip_with_a_tiny_flow_table_resets_nothing() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     // 4 entries for 32 long-lived connections (and 64 new ones): flows are
     // evicted all the time, so packets take the socket-table fallback.
     let counters = flip_under_open_connections("tinyflip", 4);
@@ -241,6 +244,7 @@ fn publishes_fill_and_collect_the_worker_port_index() {
 
 #[test]
 fn state_survives_the_object_and_reads_back() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("persist", 1, 4, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let table = cluster.table(0, 4);
     let _workers = Worker::start_all(&table.services[0].worker_ports).expect("workers");
@@ -296,6 +300,7 @@ fn state_survives_the_object_and_reads_back() {
 
 #[test]
 fn teardown_removes_links_pins_and_folder() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("teardown", 1, 2, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     {
         let mut steering = cluster.backend();
@@ -358,6 +363,7 @@ fn programs_on_lo_using(map_ids: &std::collections::BTreeSet<u32>) -> Vec<u32> {
 
 #[test]
 fn another_layout_is_refused_with_a_clear_error() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("layout", 1, 2, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     cluster.backend().install().expect("install");
     let mut maps = pinned_maps(&cluster.config.cluster);
@@ -390,6 +396,7 @@ fn another_layout_is_refused_with_a_clear_error() {
 
 #[test]
 fn bad_tables_and_too_many_services_are_rejected() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("reject", 1, 4, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let mut steering = cluster.backend();
     steering.install().expect("install");
@@ -432,6 +439,7 @@ fn bad_tables_and_too_many_services_are_rejected() {
 
 #[test]
 fn ipv6_loopback_service_is_steered() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("ipv6", 0, 3, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let public = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), cluster.ports.get(0));
     let mut config = cluster.config.clone();
@@ -455,6 +463,7 @@ fn ipv6_loopback_service_is_steered() {
 
 #[test]
 fn wildcard_listen_is_steered() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("wildcard", 0, 5, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), cluster.ports.get(0));
     let mut config = cluster.config.clone();
@@ -475,6 +484,7 @@ fn wildcard_listen_is_steered() {
 /// was not there before and holds no filter at the end (nobody else's).
 #[test]
 fn netlink_fallback_attaches_adopts_and_tears_down() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("netlink", 1, 4, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let clsact_before = qdisc_has_clsact("lo");
     let _qdisc = ipcluster_tests::guard::defer(move || {
@@ -597,6 +607,7 @@ fn collect_prog_ids(value: &serde_json::Value, ids: &mut Vec<u32>) {
 /// Publish time of a whole 256-band table (idle slot + flip), median of 21.
 #[test]
 fn measure_publish_of_a_256_band_table() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("publish256", 1, 0, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let mut steering = cluster.backend();
     steering.install().expect("install");

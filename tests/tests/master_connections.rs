@@ -164,15 +164,18 @@ fn thousands_of_idle_connections(backend: &str) {
 
 #[test]
 fn ebpf_counts_thousands_of_idle_connections() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     thousands_of_idle_connections("ebpf");
 }
 
 #[test]
 fn iptables_counts_thousands_of_idle_connections() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     thousands_of_idle_connections("iptables");
 }
 
 #[test]
 fn sk_lookup_counts_thousands_of_idle_connections() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     thousands_of_idle_connections("sk-lookup");
 }

@@ -101,7 +101,7 @@ fn netns_id(meta: &std::fs::Metadata) -> (u64, u64) {
     (meta.dev(), meta.ino())
 }
 
-/// Is `socket` a TCP listener in this process's network namespace, bound to `l.port`?
+/// Is `socket` a TCP listener in this thread's network namespace, bound to `l.port`?
 fn check(socket: &OwnedFd, l: &WorkerListener) -> Result<(), SteeringError> {
     let protocol = socket_protocol(socket)
         .map_err(|e| refuse(l, format!("it is not a socket the master can inspect: {e}")))?;
@@ -133,8 +133,11 @@ fn check(socket: &OwnedFd, l: &WorkerListener) -> Result<(), SteeringError> {
     let theirs = ns
         .metadata()
         .map_err(|e| refuse(l, format!("reading the socket's network namespace: {e}")))?;
-    let ours = std::fs::metadata("/proc/self/ns/net")
-        .map_err(|e| refuse(l, format!("reading /proc/self/ns/net: {e}")))?;
+    // The calling thread's namespace (the one the program is attached to):
+    // /proc/self is the main thread's, which differs in a test that moved
+    // its thread into a namespace of its own.
+    let ours = std::fs::metadata("/proc/thread-self/ns/net")
+        .map_err(|e| refuse(l, format!("reading /proc/thread-self/ns/net: {e}")))?;
     if netns_id(&theirs) != netns_id(&ours) {
         return Err(refuse(
             l,

@@ -270,8 +270,11 @@ fn attach(ebpf: &mut Ebpf, pin: &Path) -> Result<(), SteeringError> {
             e,
         )
     })?;
-    let netns = File::open("/proc/self/ns/net").map_err(|source| SteeringError::Io {
-        what: "opening /proc/self/ns/net".into(),
+    // The calling thread's namespace, as for every other backend (tc and
+    // iptables act in the namespace of the thread that runs them); the same
+    // as /proc/self in the master, whose threads share one namespace.
+    let netns = File::open("/proc/thread-self/ns/net").map_err(|source| SteeringError::Io {
+        what: "opening /proc/thread-self/ns/net".into(),
         source,
     })?;
     let id = program.attach(&netns).map_err(|e| {
