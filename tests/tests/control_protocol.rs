@@ -49,6 +49,7 @@ fn status_on(stream: &UnixStream, len: usize) -> StatusReport {
 
 #[test]
 fn an_over_long_line_closes_only_that_peer() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     require_root();
     let ports = Ports::reserve(1);
     let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
