@@ -3,7 +3,8 @@
 //!
 //! Every map key and value is a plain `#[repr(C)]` struct with explicit padding
 //! fields, so that both sides agree on the layout byte for byte and `bpftool
-//! map dump` prints readable, BTF-typed entries. Ports are stored in host byte
+//! map dump` prints readable, BTF-typed entries. With the `user` feature they
+//! derive `bytemuck::Pod`, which refuses to compile a type with implicit padding. Ports are stored in host byte
 //! order; addresses as the 16 bytes of an IPv6 address (IPv4 in the first four
 //! bytes, the rest zero), in network byte order.
 #![no_std]
@@ -157,6 +158,7 @@ pub const META_INDEX: u32 = 0;
 /// The `meta` map's value: what layout the pinned maps have.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct Meta {
     pub layout_version: u32,
     /// Size the flow table was created with (pinned maps keep their size).
@@ -167,6 +169,7 @@ pub struct Meta {
 /// The wildcard entry of a family has an all-zero `addr`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ServiceKey {
     pub addr: [u8; 16],
     pub port: u16,
@@ -180,6 +183,7 @@ pub struct ServiceKey {
 /// when service indices are reused across generations).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct BandShape {
     pub band_mask: u32,
     pub band_shift: u32,
@@ -192,6 +196,7 @@ pub struct BandShape {
 /// write to `active` as everything else.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct ServiceValue {
     pub index: u32,
     pub _pad: u32,
@@ -220,6 +225,7 @@ pub const fn steering_index(slot: u32, service: u32, band: u32) -> u32 {
 /// ports never coincide, so the two kinds cannot overwrite each other.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FlowKey {
     pub client_addr: [u8; 16],
     pub local_addr: [u8; 16],
@@ -232,6 +238,7 @@ pub struct FlowKey {
 /// Value of the `flows` LRU hash: which worker the connection went to.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct FlowValue {
     /// The worker port of a steered connection; 0 for a direct connection.
     pub worker_port: u16,
@@ -247,6 +254,7 @@ pub struct FlowValue {
 /// service a worker port belongs to, for the egress rewrite.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(feature = "user", derive(bytemuck::Pod, bytemuck::Zeroable))]
 pub struct WorkerPortValue {
     pub service: u16,
     pub public_port: u16,
@@ -320,13 +328,17 @@ impl Counter {
 mod user {
     use super::*;
 
+    /// Compiles only for a type that derives `bytemuck::Pod`.
+    const fn derives_bytemuck_pod<T: bytemuck::Pod>() {}
+
     macro_rules! pod {
         ($($t:ty),* $(,)?) => {$(
-            // SAFETY: #[repr(C)], only integer fields and arrays of them, and
-            // every padding byte is an explicit field (checked by the layout tests).
+            const _: () = derives_bytemuck_pod::<$t>();
+            // SAFETY: aya::Pod asks what bytemuck::Pod does (plain old data:
+            // any bit pattern valid, no padding), and the type derives
+            // bytemuck::Pod, whose derive refuses to compile a type that is not
+            // #[repr(C)], has a field that is not Pod, or has implicit padding.
             unsafe impl aya::Pod for $t {}
-            unsafe impl bytemuck::Zeroable for $t {}
-            unsafe impl bytemuck::Pod for $t {}
         )*};
     }
     pod!(

@@ -18,7 +18,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 PING_INTERVAL = 0.5
-MAX_LINE = 64 * 1024
+MAX_LINE = 256 * 1024  # the protocol's line limit (docs/protocol.md)
 
 BAND = int(os.environ.get("IPCLUSTER_BAND", "0"))
 GENERATION = int(os.environ.get("IPCLUSTER_GENERATION", "0"))

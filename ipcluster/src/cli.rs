@@ -52,7 +52,8 @@ pub enum Command {
 #[derive(Debug, Args, Clone)]
 pub struct NameArg {
     /// Cluster name: names the state directory /run/ipcluster/<NAME>/, the pin folder
-    /// /sys/fs/bpf/ipcluster/<NAME>/, the iptables chain and the control socket.
+    /// /sys/fs/bpf/ipcluster/<NAME>/, the iptables chain and the control socket. 1 to 64
+    /// letters, digits, '-' or '_', not starting with '-'.
     #[arg(long, short = 'n', default_value = "default", value_parser = parse_name)]
     pub name: String,
 }
@@ -229,17 +230,12 @@ pub fn default_workers() -> u32 {
     1 << (31 - cpus.leading_zeros())
 }
 
-/// Cluster names become file names, a chain name and a socket path: keep them plain.
+/// Cluster names become file names, a chain name and a socket path: the rule
+/// is [`crate::cluster_name`]'s, shared with the steering backends.
 pub fn parse_name(s: &str) -> Result<String, String> {
-    let ok_chars = s
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    if s.is_empty() || s.len() > 64 || !ok_chars || s.starts_with('-') {
-        return Err(format!(
-            "invalid cluster name {s:?}: use 1 to 64 letters, digits, '-' or '_', not starting with '-'"
-        ));
-    }
-    Ok(s.to_owned())
+    crate::cluster_name::ClusterName::new(s)
+        .map(String::from)
+        .map_err(|e| e.to_string())
 }
 
 pub fn parse_workers(s: &str) -> Result<u32, String> {

@@ -1,26 +1,27 @@
 //! The built-in demo worker (`ipcluster run` without `CMD`): a small HTTP
 //! server on `$PORT` (and every `IPCLUSTER_PORT_*`). `/` answers with its
 //! band, pid, generation, port and the client's address; `/stream` sends one
-//! such line every 100 ms until the client goes away. It also speaks the
-//! control protocol: hello, a ping every 500 ms, and it exits on `die`.
+//! such line every 100 ms until the client goes away. It speaks the control
+//! protocol through [`crate::worker_api`], as any Rust worker would: hello once
+//! it listens, a ping every 500 ms with its request counts, a note on stderr
+//! when it is retired, and it exits on `die`.
 
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 
-use crate::protocol::{MasterMessage, WorkerMessage};
+use crate::protocol::{MasterMessage, env};
+use crate::worker_api::{Worker, WorkerApiError, WorkerEnv};
 
 /// Who this worker is, from the environment the master gave it.
 #[derive(Clone, Debug)]
 struct Identity {
     band: u32,
     generation: u64,
-    ports: Vec<u16>,
 }
 
 #[derive(Default)]
@@ -30,28 +31,29 @@ struct Counters {
     retired: AtomicBool,
 }
 
-fn env_number<T: std::str::FromStr>(key: &str) -> Option<T> {
-    std::env::var(key).ok()?.parse().ok()
-}
+/// How long to wait before trying again to reach a master that is not there.
+const HELLO_RETRY: Duration = Duration::from_secs(1);
 
 /// Run the demo worker until it is killed or told to die.
 pub fn run() -> Result<()> {
-    let Some(port) = env_number::<u16>("PORT") else {
-        bail!("PORT is not set: the demo worker is started by `ipcluster run`");
+    let worker_env =
+        WorkerEnv::from_env().context("the demo worker is started by `ipcluster run`")?;
+    let Some(port) = worker_env.port else {
+        bail!(
+            "{} is not set: the demo worker is started by `ipcluster run`",
+            env::PORT
+        );
     };
+    // `$PORT` first, then the other public ports' local ports.
     let mut ports = vec![port];
-    for (key, value) in std::env::vars() {
-        if key.starts_with("IPCLUSTER_PORT_")
-            && let Ok(p) = value.parse::<u16>()
-            && !ports.contains(&p)
-        {
-            ports.push(p);
+    for local in worker_env.local_ports() {
+        if !ports.contains(&local) {
+            ports.push(local);
         }
     }
     let identity = Arc::new(Identity {
-        band: env_number("IPCLUSTER_BAND").unwrap_or(0),
-        generation: env_number("IPCLUSTER_GENERATION").unwrap_or(0),
-        ports: ports.clone(),
+        band: worker_env.band,
+        generation: worker_env.generation,
     });
     let counters = Arc::new(Counters::default());
     let mut acceptors = Vec::new();
@@ -65,17 +67,64 @@ pub fn run() -> Result<()> {
                 .context("starting an accept thread")?,
         );
     }
-    if let Ok(control) = std::env::var("IPCLUSTER_CONTROL") {
-        let (identity, counters) = (identity.clone(), counters.clone());
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || control_loop(&control, &identity, &counters))
-            .context("starting the control thread")?;
-    }
+    let worker = Worker::new(worker_env);
+    let stats = counters.clone();
+    worker.set_stats_fn(move || {
+        serde_json::json!({
+            "requests": stats.requests.load(Ordering::Relaxed),
+            "open_streams": stats.open_streams.load(Ordering::Relaxed),
+            "retired": stats.retired.load(Ordering::Relaxed),
+        })
+    });
+    worker.set_app(
+        serde_json::json!({ "name": "ipcluster demo", "version": env!("CARGO_PKG_VERSION") }),
+    );
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || control(&worker, &counters))
+        .context("starting the control thread")?;
     for acceptor in acceptors {
         let _ = acceptor.join();
     }
     Ok(())
+}
+
+/// Say hello (retrying until a master answers; `worker_api` reconnects by
+/// itself after that), then obey what the master says.
+fn control(worker: &Worker, counters: &Counters) {
+    let messages = loop {
+        match worker.hello() {
+            Ok(messages) => break messages,
+            Err(e @ (WorkerApiError::Connect { .. } | WorkerApiError::Send { .. })) => {
+                log::debug!("demo worker: {e}; trying again in {HELLO_RETRY:?}");
+                std::thread::sleep(HELLO_RETRY);
+            }
+            // It keeps serving, unsupervised by the control socket.
+            Err(e) => {
+                log::warn!("demo worker: {e}");
+                return;
+            }
+        }
+    };
+    for message in messages {
+        match message {
+            MasterMessage::Die { reason } => {
+                say_line(&format!(
+                    "demo worker {}: told to die ({reason})",
+                    std::process::id()
+                ));
+                std::process::exit(0);
+            }
+            MasterMessage::Retire { reason } => {
+                say_line(&format!(
+                    "demo worker {}: retired ({reason})",
+                    std::process::id()
+                ));
+                counters.retired.store(true, Ordering::Relaxed);
+            }
+            MasterMessage::Info { .. } => {}
+        }
+    }
 }
 
 /// Listen on every address: `[::]` (dual-stack) if IPv6 is there, else 0.0.0.0.
@@ -153,82 +202,6 @@ fn serve(mut stream: TcpStream, identity: &Identity, counters: &Counters) -> std
         _ => stream.write_all(
             b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\nConnection: close\r\n\r\nnot found\n",
         ),
-    }
-}
-
-/// Say hello, ping every 500 ms, obey `die`; reconnect when the master changes.
-fn control_loop(path: &str, identity: &Identity, counters: &Arc<Counters>) {
-    loop {
-        if let Err(e) = control_session(path, identity, counters) {
-            log::debug!("demo worker: control socket {path}: {e}");
-        }
-        std::thread::sleep(Duration::from_secs(1));
-    }
-}
-
-fn control_session(
-    path: &str,
-    identity: &Identity,
-    counters: &Arc<Counters>,
-) -> std::io::Result<()> {
-    let mut stream = UnixStream::connect(path)?;
-    let send = |stream: &mut UnixStream, msg: &WorkerMessage| -> std::io::Result<()> {
-        let mut line = serde_json::to_string(msg).map_err(std::io::Error::other)?;
-        line.push('\n');
-        stream.write_all(line.as_bytes())
-    };
-    send(
-        &mut stream,
-        &WorkerMessage::Hello {
-            band: identity.band,
-            generation: identity.generation,
-            ports: identity.ports.clone(),
-        },
-    )?;
-    let reader = BufReader::new(stream.try_clone()?);
-    let flags = counters.clone();
-    let listener = std::thread::Builder::new()
-        .name("control-read".into())
-        .spawn(move || {
-            for line in reader.lines() {
-                let Ok(line) = line else { return };
-                match serde_json::from_str::<MasterMessage>(&line) {
-                    Ok(MasterMessage::Die { reason }) => {
-                        say_line(&format!(
-                            "demo worker {}: told to die ({reason})",
-                            std::process::id()
-                        ));
-                        std::process::exit(0);
-                    }
-                    Ok(MasterMessage::Retire { reason }) => {
-                        say_line(&format!(
-                            "demo worker {}: retired ({reason})",
-                            std::process::id()
-                        ));
-                        flags.retired.store(true, Ordering::Relaxed);
-                    }
-                    Ok(MasterMessage::Info { .. }) | Err(_) => {}
-                }
-            }
-        })?;
-    loop {
-        if listener.is_finished() {
-            return Ok(());
-        }
-        let retired = counters.retired.load(Ordering::Relaxed);
-        send(
-            &mut stream,
-            &WorkerMessage::Ping {
-                stats: serde_json::json!({
-                    "requests": counters.requests.load(Ordering::Relaxed),
-                    "open_streams": counters.open_streams.load(Ordering::Relaxed),
-                    "retired": retired,
-                }),
-                busy: false,
-                app: serde_json::json!({ "name": "ipcluster demo", "version": env!("CARGO_PKG_VERSION") }),
-            },
-        )?;
-        std::thread::sleep(Duration::from_millis(500));
     }
 }
 

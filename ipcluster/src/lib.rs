@@ -5,6 +5,7 @@
 //! - [`steering`]: the `Steering` trait, the steering table and the two backends.
 //! - [`protocol`]: the control-socket messages between master and workers.
 //! - [`paths`]: where a cluster keeps its state.
+//! - [`cluster_name`]: the one rule for cluster names.
 //! - [`policy`]: pure supervision decisions (retire, ask to die, kill).
 //! - [`master`]: the master: spawning, readiness, generations, adoption, reload,
 //!   the control socket, `status`/`stop`/`kill-retired`.
@@ -12,6 +13,7 @@
 //! - [`docgen`]: man pages and shell completions from the clap definitions.
 
 pub mod cli;
+pub mod cluster_name;
 pub mod demo;
 pub mod docgen;
 pub mod errors;

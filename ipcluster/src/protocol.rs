@@ -1,11 +1,186 @@
-//! The control socket protocol: newline-delimited JSON objects over a Unix
-//! stream socket in the cluster's state directory. Each object has a `type`.
-//! The master identifies a peer by `SO_PEERCRED`, never by a pid in a message.
+//! The control protocol, in one place: the messages exchanged on the control
+//! socket (worker ↔ master, operator ↔ master), their framing, and the names of
+//! the environment variables a worker is started with. The master
+//! (`master::control`, `master::requests`), the operator's client
+//! (`master::client`), the Rust worker API (`worker_api`) and the demo worker
+//! (through `worker_api`) all use what is defined here; docs/protocol.md
+//! describes it for workers in other languages.
+//!
+//! Framing: newline-delimited JSON objects over a Unix stream socket in the
+//! cluster's state directory, each object with a `type`, each line at most
+//! [`MAX_LINE`] bytes. The master reads with tokio-util's `LinesCodec`
+//! ([`LineCodec`]); blocking clients read with [`LineReader`], which runs the
+//! same codec; every writer builds its lines with [`to_line`]. The master
+//! identifies a peer by `SO_PEERCRED`, never by a pid in a message.
 
+use std::io::{self, Read};
+
+use bytes::BytesMut;
 use serde::{Deserialize, Serialize};
+use tokio_util::codec::{Decoder, LinesCodec, LinesCodecError};
 
-/// Longest line the master accepts; longer lines are logged and dropped.
-pub const MAX_LINE: usize = 64 * 1024;
+/// The names of the variables ipcluster sets in each worker's environment
+/// (a contract: unmodified servers read `PORT`, aware ones the rest).
+pub mod env {
+    /// The worker's local port for the first public port.
+    pub const PORT: &str = "PORT";
+    /// `IPCLUSTER_PORT_<public>=<local>`: the local port for each public port.
+    pub const PORT_PREFIX: &str = "IPCLUSTER_PORT_";
+    /// The worker's band.
+    pub const BAND: &str = "IPCLUSTER_BAND";
+    /// How many bands (workers per generation) the cluster has.
+    pub const WORKERS: &str = "IPCLUSTER_WORKERS";
+    /// The worker's generation.
+    pub const GENERATION: &str = "IPCLUSTER_GENERATION";
+    /// The cluster's name (`--name`).
+    pub const NAME: &str = "IPCLUSTER_NAME";
+    /// The path of the control socket.
+    pub const CONTROL: &str = "IPCLUSTER_CONTROL";
+    /// Not a worker's: the pipe a master started by `run --detach` reports on.
+    pub const READY_FD: &str = "IPCLUSTER_READY_FD";
+    /// Every variable of ipcluster's own starts with this.
+    pub const PREFIX: &str = "IPCLUSTER_";
+
+    /// `IPCLUSTER_PORT_<public>`.
+    pub fn port_var(public: u16) -> String {
+        format!("{PORT_PREFIX}{public}")
+    }
+
+    /// Variables ipcluster sets itself, which `--env` may not name.
+    pub fn is_reserved(key: &str) -> bool {
+        key == PORT || key.starts_with(PREFIX)
+    }
+}
+
+/// The longest line, in bytes without its newline, that anyone on the control
+/// socket sends or accepts, in either direction. The master closes the
+/// connection of a peer that sends a longer line; clients refuse a longer
+/// reply; [`to_line`] refuses to build one. Sized for the largest line, the
+/// `status` reply (at most about 270 bytes per worker: two full generations
+/// of 256 bands take 133 KiB), while bounding what the master buffers per peer.
+pub const MAX_LINE: usize = 256 * 1024;
+
+/// Why a line was not read or not sent.
+#[derive(Debug, thiserror::Error)]
+pub enum LineError {
+    #[error("a line longer than {MAX_LINE} bytes, the control protocol's limit")]
+    TooLong,
+    #[error("a line that is not UTF-8")]
+    NotUtf8,
+    #[error(
+        "a message of {0} bytes is longer than the control protocol's limit of {MAX_LINE} bytes"
+    )]
+    MessageTooLong(usize),
+    #[error("cannot write the message as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// One message as one line (without its newline), or an error when it would
+/// be longer than [`MAX_LINE`]. Compact JSON never holds a raw newline.
+pub fn to_line<T: Serialize>(message: &T) -> Result<String, LineError> {
+    let line = serde_json::to_string(message)?;
+    if line.len() > MAX_LINE {
+        return Err(LineError::MessageTooLong(line.len()));
+    }
+    Ok(line)
+}
+
+/// The line to answer with: `message`, or, when it does not fit in a line, an
+/// `error` reply that says so (with the reason, for the log): a peer waiting
+/// for an answer gets one it can read.
+pub fn reply_line<T: Serialize>(message: &T) -> (String, Option<LineError>) {
+    match to_line(message) {
+        Ok(line) => (line, None),
+        Err(e) => {
+            let reply = AdminReply::Error {
+                message: format!("the master cannot send its answer: {e}"),
+            };
+            // A short message of our own: it always fits.
+            let line = serde_json::to_string(&reply).unwrap_or_default();
+            (line, Some(e))
+        }
+    }
+}
+
+/// The framing: tokio-util's `LinesCodec` with the [`MAX_LINE`] limit. A
+/// trailing `\r` is dropped. After [`LineError::TooLong`] it skips the rest of
+/// that line; after [`LineError::NotUtf8`] the next line decodes normally.
+#[derive(Debug)]
+pub struct LineCodec(LinesCodec);
+
+impl Default for LineCodec {
+    fn default() -> Self {
+        LineCodec(LinesCodec::new_with_max_length(MAX_LINE))
+    }
+}
+
+fn line_error(e: LinesCodecError) -> LineError {
+    match e {
+        LinesCodecError::MaxLineLengthExceeded => LineError::TooLong,
+        // The only I/O error the codec itself makes: the line was not UTF-8.
+        LinesCodecError::Io(e) if e.kind() == io::ErrorKind::InvalidData => LineError::NotUtf8,
+        LinesCodecError::Io(e) => LineError::Io(e),
+    }
+}
+
+impl Decoder for LineCodec {
+    type Item = String;
+    type Error = LineError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<String>, LineError> {
+        self.0.decode(buf).map_err(line_error)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<String>, LineError> {
+        self.0.decode_eof(buf).map_err(line_error)
+    }
+}
+
+/// Reads lines from a blocking reader (a `UnixStream`, `&UnixStream`) with
+/// [`LineCodec`]: the same framing and limit as the master. A read that
+/// fails, for instance on a socket read timeout, keeps the part of the line
+/// read so far, so the caller may simply call again. An over-long line is
+/// reported once ([`LineError::TooLong`]) and skipped; the caller decides
+/// whether to go on reading.
+pub struct LineReader<R> {
+    reader: R,
+    codec: LineCodec,
+    buf: BytesMut,
+    eof: bool,
+}
+
+impl<R: Read> LineReader<R> {
+    pub fn new(reader: R) -> Self {
+        LineReader {
+            reader,
+            codec: LineCodec::default(),
+            buf: BytesMut::new(),
+            eof: false,
+        }
+    }
+
+    /// The next line, without its newline; `Ok(None)` at the end of the
+    /// stream (an unterminated last line is returned first).
+    pub fn read_line(&mut self) -> Result<Option<String>, LineError> {
+        let mut chunk = [0u8; 8192];
+        loop {
+            if self.eof {
+                return self.codec.decode_eof(&mut self.buf);
+            }
+            if let Some(line) = self.codec.decode(&mut self.buf)? {
+                return Ok(Some(line));
+            }
+            match self.reader.read(&mut chunk) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(LineError::Io(e)),
+            }
+        }
+    }
+}
 
 /// Worker → master.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -247,5 +422,239 @@ mod tests {
         })
         .expect("json");
         assert_eq!(s, r#"{"type":"retire","reason":"reload"}"#);
+    }
+
+    /// Lines read, or the errors' messages.
+    type Lines = Vec<Result<String, String>>;
+
+    /// What `LineCodec` makes of `chunks` arriving one by one, then the end of the stream.
+    fn decoded(chunks: &[&[u8]]) -> Lines {
+        let mut codec = LineCodec::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut drain = |codec: &mut LineCodec, buf: &mut BytesMut, eof: bool| loop {
+            let next = if eof {
+                codec.decode_eof(buf)
+            } else {
+                codec.decode(buf)
+            };
+            match next {
+                Ok(Some(line)) => out.push(Ok(line)),
+                Ok(None) => break,
+                Err(e) => out.push(Err(e.to_string())),
+            }
+        };
+        for chunk in chunks {
+            buf.extend_from_slice(chunk);
+            drain(&mut codec, &mut buf, false);
+        }
+        drain(&mut codec, &mut buf, true);
+        out
+    }
+
+    /// A blocking reader that hands out scripted reads: bytes, or a timeout.
+    struct Scripted(std::collections::VecDeque<Option<Vec<u8>>>);
+
+    impl Read for Scripted {
+        fn read(&mut self, into: &mut [u8]) -> io::Result<usize> {
+            match self.0.pop_front() {
+                None => Ok(0),
+                Some(None) => Err(io::Error::from(io::ErrorKind::WouldBlock)),
+                Some(Some(mut bytes)) => {
+                    let n = bytes.len().min(into.len());
+                    into[..n].copy_from_slice(&bytes[..n]);
+                    if n < bytes.len() {
+                        self.0.push_front(Some(bytes.split_off(n)));
+                    }
+                    Ok(n)
+                }
+            }
+        }
+    }
+
+    /// What `LineReader` makes of the same chunks (timeouts retried).
+    fn read_blocking(chunks: &[&[u8]]) -> Lines {
+        let mut script = std::collections::VecDeque::new();
+        for chunk in chunks {
+            script.push_back(Some(chunk.to_vec()));
+            script.push_back(None);
+        }
+        let mut reader = LineReader::new(Scripted(script));
+        let mut out = Vec::new();
+        loop {
+            match reader.read_line() {
+                Ok(Some(line)) => out.push(Ok(line)),
+                Ok(None) => return out,
+                Err(LineError::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => out.push(Err(e.to_string())),
+            }
+        }
+    }
+
+    #[test]
+    fn framing_limit_is_exact_and_both_readers_agree() {
+        let at_limit = format!("{}\n", "a".repeat(MAX_LINE));
+        let over = format!("{}\n", "b".repeat(MAX_LINE + 1));
+        let too_long = Err(format!(
+            "a line longer than {MAX_LINE} bytes, the control protocol's limit"
+        ));
+        let not_utf8 = Err("a line that is not UTF-8".to_owned());
+        let half = MAX_LINE / 2;
+        let cases: Vec<(Vec<&[u8]>, Lines)> = vec![
+            (
+                vec![b"{\"type\":", b"\"ping\"}\n{\"a\":1}\npart", b"ial"],
+                vec![
+                    Ok("{\"type\":\"ping\"}".into()),
+                    Ok("{\"a\":1}".into()),
+                    Ok("partial".into()),
+                ],
+            ),
+            (
+                vec![b"crlf\r\n", b"\n"],
+                vec![Ok("crlf".into()), Ok("".into())],
+            ),
+            (
+                vec![b"\xff\xfe\n", b"next\n"],
+                vec![not_utf8, Ok("next".into())],
+            ),
+            (
+                vec![at_limit.as_bytes(), b"after\n"],
+                vec![Ok("a".repeat(MAX_LINE)), Ok("after".into())],
+            ),
+            (
+                vec![over.as_bytes(), b"after\n"],
+                vec![too_long.clone(), Ok("after".into())],
+            ),
+            // Over-long across reads: refused once, skipped to its newline.
+            (
+                vec![
+                    &over.as_bytes()[..half],
+                    &over.as_bytes()[half..MAX_LINE],
+                    &over.as_bytes()[MAX_LINE..],
+                    b"after\n",
+                ],
+                vec![too_long, Ok("after".into())],
+            ),
+        ];
+        for (chunks, expected) in cases {
+            let shown = |v: &[Result<String, String>]| {
+                v.iter()
+                    .map(|r| match r {
+                        Ok(l) => format!("Ok({} bytes)", l.len()),
+                        Err(e) => format!("Err({e})"),
+                    })
+                    .collect::<Vec<_>>()
+            };
+            let codec = decoded(&chunks);
+            assert!(codec == expected, "codec: {:?}", shown(&codec));
+            let blocking = read_blocking(&chunks);
+            assert!(blocking == expected, "reader: {:?}", shown(&blocking));
+        }
+    }
+
+    #[test]
+    fn writers_refuse_what_readers_would_refuse() {
+        let fits = WorkerMessage::RequestRetire {
+            reason: "r".repeat(MAX_LINE - r#"{"type":"request_retire","reason":""}"#.len()),
+        };
+        let line = to_line(&fits).expect("exactly at the limit");
+        assert_eq!(line.len(), MAX_LINE);
+        assert_eq!(
+            decoded(&[line.as_bytes(), b"\n"]).len(),
+            1,
+            "the master reads what to_line built"
+        );
+        let over = WorkerMessage::RequestRetire {
+            reason: "r".repeat(MAX_LINE),
+        };
+        let e = to_line(&over).expect_err("over the limit");
+        assert!(
+            matches!(e, LineError::MessageTooLong(n) if n > MAX_LINE),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&MAX_LINE.to_string()), "{e}");
+        let line = to_line(&MasterMessage::Die {
+            reason: "a\nb".into(),
+        })
+        .expect("die");
+        assert!(!line.contains('\n'), "{line}");
+    }
+
+    #[test]
+    fn the_status_of_two_full_generations_fits_in_one_line() {
+        let bands = ipcluster_common::MAX_BANDS;
+        let worker = |i: u32, state, reason: Option<&str>| WorkerStatus {
+            pid: 4_194_000 + i as i32,
+            band: i % bands,
+            generation: 1_000_000 + u64::from(i / bands),
+            state,
+            port: 29_000 + (i % 1000) as u16,
+            ports: vec![29_000 + (i % 1000) as u16, 30_000 + (i % 1000) as u16],
+            rss: 448 << 20,
+            connections: 100_000,
+            uptime: 10_000_000,
+            nice: 19,
+            aware: true,
+            last_ping_ago: Some(0.123_456_789),
+            reason: reason.map(str::to_owned),
+        };
+        let workers: Vec<WorkerStatus> = (0..bands)
+            .map(|i| worker(i, crate::policy::WorkerState::Live, None))
+            .chain((bands..2 * bands).map(|i| {
+                worker(
+                    i,
+                    crate::policy::WorkerState::Retired,
+                    Some("low watermark breach: rss 470.2 MiB > limit 448.0 MiB; replaced by worker 4194303"),
+                )
+            }))
+            .collect();
+        let listens: Vec<std::net::SocketAddr> = (0..2)
+            .map(|i| std::net::SocketAddr::from(([10, 0, 0, i], 8080)))
+            .collect();
+        let ports: Vec<Vec<u16>> = (0..2)
+            .map(|s| (0..bands).map(|b| 29_000 + (s * 1000 + b) as u16).collect())
+            .collect();
+        let report = StatusReport {
+            name: "c".repeat(crate::cluster_name::ClusterName::MAX_LEN),
+            backend: crate::steering::BackendKind::Ebpf,
+            generation: 1_000_001,
+            master_pid: Some(4_194_303),
+            listens: listens.clone(),
+            bands,
+            band_shift: 31,
+            workers,
+            table: Some(crate::steering::SteeringTable::uniform(
+                &listens, 31, &ports,
+            )),
+            counters: Some(crate::steering::Counters::default()),
+            master_rss: 1 << 40,
+            cluster_rss: 1 << 40,
+            limits: None,
+        };
+        let line = to_line(&report).expect("fits");
+        assert!(
+            line.len() < MAX_LINE * 3 / 4,
+            "{} bytes for {} workers",
+            line.len(),
+            report.workers.len()
+        );
+        assert_eq!(reply_line(&report).0, line);
+
+        // Twice as many generations do not fit: the answer says so instead.
+        let mut huge = report.clone();
+        huge.workers.extend(report.workers.iter().cloned());
+        let (answer, error) = reply_line(&huge);
+        assert!(
+            matches!(error, Some(LineError::MessageTooLong(_))),
+            "{error:?}"
+        );
+        let AdminReply::Error { message } = serde_json::from_str(&answer).expect("an error reply")
+        else {
+            panic!("not an error reply: {answer}");
+        };
+        assert!(
+            message.contains(&format!("limit of {MAX_LINE} bytes")),
+            "{message}"
+        );
     }
 }

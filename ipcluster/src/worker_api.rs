@@ -25,7 +25,7 @@
 
 use std::{
     collections::BTreeMap,
-    io::{self, ErrorKind, Read, Write},
+    io::{self, ErrorKind, Write},
     os::unix::net::UnixStream,
     path::PathBuf,
     sync::{
@@ -39,7 +39,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::protocol::{MAX_LINE, MasterMessage, WorkerMessage};
+use crate::protocol::{self, LineError, LineReader, MasterMessage, WorkerMessage, env};
 
 /// How often the bundled client pings the master.
 pub const PING_INTERVAL: Duration = Duration::from_millis(500);
@@ -125,27 +125,23 @@ impl WorkerEnv {
                 .filter(|v| !v.is_empty())
                 .ok_or(WorkerApiError::NotUnderIpcluster { var })
         };
-        let control = PathBuf::from(required("IPCLUSTER_CONTROL")?);
-        let band = parse_var(
-            "IPCLUSTER_BAND",
-            required("IPCLUSTER_BAND")?,
-            "a band number",
-        )?;
+        let control = PathBuf::from(required(env::CONTROL)?);
+        let band = parse_var(env::BAND, required(env::BAND)?, "a band number")?;
         let generation = parse_var(
-            "IPCLUSTER_GENERATION",
-            required("IPCLUSTER_GENERATION")?,
+            env::GENERATION,
+            required(env::GENERATION)?,
             "a generation number",
         )?;
         let optional = |var: &'static str| vars.get(var).filter(|v| !v.is_empty());
-        let workers = optional("IPCLUSTER_WORKERS")
-            .map(|v| parse_var("IPCLUSTER_WORKERS", v, "a worker count"))
+        let workers = optional(env::WORKERS)
+            .map(|v| parse_var(env::WORKERS, v, "a worker count"))
             .transpose()?;
-        let port = optional("PORT")
-            .map(|v| parse_var("PORT", v, "a TCP port number"))
+        let port = optional(env::PORT)
+            .map(|v| parse_var(env::PORT, v, "a TCP port number"))
             .transpose()?;
         let mut ports = BTreeMap::new();
         for (var, value) in &vars {
-            if let Some(public) = var.strip_prefix("IPCLUSTER_PORT_") {
+            if let Some(public) = var.strip_prefix(env::PORT_PREFIX) {
                 let public = parse_var(var, public, "IPCLUSTER_PORT_<public port>")?;
                 ports.insert(public, parse_var(var, value, "a TCP port number")?);
             }
@@ -154,7 +150,7 @@ impl WorkerEnv {
             control,
             band,
             generation,
-            name: optional("IPCLUSTER_NAME").cloned(),
+            name: optional(env::NAME).cloned(),
             workers,
             port,
             ports,
@@ -466,16 +462,10 @@ impl Shared {
 
     /// Write one message as one line on the current connection.
     fn send(&self, message: &WorkerMessage) -> io::Result<()> {
-        let mut line = serde_json::to_string(message).map_err(io::Error::other)?;
-        if line.len() >= MAX_LINE {
-            return Err(io::Error::new(
-                ErrorKind::InvalidInput,
-                format!(
-                    "message of {} bytes is longer than the control line limit",
-                    line.len()
-                ),
-            ));
-        }
+        let mut line = protocol::to_line(message).map_err(|e| match e {
+            LineError::MessageTooLong(_) => io::Error::new(ErrorKind::InvalidInput, e.to_string()),
+            other => io::Error::other(other),
+        })?;
         line.push('\n');
         let mut writer = lock(&self.writer);
         let stream = writer
@@ -512,13 +502,10 @@ impl Shared {
         }
     }
 
-    fn deliver(&self, line: &[u8], tx: &Sender<MasterMessage>) {
+    fn deliver(&self, line: &str, tx: &Sender<MasterMessage>) {
         // Unknown or malformed messages are skipped: a newer master may say more.
-        let Ok(message) = serde_json::from_slice::<MasterMessage>(line) else {
-            log::debug!(
-                "ipcluster worker: ignoring control message {:?}",
-                String::from_utf8_lossy(line)
-            );
+        let Ok(message) = serde_json::from_str::<MasterMessage>(line) else {
+            log::debug!("ipcluster worker: ignoring control message {line:?}");
             return;
         };
         match &message {
@@ -550,7 +537,7 @@ impl Shared {
 /// with backoff until the worker is dropped.
 fn control_loop(shared: &Shared, mut stream: UnixStream, tx: &Sender<MasterMessage>) {
     loop {
-        serve_connection(shared, &mut stream, tx);
+        serve_connection(shared, &stream, tx);
         *lock(&shared.writer) = None;
         let mut backoff = RECONNECT_FIRST;
         stream = loop {
@@ -568,9 +555,8 @@ fn control_loop(shared: &Shared, mut stream: UnixStream, tx: &Sender<MasterMessa
 
 /// Ping on time and deliver the master's lines, until the connection breaks
 /// or the worker is dropped.
-fn serve_connection(shared: &Shared, stream: &mut UnixStream, tx: &Sender<MasterMessage>) {
-    let mut lines = LineBuffer::default();
-    let mut buf = [0u8; 4096];
+fn serve_connection(shared: &Shared, stream: &UnixStream, tx: &Sender<MasterMessage>) {
+    let mut lines = LineReader::new(stream);
     let mut next_ping = Instant::now() + shared.ping_interval();
     loop {
         if shared.is_stopped() {
@@ -589,47 +575,18 @@ fn serve_connection(shared: &Shared, stream: &mut UnixStream, tx: &Sender<Master
         if stream.set_read_timeout(Some(wait)).is_err() {
             return;
         }
-        match stream.read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => lines.push(&buf[..n], |line| shared.deliver(line, tx)),
-            Err(e)
+        // A timeout keeps the part of a line read so far: the next call goes on.
+        match lines.read_line() {
+            Ok(Some(line)) => shared.deliver(&line, tx),
+            Ok(None) => return,
+            Err(LineError::Io(e))
                 if matches!(
                     e.kind(),
                     ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
                 ) => {}
-            Err(_) => return,
-        }
-    }
-}
-
-/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes; a longer
-/// line is dropped whole.
-#[derive(Default)]
-struct LineBuffer {
-    pending: Vec<u8>,
-    /// Inside a line that was too long: skip up to its newline.
-    skipping: bool,
-}
-
-impl LineBuffer {
-    fn push(&mut self, mut bytes: &[u8], mut on_line: impl FnMut(&[u8])) {
-        while let Some(end) = bytes.iter().position(|&b| b == b'\n') {
-            if !self.skipping {
-                self.pending.extend_from_slice(&bytes[..end]);
-                if self.pending.len() <= MAX_LINE {
-                    on_line(&self.pending);
-                }
-            }
-            self.pending.clear();
-            self.skipping = false;
-            bytes = &bytes[end + 1..];
-        }
-        if !self.skipping {
-            self.pending.extend_from_slice(bytes);
-            if self.pending.len() > MAX_LINE {
-                self.pending.clear();
-                self.skipping = true;
-            }
+            Err(LineError::Io(_)) => return,
+            // Skipped whole; the connection stays usable.
+            Err(e) => log::warn!("ipcluster worker: control socket: {e}; ignored"),
         }
     }
 }
@@ -914,7 +871,7 @@ mod tests {
         master.say(r#"{"type":"reboot"}"#);
         master.say(&format!(
             r#"{{"type":"retire","reason":"{}"}}"#,
-            "x".repeat(MAX_LINE)
+            "x".repeat(protocol::MAX_LINE)
         ));
         master.say(r#"{"type":"retire","reason":"reload"}"#);
         master.say(r#"{"type":"die","reason":"low watermark"}"#);
@@ -1036,17 +993,5 @@ mod tests {
             messages.recv_timeout(PATIENCE).is_err(),
             "channel closes with the worker"
         );
-    }
-
-    #[test]
-    fn long_lines_are_dropped_whole() {
-        let mut buffer = LineBuffer::default();
-        let mut lines: Vec<Vec<u8>> = Vec::new();
-        let long = vec![b'x'; MAX_LINE + 10];
-        buffer.push(b"a\nb", |l| lines.push(l.to_vec()));
-        buffer.push(b"c\n", |l| lines.push(l.to_vec()));
-        buffer.push(&long, |l| lines.push(l.to_vec()));
-        buffer.push(b"tail of the long line\nd\n", |l| lines.push(l.to_vec()));
-        assert_eq!(lines, vec![b"a".to_vec(), b"bc".to_vec(), b"d".to_vec()]);
     }
 }

@@ -1,7 +1,10 @@
-//! Shared helpers for the root/kernel tests of ipcluster (run single-threaded,
-//! as root: `cargo test -p ipcluster-tests -- --test-threads=1`).
+//! Shared helpers for the root/kernel tests of ipcluster (run as root:
+//! `cargo xtask test`, or `cargo test -p ipcluster-tests`).
 //!
-//! - [`require_root`]: fail (never skip) when not root.
+//! - [`NetNsGuard`]: the first line of every root test; the test's thread (and
+//!   all it starts) runs in a fresh network namespace of its own.
+//! - [`require_root`]: fail (never skip) when not root or not in a test's own
+//!   network namespace.
 //! - [`unique`]: cluster names and TCP ports that no other test (in this or
 //!   another test process) uses at the same time.
 //! - [`client`]: TCP clients bound to a chosen source address (127.0.0.N looks
@@ -26,6 +29,7 @@ pub mod conformance;
 pub mod guard;
 pub mod multihost;
 pub mod netns;
+pub mod netns_guard;
 pub mod raw;
 pub mod reload;
 pub mod tun;
@@ -34,9 +38,25 @@ pub mod worker;
 
 use std::net::{IpAddr, Ipv4Addr};
 
-/// Fail the test with a clear message unless it runs as root. Kernel tests
-/// are never skipped silently: CI runs them as root.
+pub use netns_guard::NetNsGuard;
+
+/// Fail the test with a clear message unless it runs as root, in a network
+/// namespace of its own (see [`NetNsGuard`]). Kernel tests are never skipped
+/// silently: CI runs them as root. The helpers that start clusters, build
+/// topologies or install steering call this, so a test that forgot its
+/// [`NetNsGuard`] fails before it touches the host.
 pub fn require_root() {
+    assert_root();
+    assert!(
+        netns_guard::in_own_netns(),
+        "this test would change the host's network namespace ({}): begin the test with \
+         `let _netns = ipcluster_tests::NetNsGuard::enter();`",
+        netns_guard::NetNsId::host()
+    );
+}
+
+/// Fail the test with a clear message unless it runs as root.
+pub(crate) fn assert_root() {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
     assert_eq!(
@@ -58,15 +78,22 @@ pub fn loopback_clients(count: u8) -> Vec<IpAddr> {
 }
 
 /// Define one `#[test]` per backend for each named function `fn name(backend: &str)`:
-/// `mod iptables { fn name() }` and `mod ebpf { fn name() }`.
+/// `mod iptables { fn name() }` and `mod ebpf { fn name() }`, each run in a
+/// network namespace of its own ([`NetNsGuard`]).
 #[macro_export]
 macro_rules! for_both_backends {
     ($($test:ident),* $(,)?) => {
         mod iptables {
-            $(#[test] fn $test() { super::$test("iptables") })*
+            $(#[test] fn $test() {
+                let _netns = $crate::NetNsGuard::enter();
+                super::$test("iptables")
+            })*
         }
         mod ebpf {
-            $(#[test] fn $test() { super::$test("ebpf") })*
+            $(#[test] fn $test() {
+                let _netns = $crate::NetNsGuard::enter();
+                super::$test("ebpf")
+            })*
         }
     };
 }
@@ -78,7 +105,10 @@ macro_rules! for_each_backend {
     ($($test:ident),* $(,)?) => {
         $crate::for_both_backends!($($test),*);
         mod sk_lookup {
-            $(#[test] fn $test() { super::$test("sk-lookup") })*
+            $(#[test] fn $test() {
+                let _netns = $crate::NetNsGuard::enter();
+                super::$test("sk-lookup")
+            })*
         }
     };
 }

@@ -7,7 +7,6 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ipcluster_tests::cluster::{ipcluster_bin, leftovers};
-use ipcluster_tests::require_root;
 use ipcluster_tests::unique::{Ports, cluster_name};
 
 /// Run `ipcluster ARGS` with backtraces asked for; returns (exit code, stderr).
@@ -79,7 +78,7 @@ fn assert_clean_error(args: &[&str], needles: &[&str], max_lines: usize) {
 
 #[test]
 fn status_of_a_missing_cluster() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("missing");
     assert_clean_error(
         &["status", "--name", &name],
@@ -100,7 +99,7 @@ fn status_of_a_missing_cluster() {
 
 #[test]
 fn worker_program_that_does_not_exist() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("noprog");
     let ports = Ports::reserve(1);
     let listen = format!("127.0.0.1:{}", ports.get(0));
@@ -125,7 +124,7 @@ fn worker_program_that_does_not_exist() {
 
 #[test]
 fn unknown_user() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("nouser");
     let ports = Ports::reserve(1);
     let listen = format!("127.0.0.1:{}", ports.get(0));
@@ -149,7 +148,7 @@ fn unknown_user() {
 
 #[test]
 fn bad_flag_values() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     // clap's own report: the bad value, the rule, a pointer to --help (status 2).
     assert_clean_error(
         &["run", "--workers", "3"],

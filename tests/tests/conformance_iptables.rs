@@ -21,41 +21,49 @@ fn iptables(config: SteeringConfig) -> Box<dyn Steering> {
 
 #[test]
 fn sticky_bands() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::sticky_bands(&iptables);
 }
 
 #[test]
 fn sticky_bands_with_shift() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::sticky_bands_with_shift(&iptables);
 }
 
 #[test]
 fn two_services() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::two_services(&iptables);
 }
 
 #[test]
 fn flip_under_open_connections() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::flip_under_open_connections(&iptables);
 }
 
 #[test]
 fn survives_drop_and_reads_back() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::survives_drop_and_reads_back(&iptables);
 }
 
 #[test]
 fn set_band_moves_one_band() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::set_band_moves_one_band(&iptables);
 }
 
 #[test]
 fn invalid_publish_keeps_previous() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::invalid_publish_keeps_previous(&iptables);
 }
 
 #[test]
 fn teardown_leaves_nothing() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::teardown_leaves_nothing(&iptables, &leftovers);
 }
 
@@ -139,7 +147,7 @@ fn run(program: &str, args: &[&str]) {
 /// `iptables-save -t nat` is exactly as before (apart from counters).
 #[test]
 fn teardown_restores_the_nat_table_and_keeps_foreign_rules() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(3);
     let cluster = cluster_name("foreign");
     let public = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
@@ -237,7 +245,7 @@ fn teardown_restores_the_nat_table_and_keeps_foreign_rules() {
 /// prints them (so publish never churns them), and install returns the table.
 #[test]
 fn jumps_are_idempotent_and_canonical() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(4);
     let cluster = cluster_name("jumps");
     let listens = vec![
@@ -270,7 +278,7 @@ fn jumps_are_idempotent_and_canonical() {
 /// `addrtype LOCAL` jump in OUTPUT; it reads back as 0.0.0.0.
 #[test]
 fn wildcard_listen_is_steered() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(5);
     let cluster = cluster_name("wild");
     let public = SocketAddr::from(([0, 0, 0, 0], ports.get(0)));
@@ -296,7 +304,7 @@ fn wildcard_listen_is_steered() {
 /// Counters count the connections steered since the publish.
 #[test]
 fn counters_count_steered_connections() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(3);
     let cluster = cluster_name("counters");
     let public = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
@@ -318,7 +326,7 @@ fn counters_count_steered_connections() {
 /// from ::1 reaches its band's worker on [::1], teardown leaves nothing.
 #[test]
 fn ipv6_round_trip() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(5);
     let cluster = cluster_name("v6");
     let public = SocketAddr::from((Ipv6Addr::LOCALHOST, ports.get(0)));
@@ -364,7 +372,7 @@ fn ipv6_round_trip() {
 /// figures; `--nocapture` shows them.
 #[test]
 fn publish_time_by_bands() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let mut report = format!("iptables publish time (median of {PUBLISHES}):");
     for bands in [16usize, 64, 256] {
         let ports = Ports::reserve(1 + 2 * bands);
@@ -413,6 +421,7 @@ fn ms(d: Duration) -> f64 {
 /// worker (ports reversed) must not pass `sticky_bands`.
 #[test]
 fn suite_catches_a_backend_that_steers_wrong() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     struct Reversed(Box<dyn Steering>);
     impl Steering for Reversed {
         fn kind(&self) -> BackendKind {
@@ -479,7 +488,7 @@ fn suite_catches_a_backend_that_steers_wrong() {
 /// says so (never a guessed table); publishing a table repairs the chain.
 #[test]
 fn hand_edited_rule_is_reported_and_publish_repairs_it() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(3);
     let cluster = cluster_name("edited");
     let public = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));

@@ -16,41 +16,49 @@ use sk_lookup_support::{leftovers_with, sk_lookup};
 
 #[test]
 fn sticky_bands() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::sticky_bands(&sk_lookup);
 }
 
 #[test]
 fn sticky_bands_with_shift() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::sticky_bands_with_shift(&sk_lookup);
 }
 
 #[test]
 fn two_services() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::two_services(&sk_lookup);
 }
 
 #[test]
 fn flip_under_open_connections() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::flip_under_open_connections(&sk_lookup);
 }
 
 #[test]
 fn survives_drop_and_reads_back() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::survives_drop_and_reads_back(&sk_lookup);
 }
 
 #[test]
 fn set_band_moves_one_band() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::set_band_moves_one_band(&sk_lookup);
 }
 
 #[test]
 fn invalid_publish_keeps_previous() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     conformance::invalid_publish_keeps_previous(&sk_lookup);
 }
 
 #[test]
 fn teardown_leaves_nothing() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ids = Mutex::new(BTreeSet::new());
     conformance::teardown_leaves_nothing(&sk_lookup, &leftovers_with(&ids));
 }

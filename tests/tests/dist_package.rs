@@ -94,6 +94,7 @@ fn gunzip(path: &Path) -> String {
 
 #[test]
 fn dist_package_installs_into_a_scratch_root() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let deb = deb();
 
     let info = text(&run(Command::new("dpkg-deb").arg("-I").arg(&deb)));

@@ -9,11 +9,10 @@ use aya::programs::{SchedClassifier, TcAttachType};
 use ebpf_support::tcx_programs;
 use ipcluster::steering::ebpf::object;
 use ipcluster_common::program_names;
-use ipcluster_tests::require_root;
 
 #[test]
 fn programs_attach_to_lo_and_detach() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(ipcluster_common::map_names::FLOWS, 1024)
         .load(object())

@@ -87,7 +87,7 @@ fn forge_and_check(open: &mut [Conversation], public: SocketAddr, round: &str) -
 
 #[test]
 fn forged_syns_do_not_take_over_live_connections() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(9);
     let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.get(0));
     let config = test_config(&cluster_name("hijack"), vec![public]);
@@ -252,11 +252,13 @@ fn forwarded_traffic_is_never_steered(kind: BackendKind) {
 
 #[test]
 fn ebpf_forwarded_traffic_is_never_steered() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     forwarded_traffic_is_never_steered(BackendKind::Ebpf);
 }
 
 #[test]
 fn iptables_forwarded_traffic_is_never_steered() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     forwarded_traffic_is_never_steered(BackendKind::Iptables);
 }
 
@@ -267,7 +269,7 @@ fn iptables_forwarded_traffic_is_never_steered() {
 /// too) still change nothing.
 #[test]
 fn stacked_hooks_on_a_bridge_steer_once() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let client = NetNs::new("brclient");
     let host = NetNs::new("brhost");
     veth(&client, "c0", &host, "h0");
@@ -331,7 +333,7 @@ fn stacked_hooks_on_a_bridge_steer_once() {
 /// between rounds: every connection keeps echoing on its own worker.
 #[test]
 fn evicted_flows_find_every_running_generation() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(13);
     let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.get(0));
     let mut config = test_config(&cluster_name("threegen"), vec![public]);
@@ -387,7 +389,7 @@ fn evicted_flows_find_every_running_generation() {
 /// worker and restored on the way back.
 #[test]
 fn l3_devices_are_steered() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let client = NetNs::new("tunclient");
     let host = NetNs::new("tunhost");
     let _link = TunLink::new(&client, "tun0", "10.213.0.2", &host, "tun1", "10.213.0.1");
@@ -443,7 +445,7 @@ fn l3_devices_are_steered() {
 /// segments: a 64 KiB echo arrives whole.
 #[test]
 fn icmp_fragmentation_needed_reaches_the_worker() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let client = NetNs::new("mtuclient");
     let router = NetNs::new("mturouter");
     let host = NetNs::new("mtuhost");
@@ -498,6 +500,7 @@ fn icmp_fragmentation_needed_reaches_the_worker() {
 /// connection) shows up in the master's log, forwarded through aya-log.
 #[test]
 fn ebpf_log_reaches_the_master_log() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(1);
     let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), ports.get(0));
     let mut spec = ClusterSpec::demo("ebpf", 2, public);
@@ -531,7 +534,7 @@ fn ebpf_log_reaches_the_master_log() {
 /// server's port P, and still serves clients that address the host.
 #[test]
 fn ebpf_forwarded_ipv6_traffic_is_never_steered() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let client = NetNs::new("client6");
     let host = NetNs::new("fwdhost6");
     let remote = NetNs::new("remote6");
@@ -623,7 +626,7 @@ fn ebpf_forwarded_ipv6_traffic_is_never_steered() {
 /// steer the guests' connections to the host.
 #[test]
 fn bridged_traffic_between_guests_is_never_steered() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let host = NetNs::new("kvmhost");
     let guest1 = NetNs::new("guest1");
     let guest2 = NetNs::new("guest2");

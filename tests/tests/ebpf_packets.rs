@@ -390,6 +390,7 @@ fn check(loaded: &Loaded, case: &Case) -> Result<(), String> {
 
 #[test]
 fn packet_fixtures() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let loaded = Loaded::new();
     let service4 = v4([127, 0, 0, 1], PUBLIC);
     let service6 = v6("::1", PUBLIC);
@@ -619,6 +620,7 @@ fn packet_fixtures() {
 /// flow is recorded again, so the reply is rewritten.
 #[test]
 fn evicted_flow_falls_back_and_is_recorded_again() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let loaded = Loaded::new();
     let service = v4([127, 0, 0, 1], PUBLIC);
     let client = v4([10, 9, 8, 3], 41000);
@@ -672,6 +674,7 @@ fn evicted_flow_falls_back_and_is_recorded_again() {
 /// flip moves a dead connection's tuple to the new generation.
 #[test]
 fn flows_are_not_taken_over() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let mut loaded = Loaded::new();
     let ingress = program_names::INGRESS;
     let egress = program_names::EGRESS;
@@ -795,6 +798,7 @@ fn flows_are_not_taken_over() {
 /// printed for the README (`--nocapture`).
 #[test]
 fn measure_ingress_cost() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let started = std::time::Instant::now();
     let loaded = Loaded::new();
     println!(
@@ -908,6 +912,7 @@ fn icmp_checksum_ok(frame: &[u8]) -> bool {
 /// a connection with no steered flow passes untouched.
 #[test]
 fn icmp_errors_are_translated() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let loaded = Loaded::new();
     let ingress = program_names::INGRESS;
     let service4 = v4([127, 0, 0, 1], PUBLIC);
@@ -1033,7 +1038,7 @@ fn icmp_errors_are_translated() {
 /// forwarding off, nothing can be forwarded through `f0` and it is steered.
 #[test]
 fn wildcard_services_steer_only_local_destinations() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let host = NetNs::new("fibhost");
     let peer = NetNs::new("fibpeer");
     veth(&host, "f0", &peer, "p0");

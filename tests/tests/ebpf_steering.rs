@@ -77,6 +77,7 @@ fn pinned_maps(cluster: &str) -> SteeringMaps {
 
 #[test]
 fn sixty_four_clients_three_times_each_reach_their_band() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("sticky64", 1, 8, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let mut steering = cluster.backend();
     assert_eq!(steering.install().expect("install"), None);
@@ -156,12 +157,14 @@ fn flip_under_open_connections(what: &str, flow_entries: u32) -> ipcluster::stee
 
 #[test]
 fn flip_under_open_connections_keeps_them() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let counters = flip_under_open_connections("flip", ipcluster_common::DEFAULT_FLOW_ENTRIES);
     assert!(counters.flow_hits > 0, "{counters:?}");
 }
 
 #[test]
 fn flip_with_a_tiny_flow_table_resets_nothing() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     // 4 entries for 32 long-lived connections (and 64 new ones): flows are
     // evicted all the time, so packets take the socket-table fallback.
     let counters = flip_under_open_connections("tinyflip", 4);
@@ -172,8 +175,76 @@ fn flip_with_a_tiny_flow_table_resets_nothing() {
     );
 }
 
+/// The worker ports the pinned `worker_ports` map holds, with their public port.
+fn worker_port_index(cluster: &str) -> std::collections::BTreeMap<u64, u64> {
+    let path = pin_dir(cluster).join(map_names::WORKER_PORTS);
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(&path)
+        .output()
+        .expect("run bpftool map dump");
+    assert!(out.status.success(), "bpftool map dump {}", path.display());
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    json.as_array()
+        .expect("a list of entries")
+        .iter()
+        .map(|e| {
+            let port = e["formatted"]["key"].as_u64();
+            let public = e["formatted"]["value"]["public_port"].as_u64();
+            match (port, public) {
+                (Some(port), Some(public)) => (port, public),
+                _ => panic!("unexpected worker_ports entry (no BTF?): {e}"),
+            }
+        })
+        .collect()
+}
+
+/// Publishes write each map with one batch call; when the worker-port index
+/// is full (every reload brings new worker ports), the batch stops and the
+/// rest is written entry by entry after ports nothing uses any more are
+/// forgotten. Four generations of 16 services × 256 bands (16,384 ports, the
+/// index holds 8,192): every publish succeeds, reads back, and the index
+/// holds every port of the table in force with its public port.
+#[test]
+fn publishes_fill_and_collect_the_worker_port_index() {
+    let cluster = Cluster::new("wpfull", 16, 0, 4096);
+    let mut steering = ebpf(cluster.config.clone());
+    assert_eq!(steering.install().expect("install"), None);
+    for generation in 0..4u16 {
+        let ports: Vec<Vec<u16>> = (0..16u16)
+            .map(|s| {
+                (0..256u16)
+                    .map(|b| 20_000 + generation * 4096 + s * 256 + b)
+                    .collect()
+            })
+            .collect();
+        let table = SteeringTable::uniform(&cluster.config.services, 0, &ports);
+        steering
+            .publish(&table)
+            .unwrap_or_else(|e| panic!("publish of generation {generation}: {e}"));
+        assert_eq!(
+            steering.read_table().expect("read back"),
+            Some(table.clone()),
+            "generation {generation} does not read back"
+        );
+        let index = worker_port_index(&cluster.config.cluster);
+        for (service, route) in table.services.iter().enumerate() {
+            for &port in &route.worker_ports {
+                assert_eq!(
+                    index.get(&u64::from(port)),
+                    Some(&u64::from(route.listen.port())),
+                    "generation {generation}: worker port {port} of service {service} \
+                     missing from the index ({} entries)",
+                    index.len()
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn state_survives_the_object_and_reads_back() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("persist", 1, 4, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let table = cluster.table(0, 4);
     let _workers = Worker::start_all(&table.services[0].worker_ports).expect("workers");
@@ -229,6 +300,7 @@ fn state_survives_the_object_and_reads_back() {
 
 #[test]
 fn teardown_removes_links_pins_and_folder() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("teardown", 1, 2, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     {
         let mut steering = cluster.backend();
@@ -291,6 +363,7 @@ fn programs_on_lo_using(map_ids: &std::collections::BTreeSet<u32>) -> Vec<u32> {
 
 #[test]
 fn another_layout_is_refused_with_a_clear_error() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("layout", 1, 2, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     cluster.backend().install().expect("install");
     let mut maps = pinned_maps(&cluster.config.cluster);
@@ -323,6 +396,7 @@ fn another_layout_is_refused_with_a_clear_error() {
 
 #[test]
 fn bad_tables_and_too_many_services_are_rejected() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("reject", 1, 4, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let mut steering = cluster.backend();
     steering.install().expect("install");
@@ -365,6 +439,7 @@ fn bad_tables_and_too_many_services_are_rejected() {
 
 #[test]
 fn ipv6_loopback_service_is_steered() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("ipv6", 0, 3, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let public = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), cluster.ports.get(0));
     let mut config = cluster.config.clone();
@@ -388,6 +463,7 @@ fn ipv6_loopback_service_is_steered() {
 
 #[test]
 fn wildcard_listen_is_steered() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("wildcard", 0, 5, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), cluster.ports.get(0));
     let mut config = cluster.config.clone();
@@ -408,6 +484,7 @@ fn wildcard_listen_is_steered() {
 /// was not there before and holds no filter at the end (nobody else's).
 #[test]
 fn netlink_fallback_attaches_adopts_and_tears_down() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("netlink", 1, 4, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let clsact_before = qdisc_has_clsact("lo");
     let _qdisc = ipcluster_tests::guard::defer(move || {
@@ -530,6 +607,7 @@ fn collect_prog_ids(value: &serde_json::Value, ids: &mut Vec<u32>) {
 /// Publish time of a whole 256-band table (idle slot + flip), median of 21.
 #[test]
 fn measure_publish_of_a_256_band_table() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("publish256", 1, 0, ipcluster_common::DEFAULT_FLOW_ENTRIES);
     let mut steering = cluster.backend();
     steering.install().expect("install");

@@ -153,20 +153,29 @@ fn thousands_of_idle_connections(backend: &str) {
     drop(streams);
     let zero: BTreeMap<u64, u64> = workers.iter().map(|&p| (p, 0)).collect();
     wait_counts(&cluster, &zero, "after closing all");
+    // Counted from the kernel-filtered socket dump, not the /proc/net/tcp fallback.
+    let logs = cluster.logs();
+    assert!(
+        !logs.contains("sock_diag failed"),
+        "the master fell back to /proc/net/tcp:\n{logs}"
+    );
     cluster.stop();
 }
 
 #[test]
 fn ebpf_counts_thousands_of_idle_connections() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     thousands_of_idle_connections("ebpf");
 }
 
 #[test]
 fn iptables_counts_thousands_of_idle_connections() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     thousands_of_idle_connections("iptables");
 }
 
 #[test]
 fn sk_lookup_counts_thousands_of_idle_connections() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     thousands_of_idle_connections("sk-lookup");
 }

@@ -1107,21 +1107,25 @@ ipcluster_tests::for_each_backend!(rss_limit_replaces_the_worker);
 mod ebpf_only {
     #[test]
     fn low_watermark_asks_retired_workers_to_die() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::low_watermark_asks_retired_workers_to_die();
     }
 
     #[test]
     fn high_watermark_kills_retired_workers() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::high_watermark_kills_retired_workers();
     }
 
     #[test]
     fn sigusr1_kills_retired_workers_only() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::sigusr1_kills_retired_workers_only();
     }
 
     #[test]
     fn retirements_are_rate_limited() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::retirements_are_rate_limited();
     }
 
@@ -1132,12 +1136,14 @@ mod ebpf_only {
 
     #[test]
     fn silent_worker_is_replaced() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::silent_worker_is_replaced();
     }
 
     #[test]
     #[ignore = "slow (60 s of supervision): a measurement, run with --ignored"]
     fn master_supervising_64_workers() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::master_supervising_64_workers();
     }
 }

@@ -123,7 +123,7 @@ fn wait_until(
 
 #[test]
 fn nginx_workers_are_adopted_retired_and_stopped_across_a_reload() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     assert!(
         ["/usr/sbin/nginx", "/usr/bin/nginx"]
             .iter()
@@ -278,7 +278,7 @@ fn worker(status: &serde_json::Value, state: &str, generation: u64, band: u64) -
 /// band 1; a client of band 0 is answered throughout.
 #[test]
 fn a_crashed_workers_band_is_served_by_a_stand_in_until_its_replacement_is_ready() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("stand-in");
     let dir = fresh_cluster_dir(&name);
     let slow = dir.join("slow");
@@ -387,7 +387,7 @@ fn forged_process(cluster: &str, uid: Option<u32>, generation: &str) -> std::pro
 /// are ignored and logged, never reported, retired or signalled.
 #[test]
 fn forged_workers_are_ignored_and_logged() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("forged");
     let ports = Ports::reserve(1);
     let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
@@ -451,7 +451,7 @@ fn forged_workers_are_ignored_and_logged() {
 /// working directory, and only the documented environment plus `--env`.
 #[test]
 fn workers_start_in_the_run_directory_with_the_documented_environment() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("worker-start");
     let dir = fresh_cluster_dir(&name);
     let bin = ipcluster_tests::cluster::ipcluster_bin();
@@ -534,7 +534,7 @@ fn workers_start_in_the_run_directory_with_the_documented_environment() {
 /// have, is refused before anything is created.
 #[test]
 fn bad_env_flags_are_refused() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     for (flag, says) in [
         ("PORT=1", "PORT and IPCLUSTER_* are set by ipcluster"),
         (
@@ -576,7 +576,7 @@ fn bad_env_flags_are_refused() {
 /// through all along.
 #[test]
 fn a_connection_flood_neither_locks_root_out_nor_lasts() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("flood");
     let ports = Ports::reserve(1);
     let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
@@ -646,6 +646,7 @@ fn a_connection_flood_neither_locks_root_out_nor_lasts() {
 /// is refused by name, and nothing is created in it or elsewhere.
 #[test]
 fn a_state_directory_open_to_others_is_refused() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     use std::os::unix::fs::PermissionsExt as _;
     ipcluster_tests::require_root();
     let name = cluster_name("open-dir");
@@ -707,7 +708,7 @@ fn slow_demo_command(slow: &Path) -> Vec<String> {
 /// published with 2 bands.
 #[test]
 fn a_reload_to_fewer_workers_publishes_although_an_old_high_band_crashes() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("fewer");
     let dir = fresh_cluster_dir(&name);
     let slow = dir.join("slow");
@@ -759,7 +760,7 @@ fn a_reload_to_fewer_workers_publishes_although_an_old_high_band_crashes() {
 /// second, which then serves.
 #[test]
 fn a_second_run_while_the_first_is_starting_hands_over_cleanly() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("early-reload");
     let dir = fresh_cluster_dir(&name);
     let slow = dir.join("slow");
@@ -869,6 +870,7 @@ fn start_time_of(pid: u32) -> u64 {
 /// while the cluster's real worker is still found and stopped.
 #[test]
 fn a_registry_in_a_directory_open_to_others_is_not_trusted() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     use std::os::unix::fs::PermissionsExt as _;
     ipcluster_tests::require_root();
     let name = cluster_name("planted");

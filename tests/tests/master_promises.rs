@@ -698,26 +698,31 @@ ipcluster_tests::for_both_backends!(
 mod ebpf_only {
     #[test]
     fn retired_idle_exit_and_retire_message() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::retired_idle_exit_and_retire_message();
     }
 
     #[test]
     fn busy_worker_is_replaced() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::busy_worker_is_replaced();
     }
 
     #[test]
     fn hello_claiming_another_band_changes_nothing() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::hello_claiming_another_band_changes_nothing();
     }
 
     #[test]
     fn kill_strategy_decides_who_is_asked_to_die() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::kill_strategy_decides_who_is_asked_to_die();
     }
 
     #[test]
     fn admin_requests_from_non_root_are_refused() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::admin_requests_from_non_root_are_refused();
     }
 }

@@ -49,6 +49,7 @@ fn eventually<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
 
 #[test]
 fn counters_pins_and_stop() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(1);
     let mut cluster = Cluster::start(
         &cluster_name("skstatus"),
@@ -107,6 +108,7 @@ fn counters_pins_and_stop() {
 
 #[test]
 fn retired_worker_counts_connections_on_the_public_port() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(1);
     let mut cluster = Cluster::start(
         &cluster_name("skretired"),
@@ -165,6 +167,7 @@ while True:
 
 #[test]
 fn recreated_listener_is_registered_again() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(1);
     let mut spec = ClusterSpec::demo("sk-lookup", 1, listen(&ports));
     spec.command = vec!["python3".into(), "-c".into(), RELISTEN.into()];
@@ -190,7 +193,7 @@ fn recreated_listener_is_registered_again() {
 /// cannot steer: the start fails with an error that says so.
 #[test]
 fn worker_in_another_netns_is_named() {
-    ipcluster_tests::require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(1);
     let name = cluster_name("sknetns");
     let ns = NetNs::new("skworkers");

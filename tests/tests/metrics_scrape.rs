@@ -17,8 +17,8 @@ use std::time::Duration;
 use ipcluster_tests::cluster::{
     Cluster, ClusterSpec, demo_get, ipcluster, leftovers, live_workers,
 };
+use ipcluster_tests::loopback_client;
 use ipcluster_tests::unique::{Ports, cluster_name};
-use ipcluster_tests::{loopback_client, require_root};
 
 /// `GET /metrics` with optional extra headers: (status, content type, body).
 fn scrape(addr: SocketAddr, headers: &str) -> std::io::Result<(u16, String, String)> {
@@ -90,7 +90,7 @@ fn promtool_check(text: &str) {
 
 #[test]
 fn scrape_through_a_reload() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("metrics");
     let ports = Ports::reserve(2);
     let listen: SocketAddr = format!("127.0.0.1:{}", ports.get(0)).parse().expect("addr");
@@ -282,7 +282,7 @@ fn scrape_through_a_reload() {
 
 #[test]
 fn metrics_port_in_use_is_a_clean_error() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("metrics-busy");
     let ports = Ports::reserve(2);
     let listen = format!("127.0.0.1:{}", ports.get(0));

@@ -131,6 +131,7 @@ fn start_hosts(
 
 #[test]
 fn ecmp_keeps_each_client_on_one_host_and_one_worker() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let topology = Topology::new(Front::EcmpL3Hash, 64);
     let ports = Ports::reserve(1);
     let listen = SocketAddr::new(IpAddr::V4(SERVICE_ADDR), ports.get(0));
@@ -183,6 +184,7 @@ fn ecmp_keeps_each_client_on_one_host_and_one_worker() {
 
 #[test]
 fn low_bit_front_leaves_one_band_per_host_without_band_shift() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let topology = Topology::new(Front::LowBit, 32);
     let ports = Ports::reserve(1);
     let listen = SocketAddr::new(IpAddr::V4(SERVICE_ADDR), ports.get(0));

@@ -6,11 +6,10 @@ use std::net::{TcpListener, TcpStream};
 use std::path::Path;
 
 use ipcluster_tests::netns::{NetNs, veth};
-use ipcluster_tests::require_root;
 
 #[test]
 fn two_hosts_on_a_veth_pair_talk_and_vanish() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let (client_path, server_path);
     {
         let client = NetNs::new("client");

@@ -51,6 +51,7 @@ fn listener_error(result: Result<bool, SteeringError>) -> String {
 
 #[test]
 fn listener_in_another_netns_is_refused() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let (config, ports) = setup("sknetns", 1);
     let _guard = teardown_guard(&plain, &config);
     let mut steering = sk(&config);
@@ -100,6 +101,7 @@ fn listener_in_another_netns_is_refused() {
 
 #[test]
 fn non_listeners_and_wrong_ports_are_refused() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let (config, ports) = setup("skbad", 2);
     let _guard = teardown_guard(&plain, &config);
     let mut steering = sk(&config);
@@ -145,6 +147,7 @@ fn eventually(what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn dead_worker_leaves_the_map_and_its_band_falls_back() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let (config, ports) = setup("skfallback", 8);
     let _guard = teardown_guard(&plain, &config);
     let mut steering = sk_lookup(config.clone());
@@ -215,6 +218,7 @@ fn dead_worker_leaves_the_map_and_its_band_falls_back() {
 
 #[test]
 fn reinstall_replaces_the_program_without_a_gap() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let (config, ports) = setup("skreplace", 4);
     let _guard = teardown_guard(&plain, &config);
     let mut first = sk_lookup(config.clone());
@@ -268,7 +272,7 @@ fn reinstall_replaces_the_program_without_a_gap() {
 
 #[test]
 fn ipv6_and_wildcard_services() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let ports = Ports::reserve(4);
     let v6 = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), ports.get(0));
     let wildcard = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(1));
@@ -302,6 +306,7 @@ fn ipv6_and_wildcard_services() {
 
 #[test]
 fn other_traffic_is_untouched() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let (_, ports) = setup("skother", 2);
     // The public port is one this UDP socket holds (the reserved ports are
     // held by the reservation's own UDP sockets).

@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 
 use ipcluster_tests::cluster::{Cluster, ClusterSpec, ipcluster, ipcluster_bin};
 use ipcluster_tests::guard::defer;
-use ipcluster_tests::require_root;
 use ipcluster_tests::unique::{Ports, cluster_name};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
 
@@ -137,7 +136,7 @@ fn watchdogs_from(n: &[Notification], pid: i32) -> usize {
 
 #[test]
 fn start_reload_stop() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("notify");
     let systemd = FakeSystemd::bind(&name);
     let ports = Ports::reserve(1);
@@ -312,7 +311,7 @@ fn start_reload_stop() {
 
 #[test]
 fn detach_reports_a_master_that_fails() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("detach-fail");
     let ports = Ports::reserve(1);
     let listen = format!("127.0.0.1:{}", ports.get(0));
@@ -352,7 +351,7 @@ fn detach_reports_a_master_that_fails() {
 /// follows it instead of taking the old master's exit for the service's.
 #[test]
 fn old_master_names_a_successor_that_cannot_notify() {
-    require_root();
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("notify-handover");
     let systemd = FakeSystemd::bind(&name);
     let ports = Ports::reserve(1);

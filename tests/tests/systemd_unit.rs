@@ -43,6 +43,7 @@ fn expand(unit: &str, command: &str) -> Vec<String> {
 
 #[test]
 fn unit_settings() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let unit = unit_text();
     assert_eq!(setting(&unit, "Type"), "notify");
     assert_eq!(setting(&unit, "NotifyAccess"), "all");
@@ -85,6 +86,7 @@ fn unit_settings() {
 
 #[test]
 fn systemd_analyze_verify() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let dir = std::env::temp_dir().join(format!("ipcluster-unit-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).expect("scratch dir");

@@ -18,6 +18,7 @@ use std::os::fd::OwnedFd;
 use super::pidfd;
 use super::process_tree::ProcessTable;
 use super::registry::{Registry, RegistryEntry};
+use crate::protocol::env as vars;
 
 /// A worker found in /proc.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -128,16 +129,16 @@ pub fn parse_environment(
     cluster: &str,
 ) -> Option<FoundWorker> {
     let get = |key: &str| env.get(&OsString::from(key)).and_then(|v| v.to_str());
-    if get("IPCLUSTER_NAME")? != cluster {
+    if get(vars::NAME)? != cluster {
         return None;
     }
-    let band = get("IPCLUSTER_BAND")?.parse().ok()?;
-    let generation = get("IPCLUSTER_GENERATION")?.parse().ok()?;
-    let port = get("PORT")?.parse().ok()?;
+    let band = get(vars::BAND)?.parse().ok()?;
+    let generation = get(vars::GENERATION)?.parse().ok()?;
+    let port = get(vars::PORT)?.parse().ok()?;
     let ports = env
         .iter()
         .filter_map(|(k, v)| {
-            let public = k.to_str()?.strip_prefix("IPCLUSTER_PORT_")?.parse().ok()?;
+            let public = k.to_str()?.strip_prefix(vars::PORT_PREFIX)?.parse().ok()?;
             Some((public, v.to_str()?.parse().ok()?))
         })
         .collect();

@@ -2,7 +2,7 @@
 //! and `kill-retired`, and a reloading master's `shutdown` request. When no
 //! master runs, `status` and `stop` work from the state file and /proc.
 
-use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::io::Write as _;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -16,11 +16,8 @@ use super::state::ClusterState;
 use super::status;
 use crate::cli::StatusArgs;
 use crate::paths;
-use crate::protocol::{AdminReply, AdminRequest, StatusReport};
+use crate::protocol::{self, AdminReply, AdminRequest, LineReader, StatusReport};
 use crate::steering;
-
-/// Largest reply accepted (a status of 256 workers is far below this).
-const MAX_REPLY: u64 = 64 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -36,6 +33,11 @@ pub enum ClientError {
     },
     #[error("the master on {path} closed the connection without answering")]
     NoReply { path: String },
+    #[error("the master on {path} answered with {source}")]
+    BadReply {
+        path: String,
+        source: protocol::LineError,
+    },
 }
 
 /// Send one request and return the master's one-line reply.
@@ -44,29 +46,41 @@ pub fn request(
     request: &AdminRequest,
     timeout: Duration,
 ) -> Result<String, ClientError> {
-    let path = paths::control_socket(cluster);
+    request_at(&paths::control_socket(cluster), request, timeout)
+}
+
+/// [`request`] on the control socket at `path`.
+fn request_at(
+    path: &std::path::Path,
+    request: &AdminRequest,
+    timeout: Duration,
+) -> Result<String, ClientError> {
     let shown = path.display().to_string();
     let io = |source| ClientError::Io {
         path: shown.clone(),
         source,
     };
-    let mut stream = UnixStream::connect(&path).map_err(|source| ClientError::NoMaster {
+    let mut stream = UnixStream::connect(path).map_err(|source| ClientError::NoMaster {
         path: shown.clone(),
         source,
     })?;
     stream.set_read_timeout(Some(timeout)).map_err(io)?;
     stream.set_write_timeout(Some(timeout)).map_err(io)?;
-    let mut line = serde_json::to_string(request).map_err(|e| io(std::io::Error::other(e)))?;
+    let mut line = protocol::to_line(request).map_err(|e| io(std::io::Error::other(e)))?;
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;
-    let mut reply = String::new();
-    BufReader::new(stream.take(MAX_REPLY))
-        .read_line(&mut reply)
-        .map_err(io)?;
-    if reply.trim().is_empty() {
-        return Err(ClientError::NoReply { path: shown });
-    }
-    Ok(reply.trim_end().to_owned())
+    let reply = match LineReader::new(&stream).read_line() {
+        Ok(Some(reply)) if !reply.trim().is_empty() => reply,
+        Ok(_) => return Err(ClientError::NoReply { path: shown }),
+        Err(protocol::LineError::Io(source)) => return Err(io(source)),
+        Err(source) => {
+            return Err(ClientError::BadReply {
+                path: shown,
+                source,
+            });
+        }
+    };
+    Ok(reply)
 }
 
 fn ok_or_bail(reply: &str) -> Result<String> {
@@ -217,4 +231,53 @@ pub fn find_offline(cluster: &str, state: Option<&ClusterState>) -> Result<Vec<a
         &ProcessTable::read()?,
         &[],
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead as _, BufReader};
+    use std::os::unix::net::UnixListener;
+
+    use super::*;
+    use crate::protocol::MAX_LINE;
+
+    /// A master that answers one request with `reply` (and a newline).
+    fn answer_with(reply: Vec<u8>) -> Result<String, ClientError> {
+        let dir = std::env::temp_dir().join(format!("ipcluster-client-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let path = dir.join(format!("control-{}.sock", reply.len()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).expect("bind");
+        let master = std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().expect("accept");
+            let mut request = String::new();
+            BufReader::new(&stream)
+                .read_line(&mut request)
+                .expect("request");
+            assert_eq!(request, "{\"type\":\"status\"}\n");
+            let _ = stream.write_all(&reply);
+            let _ = stream.write_all(b"\n");
+        });
+        let answer = request_at(&path, &AdminRequest::Status, Duration::from_secs(10));
+        master.join().expect("fake master");
+        let _ = std::fs::remove_file(&path);
+        let _ = std::fs::remove_dir(&dir);
+        answer
+    }
+
+    #[test]
+    fn replies_are_read_up_to_the_protocol_limit() {
+        let at_limit = answer_with(vec![b'x'; MAX_LINE]).expect("a reply at the limit");
+        assert_eq!(at_limit.len(), MAX_LINE);
+        let e = answer_with(vec![b'x'; MAX_LINE + 1]).expect_err("one byte over");
+        assert!(matches!(e, ClientError::BadReply { .. }), "{e:?}");
+        let shown = e.to_string();
+        assert!(
+            shown.contains(&format!("a line longer than {MAX_LINE} bytes"))
+                && shown.contains(".sock"),
+            "{shown}"
+        );
+        let e = answer_with(Vec::new()).expect_err("an empty reply");
+        assert!(matches!(e, ClientError::NoReply { .. }), "{e:?}");
+    }
 }

@@ -1,8 +1,10 @@
 //! The control socket: a Unix stream socket in the state directory carrying
-//! newline-delimited JSON. Each connection's peer is identified by
-//! `SO_PEERCRED` (pid, uid); the event loop decides what a peer may say.
-//! Over-long lines, invalid UTF-8 and (later) bad JSON are logged and
-//! dropped; nothing a peer sends ends the master.
+//! newline-delimited JSON, framed by [`crate::protocol::LineCodec`]. Each
+//! connection's peer is identified by `SO_PEERCRED` (pid, uid); the event
+//! loop decides what a peer may say. A line over the protocol's limit closes
+//! that peer's connection (logged with its pid and uid); invalid UTF-8 and
+//! (later) bad JSON are logged and dropped; nothing a peer sends ends the
+//! master.
 
 use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt as _;
@@ -10,11 +12,13 @@ use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use bytes::BytesMut;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::mpsc;
+use tokio_util::codec::Decoder as _;
 
-use crate::protocol::MAX_LINE;
+use crate::protocol::{LineCodec, LineError};
 
 /// Connections of non-root peers open at once; more are refused (a
 /// misbehaving client must not exhaust the master's file descriptors). Root's
@@ -189,36 +193,46 @@ async fn connection(stream: UnixStream, conn: u64, events: &mpsc::UnboundedSende
     {
         return;
     }
-    let who = cred
-        .pid()
-        .map_or("unknown pid".into(), |p| format!("pid {p}"));
+    let who = format!(
+        "{}, uid {}",
+        cred.pid()
+            .map_or("unknown pid".into(), |p| format!("pid {p}")),
+        cred.uid()
+    );
     let (mut reader, mut writer) = stream.into_split();
-    let mut lines = LineSplitter::default();
-    let mut buf = vec![0u8; 8192];
+    let mut codec = LineCodec::default();
+    let mut buf = BytesMut::with_capacity(8192);
     let identify_by = tokio::time::Instant::now() + IDENTIFY_TIMEOUT;
     let mut identified = false;
     loop {
+        // Room for the next read (read_buf alone would grow the buffer by 64 bytes).
+        buf.reserve(8192);
         tokio::select! {
             _ = tokio::time::sleep_until(identify_by), if !identified => {
                 log::warn!(
-                    "control socket ({who}, uid {}): said nothing within {IDENTIFY_TIMEOUT:?} of \
-                     connecting; closing the connection",
-                    cred.uid()
+                    "control socket ({who}): said nothing within {IDENTIFY_TIMEOUT:?} of \
+                     connecting; closing the connection"
                 );
                 return;
             }
-            read = reader.read(&mut buf) => {
-                let n = match read {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                for line in lines.push(&buf[..n]) {
-                    match line {
-                        Ok(line) => {
+            read = reader.read_buf(&mut buf) => {
+                // The end of the stream or a broken one: a last unterminated line is dropped.
+                if matches!(read, Ok(0) | Err(_)) {
+                    return;
+                }
+                loop {
+                    match codec.decode(&mut buf) {
+                        Ok(Some(line)) if line.trim().is_empty() => {}
+                        Ok(Some(line)) => {
                             identified = true;
                             if events.send(ControlEvent::Line { conn, line }).is_err() {
                                 return;
                             }
+                        }
+                        Ok(None) => break,
+                        Err(e @ LineError::TooLong) => {
+                            log::warn!("control socket ({who}): {e}; closing the connection");
+                            return;
                         }
                         Err(e) => log::warn!("control socket ({who}): {e}; line dropped"),
                     }
@@ -232,65 +246,6 @@ async fn connection(stream: UnixStream, conn: u64, events: &mpsc::UnboundedSende
                 }
             }
         }
-    }
-}
-
-#[derive(Debug, PartialEq, Eq, thiserror::Error)]
-pub enum LineError {
-    #[error("line longer than {MAX_LINE} bytes")]
-    TooLong,
-    #[error("line is not UTF-8")]
-    NotUtf8,
-}
-
-/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes. An
-/// over-long line is reported once and skipped up to its newline.
-#[derive(Debug, Default)]
-pub struct LineSplitter {
-    buf: Vec<u8>,
-    discarding: bool,
-}
-
-impl LineSplitter {
-    pub fn push(&mut self, mut bytes: &[u8]) -> Vec<Result<String, LineError>> {
-        let mut out = Vec::new();
-        while !bytes.is_empty() {
-            match bytes.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    let (head, rest) = bytes.split_at(i);
-                    bytes = &rest[1..];
-                    if self.discarding {
-                        self.discarding = false;
-                        continue;
-                    }
-                    if self.buf.len() + head.len() > MAX_LINE {
-                        self.buf.clear();
-                        out.push(Err(LineError::TooLong));
-                        continue;
-                    }
-                    self.buf.extend_from_slice(head);
-                    let line = std::mem::take(&mut self.buf);
-                    match String::from_utf8(line) {
-                        Ok(s) if s.trim().is_empty() => {}
-                        Ok(s) => out.push(Ok(s)),
-                        Err(_) => out.push(Err(LineError::NotUtf8)),
-                    }
-                }
-                None => {
-                    if !self.discarding {
-                        if self.buf.len() + bytes.len() > MAX_LINE {
-                            self.buf.clear();
-                            self.discarding = true;
-                            out.push(Err(LineError::TooLong));
-                        } else {
-                            self.buf.extend_from_slice(bytes);
-                        }
-                    }
-                    bytes = &[];
-                }
-            }
-        }
-        out
     }
 }
 
@@ -317,33 +272,47 @@ mod tests {
         assert!(admit(1001, 0, MAX_CONNECTIONS).is_err());
     }
 
-    #[test]
-    fn lines_are_split_across_reads() {
-        let mut s = LineSplitter::default();
-        assert!(s.push(b"{\"type\":").is_empty());
+    /// A peer that sends a line over the limit is disconnected; the lines before
+    /// it (one exactly at the limit) reach the event loop, nothing after it does.
+    #[tokio::test]
+    async fn an_over_long_line_closes_that_connection() {
+        use crate::protocol::MAX_LINE;
+        let (server, mut client) = UnixStream::pair().expect("socketpair");
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let served = tokio::spawn(async move { connection(server, 7, &tx).await });
+        let mut bytes = b"{\"type\":\"status\"}\n".to_vec();
+        bytes.extend(std::iter::repeat_n(b'a', MAX_LINE));
+        bytes.push(b'\n');
+        bytes.extend(std::iter::repeat_n(b'b', MAX_LINE + 1));
+        bytes.extend_from_slice(b"\n{\"type\":\"stop\"}\n");
+        let writer = tokio::spawn(async move {
+            // The master hangs up in the middle: the rest cannot be written.
+            let _ = client.write_all(&bytes).await;
+            let mut rest = Vec::new();
+            let _ = client.read_to_end(&mut rest).await;
+            rest
+        });
+        tokio::time::timeout(std::time::Duration::from_secs(10), served)
+            .await
+            .expect("the connection was not closed")
+            .expect("connection task");
+        let rest = writer.await.expect("writer task");
+        assert!(rest.is_empty(), "the master wrote {rest:?}");
+        let mut lines = Vec::new();
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                ControlEvent::Connected { conn, .. } => assert_eq!(conn, 7),
+                ControlEvent::Line { line, .. } => lines.push(line),
+                ControlEvent::Disconnected { .. } => {}
+            }
+        }
         assert_eq!(
-            s.push(b"\"ping\"}\n\n{\"a\":1}\npartial"),
-            vec![
-                Ok("{\"type\":\"ping\"}".to_owned()),
-                Ok("{\"a\":1}".to_owned())
-            ]
+            lines.len(),
+            2,
+            "{:?}",
+            lines.iter().map(String::len).collect::<Vec<_>>()
         );
-        assert_eq!(s.push(b"\n"), vec![Ok("partial".to_owned())]);
-        assert_eq!(s.push(b"\xff\xfe\n"), vec![Err(LineError::NotUtf8)]);
-    }
-
-    #[test]
-    fn over_long_lines_are_dropped_once_and_the_stream_recovers() {
-        let mut s = LineSplitter::default();
-        let big = vec![b'x'; MAX_LINE + 10];
-        assert_eq!(s.push(&big), vec![Err(LineError::TooLong)]);
-        assert!(s.push(&big).is_empty());
-        assert_eq!(s.push(b"tail\nok\n"), vec![Ok("ok".to_owned())]);
-        let mut whole = vec![b'y'; MAX_LINE + 1];
-        whole.extend_from_slice(b"\nnext\n");
-        assert_eq!(
-            LineSplitter::default().push(&whole),
-            vec![Err(LineError::TooLong), Ok("next".to_owned())]
-        );
+        assert_eq!(lines[0], "{\"type\":\"status\"}");
+        assert_eq!(lines[1].len(), MAX_LINE);
     }
 }

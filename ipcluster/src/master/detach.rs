@@ -51,13 +51,15 @@ pub fn run_detached(cluster: &str) -> Result<()> {
         .env(READY_FD_ENV, write_fd.to_string())
         .stdin(Stdio::null())
         .stdout(stdout);
-    // SAFETY: runs in the forked child before exec; setsid and fcntl are
-    // async-signal-safe and use no data but a descriptor number.
+    // SAFETY: pre_exec is unsafe by std's contract (the closure runs in the
+    // forked child). It only makes two system calls (setsid, F_SETFD), which
+    // are async-signal-safe, and borrows `write_fd`, open in the child since
+    // the fork (`write` is dropped only after spawn returns).
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setsid() < 0 || libc::fcntl(write_fd, libc::F_SETFD, 0) < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
+            rustix::process::setsid()?;
+            let fd = std::os::fd::BorrowedFd::borrow_raw(write_fd);
+            rustix::io::fcntl_setfd(fd, rustix::io::FdFlags::empty())?;
             Ok(())
         });
     }

@@ -53,8 +53,7 @@ pub fn check_dir(path: &Path) -> Result<(), DirError> {
         path: path.display().to_string(),
         source,
     })?;
-    // SAFETY: geteuid has no preconditions.
-    let euid = unsafe { libc::geteuid() };
+    let euid = rustix::process::geteuid().as_raw();
     match judge(
         meta.is_dir(),
         meta.file_type().is_symlink(),

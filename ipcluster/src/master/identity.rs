@@ -13,8 +13,7 @@ use crate::paths;
 
 /// The uid workers are started as: `--user`'s, else the master's.
 pub fn worker_uid(run_as: Option<&super::spawn::RunAs>) -> u32 {
-    // SAFETY: geteuid has no preconditions.
-    run_as.map_or_else(|| unsafe { libc::geteuid() }, |r| r.uid)
+    run_as.map_or_else(|| rustix::process::geteuid().as_raw(), |r| r.uid)
 }
 
 /// The registry of `cluster`, or `None` (with a warning) when it is missing,

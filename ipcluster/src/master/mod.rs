@@ -31,6 +31,7 @@
 //! - the supervision rules themselves are [`crate::policy::decide`].
 
 pub mod adopt;
+mod boost;
 mod census;
 pub mod client;
 pub mod control;
@@ -277,8 +278,7 @@ impl Master {
     async fn start(args: RunArgs) -> Result<Master> {
         let cfg = Config::from_args(&args)?;
         let name = cfg.name.clone();
-        // SAFETY: geteuid has no preconditions.
-        let euid = unsafe { libc::geteuid() };
+        let euid = rustix::process::geteuid().as_raw();
         match &cfg.run_as {
             None if euid == 0 => {
                 log::warn!("workers will run as root; use --user USER to run them unprivileged")
@@ -327,12 +327,17 @@ impl Master {
         {
             notifier.reloading(prev.master_pid);
         }
+        let takeover_started = std::time::Instant::now();
         let (lock, replaced_master) = ClusterLock::take_over(
             &name,
             previous_state.as_ref().map(|s| s.master_pid),
             TAKEOVER_TIMEOUT,
         )?;
-        log::info!("cluster {name:?}: lock {} taken", lock.path().display());
+        log::info!(
+            "cluster {name:?}: lock {} taken after {:?}",
+            lock.path().display(),
+            takeover_started.elapsed()
+        );
         notifier.remember_watchdog(&paths::state_dir(&name));
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         if let Some(addr) = cfg.metrics_listen {
@@ -376,7 +381,13 @@ impl Master {
         let mut steering = steering::backend(cfg.backend, cfg.steering_config())
             .with_context(|| format!("creating the {} steering backend", cfg.backend))?;
         let fresh = previous_state.is_none() && found.is_empty() && !replaced_master;
-        let installed = steering.install();
+        let install_started = std::time::Instant::now();
+        let installed = {
+            // Loading the programs is CPU-bound and on the reload's critical path.
+            let _boost = boost::Boost::raise();
+            steering.install()
+        };
+        let install_time = install_started.elapsed();
         let previous_table = match installed {
             Ok(table) => table,
             Err(e) => {
@@ -393,11 +404,14 @@ impl Master {
         };
         match &previous_table {
             Some(t) => log::info!(
-                "steering ({}) re-opened; table in force: {}",
+                "steering ({}) re-opened in {install_time:?}; table in force: {}",
                 cfg.backend,
                 describe_table(t)
             ),
-            None => log::info!("steering ({}) installed; no table yet", cfg.backend),
+            None => log::info!(
+                "steering ({}) installed in {install_time:?}; no table yet",
+                cfg.backend
+            ),
         }
         let fresh = fresh && previous_table.is_none();
 

@@ -20,14 +20,14 @@
 
 use std::fs::File;
 use std::io::Write as _;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use sd_notify::NotifyState;
 
 /// The variable naming the write end of the `--detach` pipe.
-pub const READY_FD_ENV: &str = "IPCLUSTER_READY_FD";
+pub const READY_FD_ENV: &str = crate::protocol::env::READY_FD;
 /// Where a master writes the watchdog interval (µs) for the masters after it.
 const WATCHDOG_FILE: &str = "watchdog-usec";
 /// How long a master waits for systemd to read its `MAINPID=`.
@@ -231,16 +231,19 @@ fn ready_pipe_from_env() -> Option<File> {
         log::warn!("{READY_FD_ENV}={raw:?} is not a file descriptor number; ignored");
         return None;
     };
-    // SAFETY: F_GETFD only queries the descriptor.
-    if fd < 3 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+    // SAFETY: only a number from our environment, borrowed for one F_GETFD
+    // that checks it is open; no crate can check a descriptor number it does
+    // not own without this step.
+    if fd < 3 || rustix::io::fcntl_getfd(unsafe { BorrowedFd::borrow_raw(fd) }).is_err() {
         log::warn!("{READY_FD_ENV}={fd} is not an open file descriptor; ignored");
         return None;
     }
     // SAFETY: the descriptor is open, was handed to us by `run --detach` for
     // this purpose only, and nothing else in this process owns it.
     let file = unsafe { File::from_raw_fd(fd) };
-    // SAFETY: F_SETFD on a descriptor we own.
-    unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) };
+    if let Err(e) = rustix::io::fcntl_setfd(&file, rustix::io::FdFlags::CLOEXEC) {
+        log::warn!("making {READY_FD_ENV}={fd} close-on-exec failed ({e}); workers may hold it");
+    }
     Some(file)
 }
 

@@ -9,9 +9,11 @@
 //! after its leader exited), and [`open_verified`] to get a pidfd for a pid
 //! read from /proc or the registry, checked against the start time seen there.
 
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+use std::os::fd::{AsRawFd as _, OwnedFd};
 
 use nix::sys::signal::Signal;
+use rustix::event::{PollFd, PollFlags, Timespec};
+use rustix::process::{Pid, PidfdFlags};
 use tokio::io::unix::AsyncFd;
 
 /// `PIDFD_SIGNAL_PROCESS_GROUP` (linux/pidfd.h, Linux 6.9).
@@ -19,14 +21,15 @@ const PIDFD_SIGNAL_PROCESS_GROUP: libc::c_uint = 1 << 2;
 
 /// Open a pidfd for `pid` (close-on-exec, as all pidfds).
 pub fn pidfd_open(pid: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
-    // SAFETY: the kernel just gave us this fd and nobody else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    let pid = Pid::from_raw(pid)
+        .filter(|p| p.as_raw_nonzero().get() > 0)
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{pid} is not a process id"),
+            )
+        })?;
+    Ok(rustix::process::pidfd_open(pid, PidfdFlags::empty())?)
 }
 
 /// Why a pid could not be vouched for.
@@ -72,9 +75,13 @@ pub fn open_verified(pid: i32, expected_start: u64) -> Result<OwnedFd, VerifyErr
     }
 }
 
-fn raw_send(fd: &OwnedFd, signal: i32, flags: libc::c_uint) -> std::io::Result<()> {
+/// `pidfd_send_signal` with flags. SAFETY of the raw call below: neither
+/// rustix (its `pidfd_send_signal` always passes flags 0) nor nix (no pidfd
+/// at all) can send `PIDFD_SIGNAL_PROCESS_GROUP`.
+fn group_send(fd: &OwnedFd, signal: i32, flags: libc::c_uint) -> std::io::Result<()> {
     // SAFETY: pidfd_send_signal takes an fd we own, a signal number, a null
-    // siginfo (the kernel fills it in as for kill(2)) and flags.
+    // siginfo (the kernel fills it in as for kill(2)) and flags; nothing is
+    // written to our memory.
     let rc = unsafe {
         libc::syscall(
             libc::SYS_pidfd_send_signal,
@@ -93,9 +100,15 @@ fn raw_send(fd: &OwnedFd, signal: i32, flags: libc::c_uint) -> std::io::Result<(
 
 /// Signal the process `fd` names. `ESRCH` (it exited) is not an error.
 pub fn send_signal(fd: &OwnedFd, signal: Signal) -> std::io::Result<()> {
-    match raw_send(fd, signal as i32, 0) {
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
-        other => other,
+    let signal = rustix::process::Signal::from_named_raw(signal as i32).ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{signal} cannot be sent through a pidfd"),
+        )
+    })?;
+    match rustix::process::pidfd_send_signal(fd, signal) {
+        Ok(()) | Err(rustix::io::Errno::SRCH) => Ok(()),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -106,7 +119,7 @@ pub fn send_signal(fd: &OwnedFd, signal: Signal) -> std::io::Result<()> {
 /// `killpg` only while its leader is alive, which keeps its number from being
 /// reused. `ESRCH` (nobody left in the group) is not an error.
 pub fn signal_group(fd: &OwnedFd, pid: i32, signal: Signal) -> std::io::Result<()> {
-    match raw_send(fd, signal as i32, PIDFD_SIGNAL_PROCESS_GROUP) {
+    match group_send(fd, signal as i32, PIDFD_SIGNAL_PROCESS_GROUP) {
         Ok(()) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(()),
         Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
@@ -124,20 +137,19 @@ pub fn signal_group(fd: &OwnedFd, pid: i32, signal: Signal) -> std::io::Result<(
 
 /// The process `fd` names has exited (a zombie counts as exited).
 pub fn has_exited(fd: &OwnedFd) -> bool {
-    let mut poll = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, zero timeout.
-    let rc = unsafe { libc::poll(&mut poll, 1, 0) };
-    rc > 0 && poll.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0
+    let mut fds = [PollFd::new(fd, PollFlags::IN)];
+    let ready = rustix::event::poll(&mut fds, Some(&Timespec::default()));
+    ready.is_ok_and(|n| n > 0)
+        && fds[0]
+            .revents()
+            .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR)
 }
 
 /// Resolves when the process `fd` names has exited (at once if it is gone).
 pub async fn exited(fd: OwnedFd) {
     // SAFETY: `fd` is an OwnedFd moved into the AsyncFd: it stays open and the
-    // same for the AsyncFd's whole life.
+    // same for the AsyncFd's whole life (tokio's safe constructor is deprecated
+    // as unsound, this is its replacement).
     let Ok(fd) = (unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) })
     else {
         return;

@@ -217,6 +217,21 @@ pub struct TcpSocket {
     pub inode: u64,
 }
 
+/// The first time the socket dump fails, say so: counting from /proc/net/tcp
+/// works but costs the master far more CPU with many connections. Later
+/// failures are only debug lines.
+fn sock_diag_fell_back(e: &dyn std::fmt::Display) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        log::debug!("sock_diag failed ({e}); reading /proc/net/tcp");
+    } else {
+        log::warn!(
+            "sock_diag failed ({e}); counting connections from /proc/net/tcp instead, \
+             which costs much more CPU with many connections"
+        );
+    }
+}
+
 /// Every TCP socket of this network namespace (IPv4 and IPv6).
 #[derive(Clone, Debug, Default)]
 pub struct SocketTable {
@@ -231,7 +246,7 @@ impl SocketTable {
         match tcp_sockets(&[TCP_LISTEN, TCP_ESTABLISHED]) {
             Ok(sockets) => Ok(SocketTable { sockets }),
             Err(e) => {
-                log::debug!("sock_diag failed ({e}); reading /proc/net/tcp");
+                sock_diag_fell_back(&e);
                 SocketTable::read_procfs()
             }
         }
@@ -245,7 +260,7 @@ impl SocketTable {
         match tcp_sockets_filtered(&[TCP_LISTEN, TCP_ESTABLISHED], ports) {
             Ok(sockets) => Ok(SocketTable { sockets }),
             Err(e) => {
-                log::debug!("sock_diag failed ({e}); reading /proc/net/tcp");
+                sock_diag_fell_back(&e);
                 let mut table = SocketTable::read_procfs()?;
                 table.sockets.retain(|s| ports.contains(&s.local_port));
                 Ok(table)
@@ -395,12 +410,10 @@ pub fn renice(table: &ProcessTable, pids: &[i32], increment: i32) -> usize {
             .map(|tasks| tasks.flatten().map(|t| t.tid).collect())
             .unwrap_or_else(|_| vec![pid]);
         for tid in tids {
-            let Ok(who) = libc::id_t::try_from(tid) else {
+            let Some(who) = rustix::process::Pid::from_raw(tid) else {
                 continue;
             };
-            // SAFETY: setpriority only reads its integer arguments.
-            let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, who, nice) };
-            if rc == 0 {
+            if rustix::process::setpriority_process(Some(who), nice).is_ok() {
                 changed += 1;
             }
         }

@@ -159,10 +159,12 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// 64 bits from the kernel's random source (temporary file names).
 fn random_u64() -> std::io::Result<u64> {
     let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `len` bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if n != 8 {
-        return Err(std::io::Error::last_os_error());
+    let n = rustix::rand::getrandom(&mut bytes, rustix::rand::GetRandomFlags::empty())?;
+    if n != bytes.len() {
+        return Err(std::io::Error::other(format!(
+            "getrandom gave {n} bytes, not {}",
+            bytes.len()
+        )));
     }
     Ok(u64::from_ne_bytes(bytes))
 }

@@ -13,15 +13,23 @@ use super::{Exit, Master, adopt, identity, kill, own_rss};
 use crate::paths;
 use crate::policy::WorkerState;
 use crate::protocol::{
-    AdminReply, AdminRequest, Incoming, MasterMessage, MemoryLimits, StatusReport, WorkerMessage,
-    WorkerStatus,
+    self, AdminReply, AdminRequest, Incoming, MasterMessage, MemoryLimits, StatusReport,
+    WorkerMessage, WorkerStatus,
 };
 
 impl Master {
+    /// Send one message as one line. A message over the protocol's line limit
+    /// (a status report of a huge cluster) is replaced by an `error` reply that
+    /// says so: the peer would refuse the line, and must not wait for it.
     pub(super) fn send<T: serde::Serialize>(&self, conn: u64, message: &T) {
-        if let (Some(peer), Ok(line)) = (self.peers.get(&conn), serde_json::to_string(message)) {
-            let _ = peer.outgoing.send(line);
+        let Some(peer) = self.peers.get(&conn) else {
+            return;
+        };
+        let (line, refused) = protocol::reply_line(message);
+        if let Some(e) = refused {
+            log::error!("control socket: cannot answer connection {conn}: {e}");
         }
+        let _ = peer.outgoing.send(line);
     }
 
     pub(super) fn on_line(&mut self, conn: u64, line: &str) {
@@ -39,8 +47,7 @@ impl Master {
                 log::warn!("control socket ({who}): {e}; dropped: {shown:?}");
             }
             Ok(Incoming::Admin(request)) => {
-                // SAFETY: geteuid has no preconditions.
-                let euid = unsafe { libc::geteuid() };
+                let euid = rustix::process::geteuid().as_raw();
                 if peer.uid != 0 && peer.uid != euid {
                     log::warn!("control socket ({who}): {request:?} refused: not root");
                     self.send(

@@ -2,23 +2,29 @@
 //! filters by state, so a host with tens of thousands of TIME_WAIT sockets
 //! (every reload under load makes them) costs almost nothing, where
 //! formatting and parsing /proc/net/tcp6 would take the master's whole CPU.
+//!
+//! The request, the framing and the replies go through the netlink crates
+//! (`netlink-packet-sock-diag` on `netlink-packet-core`, over a
+//! `netlink-sys` socket). Only the port filter is ours: the crate's
+//! `InetRequest` has no attributes, so the inet_diag bytecode
+//! ([`local_port_filter`]) is appended to the request it serialized as one
+//! `INET_DIAG_REQ_BYTECODE` attribute, and the message length updated.
 
 use std::io;
-use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+use netlink_packet_core::{
+    DefaultNla, Emitable as _, NLM_F_DUMP, NLM_F_REQUEST, NetlinkBuffer, NetlinkHeader,
+    NetlinkMessage, NetlinkPayload, Parseable as _,
+};
+use netlink_packet_sock_diag::SockDiagMessage;
+use netlink_packet_sock_diag::constants::{AF_INET, AF_INET6, IPPROTO_TCP, SOCK_DIAG_BY_FAMILY};
+pub use netlink_packet_sock_diag::constants::{TCP_ESTABLISHED, TCP_LISTEN};
+use netlink_packet_sock_diag::inet::{
+    ExtensionFlags, InetRequest, InetResponseHeader, SocketId, StateFlags,
+};
+use netlink_sys::{Socket, SocketAddr, protocols::NETLINK_SOCK_DIAG};
 
 use super::process_tree::TcpSocket;
-
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_DUMP: u16 = 0x300;
-const NLMSG_HDRLEN: usize = 16;
-/// `struct inet_diag_msg`: family, state, timer, retrans, sockid (48), expires,
-/// rqueue, wqueue, uid, inode.
-const INET_DIAG_MSG_LEN: usize = 72;
-pub const TCP_ESTABLISHED: u8 = 1;
-pub const TCP_LISTEN: u8 = 10;
 
 /// `INET_DIAG_REQ_BYTECODE`: the filter attribute of a dump request.
 const INET_DIAG_REQ_BYTECODE: u16 = 1;
@@ -32,6 +38,8 @@ const INET_DIAG_BC_S_EQ: u8 = 11;
 const BC_CMP_LEN: usize = 8;
 /// A jump: one `struct inet_diag_bc_op`.
 const BC_JMP_LEN: usize = 4;
+/// Receive buffer for one datagram of the dump.
+const RECV_BUFFER: usize = 64 * 1024;
 
 /// Every IPv4 and IPv6 TCP socket whose state is in `states` (TCP_* values).
 pub fn tcp_sockets(states: &[u8]) -> io::Result<Vec<TcpSocket>> {
@@ -46,9 +54,9 @@ pub fn tcp_sockets(states: &[u8]) -> io::Result<Vec<TcpSocket>> {
 pub fn tcp_sockets_filtered(states: &[u8], ports: &[u16]) -> io::Result<Vec<TcpSocket>> {
     let mask = states.iter().fold(0u32, |m, &s| m | (1 << s));
     let filter = local_port_filter(ports);
-    let mut sockets = dump(libc::AF_INET as u8, mask, &filter)?;
+    let mut sockets = dump(AF_INET, mask, &filter)?;
     // IPv6 may be disabled: then there is nothing to list.
-    match dump(libc::AF_INET6 as u8, mask, &filter) {
+    match dump(AF_INET6, mask, &filter) {
         Ok(v6) => sockets.extend(v6),
         Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {}
         Err(e) => return Err(e),
@@ -127,70 +135,76 @@ fn jump(code: &mut Vec<u8>, by: usize) {
     code.extend_from_slice(&u16::try_from(by).unwrap_or(u16::MAX).to_ne_bytes());
 }
 
-fn dump(family: u8, state_mask: u32, filter: &[u8]) -> io::Result<Vec<TcpSocket>> {
-    // SAFETY: plain socket(2) call; the fd is owned right after.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: fd is a fresh descriptor that nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-
-    // The filter travels as one netlink attribute after the request.
-    let attr_len = if filter.is_empty() {
-        0
+/// The dump request for `family`: the crate's `InetRequest` in a netlink
+/// message, then `filter` (when not empty) as an `INET_DIAG_REQ_BYTECODE`
+/// attribute.
+fn request(family: u8, state_mask: u32, filter: &[u8]) -> io::Result<Vec<u8>> {
+    let mut header = NetlinkHeader::default();
+    header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    header.sequence_number = 1;
+    let socket_id = if family == AF_INET6 {
+        SocketId::new_v6()
     } else {
-        4 + filter.len()
+        SocketId::new_v4()
     };
-    let len = NLMSG_HDRLEN + 56 + attr_len.next_multiple_of(4);
-    let mut request = Vec::with_capacity(len);
-    request.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_ne_bytes());
-    request.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    request.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
-    request.extend_from_slice(&1u32.to_ne_bytes()); // sequence
-    request.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel
-    // struct inet_diag_req_v2: family, protocol, ext, pad, states, sockid (zeros).
-    request.extend_from_slice(&[family, libc::IPPROTO_TCP as u8, 0, 0]);
-    request.extend_from_slice(&state_mask.to_ne_bytes());
-    request.extend_from_slice(&[0u8; 48]);
+    let mut message = NetlinkMessage::new(
+        header,
+        SockDiagMessage::InetRequest(InetRequest {
+            family,
+            protocol: IPPROTO_TCP,
+            extensions: ExtensionFlags::empty(),
+            states: StateFlags::from_bits_retain(state_mask),
+            socket_id,
+        })
+        .into(),
+    );
+    message.finalize();
+    let mut bytes = vec![0u8; message.buffer_len()];
+    message.serialize(&mut bytes);
     if !filter.is_empty() {
-        let attr_len = u16::try_from(attr_len).map_err(|_| {
-            io::Error::new(io::ErrorKind::InvalidInput, "sock_diag filter too long")
-        })?;
-        request.extend_from_slice(&attr_len.to_ne_bytes());
-        request.extend_from_slice(&INET_DIAG_REQ_BYTECODE.to_ne_bytes());
-        request.extend_from_slice(filter);
-        request.resize(len, 0);
+        let attribute = DefaultNla::new(INET_DIAG_REQ_BYTECODE, filter.to_vec());
+        let len = bytes.len() + attribute.buffer_len();
+        // An attribute's length is a u16 (local_port_filter stays below it).
+        let len = u32::try_from(len)
+            .ok()
+            .filter(|_| u16::try_from(filter.len() + 4).is_ok())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("sock_diag filter of {} bytes is too long", filter.len()),
+                )
+            })?;
+        let at = bytes.len();
+        bytes.resize(at + attribute.buffer_len(), 0);
+        attribute.emit(&mut bytes[at..]);
+        NetlinkBuffer::new(&mut bytes).set_length(len);
     }
-    // SAFETY: the buffer is valid for its length; the kernel is the peer.
-    let sent = unsafe { libc::send(fd.as_raw_fd(), request.as_ptr().cast(), request.len(), 0) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    Ok(bytes)
+}
+
+fn dump(family: u8, state_mask: u32, filter: &[u8]) -> io::Result<Vec<TcpSocket>> {
+    let socket = Socket::new(NETLINK_SOCK_DIAG)?;
+    socket.connect(&SocketAddr::new(0, 0))?;
+    socket.send(&request(family, state_mask, filter)?, 0)?;
 
     let mut sockets = Vec::new();
-    let mut buf = vec![0u8; 64 * 1024];
+    let mut buf: Vec<u8> = Vec::with_capacity(RECV_BUFFER);
     loop {
-        // SAFETY: recv writes at most buf.len() bytes into buf.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        let n = usize::try_from(n).unwrap_or(0);
+        buf.clear();
+        let n = match socket.recv(&mut buf, 0) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             return Ok(sockets);
         }
-        match parse(&buf[..n], &mut sockets)? {
+        if n > buf.len() {
+            return Err(io::Error::other(format!(
+                "sock_diag datagram of {n} bytes does not fit the {RECV_BUFFER}-byte buffer"
+            )));
+        }
+        match parse(&buf, &mut sockets)? {
             Parsed::Done => return Ok(sockets),
             Parsed::More => {}
         }
@@ -202,52 +216,43 @@ enum Parsed {
     Done,
 }
 
-fn u16_ne(b: &[u8], at: usize) -> u16 {
-    u16::from_ne_bytes([b[at], b[at + 1]])
+fn invalid(e: impl std::fmt::Display) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("malformed sock_diag reply: {e}"),
+    )
 }
 
-fn u32_ne(b: &[u8], at: usize) -> u32 {
-    u32::from_ne_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
-}
-
-/// Parse one datagram of netlink messages, appending sockets.
+/// Parse one datagram of netlink messages, appending sockets. A socket's
+/// message is read with the crate's `InetResponseHeader` (the fixed
+/// `inet_diag_msg`): the attributes the kernel appends to it are not used,
+/// and parsing them would allocate a list per socket. Every other message
+/// (done, error) goes through the crate's full `NetlinkMessage` parser.
 fn parse(mut data: &[u8], sockets: &mut Vec<TcpSocket>) -> io::Result<Parsed> {
-    while data.len() >= NLMSG_HDRLEN {
-        let len = u32_ne(data, 0) as usize;
-        let kind = u16_ne(data, 4);
-        if len < NLMSG_HDRLEN || len > data.len() {
-            return Err(io::Error::other("truncated sock_diag message"));
-        }
-        let body = &data[NLMSG_HDRLEN..len];
-        match kind {
-            NLMSG_DONE => return Ok(Parsed::Done),
-            NLMSG_ERROR => {
-                let errno = if body.len() >= 4 {
-                    -(u32_ne(body, 0) as i32)
-                } else {
-                    libc::EIO
-                };
-                if errno == 0 {
-                    return Ok(Parsed::Done);
-                }
-                return Err(io::Error::from_raw_os_error(errno));
+    while !data.is_empty() {
+        let message = NetlinkBuffer::new_checked(data).map_err(invalid)?;
+        let len = usize::try_from(message.length()).map_err(invalid)?;
+        if message.message_type() == SOCK_DIAG_BY_FAMILY {
+            let socket = InetResponseHeader::parse(message.payload()).map_err(invalid)?;
+            sockets.push(TcpSocket {
+                local_port: socket.socket_id.source_port,
+                listening: socket.state == TCP_LISTEN,
+                established: socket.state == TCP_ESTABLISHED,
+                inode: u64::from(socket.inode),
+            });
+        } else {
+            let whole = data.get(..len).unwrap_or(data);
+            match NetlinkMessage::<SockDiagMessage>::deserialize(whole)
+                .map_err(invalid)?
+                .payload
+            {
+                NetlinkPayload::Done(_) => return Ok(Parsed::Done),
+                NetlinkPayload::Error(e) if e.code.is_none() => return Ok(Parsed::Done),
+                NetlinkPayload::Error(e) => return Err(e.to_io()),
+                _ => {}
             }
-            SOCK_DIAG_BY_FAMILY if body.len() >= INET_DIAG_MSG_LEN => {
-                let state = body[1];
-                // sockid.sport is big-endian.
-                let local_port = u16::from_be_bytes([body[4], body[5]]);
-                let inode = u64::from(u32_ne(body, 68));
-                sockets.push(TcpSocket {
-                    local_port,
-                    listening: state == TCP_LISTEN,
-                    established: state == TCP_ESTABLISHED,
-                    inode,
-                });
-            }
-            _ => {}
         }
-        let aligned = (len + 3) & !3;
-        data = data.get(aligned..).unwrap_or(&[]);
+        data = data.get(len.next_multiple_of(4)..).unwrap_or(&[]);
     }
     Ok(Parsed::More)
 }
@@ -256,6 +261,10 @@ fn parse(mut data: &[u8], sockets: &mut Vec<TcpSocket>) -> io::Result<Parsed> {
 mod tests {
     use super::*;
     use std::net::TcpListener;
+
+    fn u16_ne(b: &[u8], at: usize) -> u16 {
+        u16::from_ne_bytes([b[at], b[at + 1]])
+    }
 
     #[test]
     fn finds_our_own_listening_socket() {
@@ -357,6 +366,15 @@ mod tests {
         let code = local_port_filter(&many);
         audit(&code);
         assert!(run(&code, 10000) && run(&code, 11198) && !run(&code, 10001));
+    }
+
+    #[test]
+    fn the_kernel_refuses_a_bad_filter_and_the_error_comes_back() {
+        // An operation code the kernel does not know: its audit answers EINVAL
+        // in an NLMSG_ERROR message.
+        let bad = [0xff, BC_JMP_LEN as u8, BC_JMP_LEN as u8, 0];
+        let err = dump(AF_INET, 1 << TCP_LISTEN, &bad).expect_err("the kernel refuses it");
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL), "{err}");
     }
 
     #[test]

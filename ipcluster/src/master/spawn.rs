@@ -10,6 +10,10 @@ use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use rustix::process::{Gid, Uid};
+
+use crate::protocol::env as vars;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SpawnError {
     #[error(
@@ -61,11 +65,6 @@ pub const KEPT_VARIABLES: &[&str] = &[
     "RUST_BACKTRACE",
 ];
 
-/// Variables ipcluster sets itself: `--env` may not name them.
-fn reserved(key: &str) -> bool {
-    key == "PORT" || key.starts_with("IPCLUSTER_")
-}
-
 /// The worker environment taken from `master_env`: [`KEPT_VARIABLES`] and
 /// `LC_*`, then each `--env KEY=VALUE` (or `--env KEY`, the master's value).
 pub fn base_environment(
@@ -95,7 +94,7 @@ pub fn base_environment(
         if key.is_empty() || key.contains('\0') || value.contains('\0') {
             return Err(SpawnError::BadEnv(item.clone(), "not a KEY or KEY=VALUE"));
         }
-        if reserved(&key) {
+        if vars::is_reserved(&key) {
             return Err(SpawnError::BadEnv(
                 item.clone(),
                 "PORT and IPCLUSTER_* are set by ipcluster for each worker",
@@ -244,17 +243,17 @@ impl WorkerSpec {
     pub fn environment(&self) -> Vec<(String, String)> {
         let mut env = Vec::new();
         if let Some((_, first)) = self.ports.first() {
-            env.push(("PORT".into(), first.to_string()));
+            env.push((vars::PORT.into(), first.to_string()));
         }
         for (public, local) in &self.ports {
-            env.push((format!("IPCLUSTER_PORT_{public}"), local.to_string()));
+            env.push((vars::port_var(*public), local.to_string()));
         }
-        env.push(("IPCLUSTER_BAND".into(), self.band.to_string()));
-        env.push(("IPCLUSTER_WORKERS".into(), self.bands.to_string()));
-        env.push(("IPCLUSTER_GENERATION".into(), self.generation.to_string()));
-        env.push(("IPCLUSTER_NAME".into(), self.cluster.clone()));
+        env.push((vars::BAND.into(), self.band.to_string()));
+        env.push((vars::WORKERS.into(), self.bands.to_string()));
+        env.push((vars::GENERATION.into(), self.generation.to_string()));
+        env.push((vars::NAME.into(), self.cluster.clone()));
         env.push((
-            "IPCLUSTER_CONTROL".into(),
+            vars::CONTROL.into(),
             self.control_socket.display().to_string(),
         ));
         env
@@ -288,7 +287,10 @@ pub fn spawn_worker(
     cmd.envs(command.env.iter().map(|(k, v)| (k, v)));
     cmd.envs(spec.environment());
     let dir = CString::new(command.dir.as_os_str().as_encoded_bytes()).ok();
-    let ids = run_as.map(|r| (r.uid, r.gid, r.groups.clone()));
+    let ids = run_as.map(|r| {
+        let groups: Vec<Gid> = r.groups.iter().map(|&g| Gid::from_raw(g)).collect();
+        (Uid::from_raw(r.uid), Gid::from_raw(r.gid), groups)
+    });
     if let Some(r) = run_as
         && let Some(home) = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(r.uid))
             .ok()
@@ -298,25 +300,23 @@ pub fn spawn_worker(
             .env("USER", &r.name)
             .env("LOGNAME", &r.name);
     }
-    // SAFETY: the closure runs in the forked child before exec and only makes
-    // async-signal-safe system calls on data prepared before the fork.
+    // SAFETY: pre_exec is unsafe by std's contract (the closure runs in the
+    // forked child). It only makes system calls, which are async-signal-safe,
+    // on data prepared before the fork (no allocation). rustix's set*id calls
+    // change the calling thread only: the child has no other thread.
     unsafe {
         cmd.pre_exec(move || {
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some((uid, gid, groups)) = &ids
-                && (libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0)
-            {
-                return Err(std::io::Error::last_os_error());
+            rustix::process::setsid()?;
+            if let Some((uid, gid, groups)) = &ids {
+                rustix::thread::set_thread_groups(groups)?;
+                rustix::thread::set_thread_gid(*gid)?;
+                rustix::thread::set_thread_uid(*uid)?;
             }
             // As the worker's user: the run directory if it may enter it.
             if let Some(dir) = &dir
-                && libc::chdir(dir.as_ptr()) != 0
+                && rustix::process::chdir(dir.as_c_str()).is_err()
             {
-                libc::chdir(c"/".as_ptr());
+                let _ = rustix::process::chdir(c"/");
             }
             Ok(())
         });

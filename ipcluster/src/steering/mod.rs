@@ -93,6 +93,9 @@ pub struct Counters {
 pub enum SteeringError {
     #[error(transparent)]
     Table(#[from] TableError),
+    /// The cluster name cannot name a pin folder, a chain or a state directory.
+    #[error(transparent)]
+    ClusterName(#[from] crate::cluster_name::ClusterNameError),
     #[error("{0}")]
     Ebpf(String),
     /// A BPF operation (load, attach, pin, map access) failed.

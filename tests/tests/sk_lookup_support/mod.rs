@@ -18,11 +18,12 @@ use ipcluster::steering::{
 use ipcluster_common::sk_lookup::MAPS;
 use ipcluster_tests::bpf_objects::pin_folder_leftover;
 
-/// Inodes of the LISTEN sockets on `port` in this network namespace
-/// (/proc/net/tcp and tcp6; state 0A is LISTEN).
+/// Inodes of the LISTEN sockets on `port` in this thread's network namespace
+/// (/proc/thread-self/net/tcp and tcp6; state 0A is LISTEN). Not /proc/net:
+/// that is the main thread's namespace, and the test runs in its own.
 pub fn listening_inodes(port: u16) -> Vec<u64> {
     let mut inodes = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+    for table in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
         let Ok(text) = std::fs::read_to_string(table) else {
             continue;
         };

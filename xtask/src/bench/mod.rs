@@ -12,6 +12,7 @@ mod crash;
 mod env;
 mod load;
 mod master_scale;
+mod repeatability;
 mod report;
 
 use std::{
@@ -101,6 +102,8 @@ pub enum Case {
     MasterScale,
     /// How soon a crashed worker's band is steered away and served by its replacement.
     Crash,
+    /// Reload under paced and saturating load, for the backends among `--paths`.
+    Reload,
 }
 
 /// `--case master-scale`.
@@ -108,7 +111,8 @@ pub fn parse_case(name: &str) -> Result<Case> {
     match name.trim() {
         "master-scale" => Ok(Case::MasterScale),
         "crash" => Ok(Case::Crash),
-        other => bail!("unknown case {other:?}: use master-scale or crash"),
+        "reload" => Ok(Case::Reload),
+        other => bail!("unknown case {other:?}: use master-scale, crash or reload"),
     }
 }
 
@@ -434,6 +438,7 @@ pub fn bench(opts: &BenchOptions) -> Result<()> {
         match opts.case {
             Some(Case::MasterScale) => master_scale_case(opts),
             Some(Case::Crash) => crash_case(opts),
+            Some(Case::Reload) => reload_case(opts),
             None => run_cases(opts, &worker_script, scale_test),
         }
     })();
@@ -513,13 +518,17 @@ fn run_cases(
     // then measured in alternation, path order rotated every round, so that a
     // change in the machine's background load falls on every path alike.
     // The kernel's per-program run statistics, on for the bench only.
-    let _bpf_stats = bpf_stats::StatsEnabled::enable()
+    let bpf_stats_on = bpf_stats::StatsEnabled::enable()
         .map_err(|e| figures.errors.push(format!("per-program cost: {e:#}")))
         .ok();
     for workers in [1u16, 4] {
         measure_paths(opts, worker_script, &settings, workers, &mut figures);
         env::check_interrupted()?;
     }
+    // Off again before the reloads and the `BPF_PROG_TEST_RUN` timings: with
+    // the statistics on, every program run also reads the clock twice
+    // (about 100 ns per run on this kind of VM), which is not steering's cost.
+    drop(bpf_stats_on);
 
     // Case 3: reload under load, both backends, the demo worker (it reports its generation).
     for pace in [Some(RELOAD_PACE), None] {
@@ -1038,6 +1047,59 @@ fn crash_case(opts: &BenchOptions) -> Result<Figures> {
     figures.machine = report::describe_machine();
     figures.load_before = env::load_average();
     crash_figures(opts, &mut figures)?;
+    figures.load_after = env::load_average();
+    figures.wall = started.elapsed();
+    Ok(figures)
+}
+
+/// `--case reload`: the reloads under load of the backends among `--paths`,
+/// each second master's log kept in `target/bench/` (it times the reload's
+/// steps: lock take-over, steering install, each worker's readiness, publish).
+fn reload_case(opts: &BenchOptions) -> Result<Figures> {
+    let started = Instant::now();
+    let mut figures = Figures::default();
+    figures.machine = report::describe_machine();
+    figures.load_before = env::load_average();
+    let backends: Vec<&str> = opts
+        .paths
+        .iter()
+        .filter_map(|k| match k {
+            PathKind::Ebpf => Some("ebpf"),
+            PathKind::SkLookup => Some("sk-lookup"),
+            PathKind::Iptables => Some("iptables"),
+            _ => None,
+        })
+        .collect();
+    for pace in [Some(RELOAD_PACE), None] {
+        for &backend in &backends {
+            env::check_interrupted()?;
+            let load = if pace.is_some() {
+                "paced"
+            } else {
+                "saturating"
+            };
+            say(
+                "bench",
+                &format!("reload under {load} load, {backend} backend"),
+            );
+            match reload_under_load(opts, backend, pace) {
+                Ok(r) => figures.reloads.push(r),
+                Err(e) => figures
+                    .errors
+                    .push(format!("reload ({backend}, {load} load): {e:#}")),
+            }
+            let log = PathBuf::from(WORK_DIR).join(format!("reload-{backend}-second.log"));
+            let kept =
+                PathBuf::from("target/bench").join(format!("reload-{backend}-{load}-master.log"));
+            if let Err(e) =
+                std::fs::create_dir_all("target/bench").and_then(|()| std::fs::copy(&log, &kept))
+            {
+                figures
+                    .errors
+                    .push(format!("keeping {}: {e}", log.display()));
+            }
+        }
+    }
     figures.load_after = env::load_average();
     figures.wall = started.elapsed();
     Ok(figures)

@@ -515,6 +515,7 @@ impl Figures {
             }
             md.push('\n');
         }
+        md.push_str(&super::repeatability::markdown(&self.single));
         md.push_str(&self.breakdown_markdown(false));
         md.push_str(&self.counters_markdown(false));
         let _ = writeln!(
@@ -705,6 +706,7 @@ impl Figures {
                 let _ = writeln!(md, "| {what} | {cost} | {how} |");
             }
         }
+        md.push_str(&self.packet_kinds_markdown());
         let _ = writeln!(
             md,
             "\nCaveats: with `repeat` the kernel reruns the program on the same buffer, so a packet the \
@@ -719,10 +721,11 @@ impl Figures {
             let (name, rest) = l.split_once(' ').unwrap_or((l, ""));
             if let Some(program) = name.strip_prefix("verifier_") {
                 rows.push(format!(
-                    "| verifier, {program} | {} instructions processed; {} bytes translated, {} bytes JITed |",
+                    "| verifier, {program} | {} instructions processed; {} bytes translated, {} bytes JITed; loaded in {} ms |",
                     field(rest, "verified_insns").unwrap_or("?"),
                     field(rest, "xlated_bytes").unwrap_or("?"),
-                    field(rest, "jited_bytes").unwrap_or("?")
+                    field(rest, "jited_bytes").unwrap_or("?"),
+                    field(rest, "load_ms").unwrap_or("?")
                 ));
             } else if name == "flow_table_memory" {
                 rows.push(format!(
@@ -750,6 +753,69 @@ impl Figures {
         }
         if !rows.is_empty() {
             let _ = writeln!(md, "| measurement | figures |\n|---|---|");
+            for r in rows {
+                let _ = writeln!(md, "{r}");
+            }
+        }
+        md
+    }
+
+    /// Per-packet cost by kind (`packet_kind_*` lines of bench_scale).
+    fn packet_kinds_markdown(&self) -> String {
+        let mut md = String::new();
+        let rows: Vec<String> = [
+            (
+                "packet_kind_ingress_syn_new",
+                "ingress: SYN of a new connection (flow recorded, port rewritten)",
+            ),
+            (
+                "packet_kind_ingress_syn_known",
+                "ingress: SYN whose flow is recorded (retransmission, second hook)",
+            ),
+            (
+                "packet_kind_ingress_ack_steered",
+                "ingress: ACK of a steered flow (flow hit, port rewritten)",
+            ),
+            (
+                "packet_kind_egress_restore",
+                "egress: reply of a steered flow (public port restored)",
+            ),
+            (
+                "packet_kind_ingress_other_tcp",
+                "ingress: TCP not for a service (passes)",
+            ),
+            (
+                "packet_kind_egress_other_tcp",
+                "egress: TCP not from a worker port (passes)",
+            ),
+            ("packet_kind_ingress_udp", "ingress: UDP (passes)"),
+        ]
+        .iter()
+        .filter_map(|(name, what)| {
+            let r = self.scale_line(name, |_| true)?;
+            let ns = field(r, "ns").unwrap_or("?");
+            let how = match field(r, "floor_ns") {
+                Some(floor) => format!(
+                    "single runs: median {} ns less the harness floor {floor} ns",
+                    field(r, "single_median_ns").unwrap_or("?")
+                ),
+                None => format!(
+                    "min of 25 batches with repeat (median {} ns; {})",
+                    field(r, "median_ns").unwrap_or("?"),
+                    field(r, "method").unwrap_or("?")
+                ),
+            };
+            Some(format!("| {what} | **{ns} ns** | {how} |"))
+        })
+        .collect();
+        if !rows.is_empty() {
+            let _ = writeln!(
+                md,
+                "\nBy packet kind (`BPF_PROG_TEST_RUN` with `repeat`, run statistics off; a ping-pong table \
+                 keeps a rewritten packet on the path measured, and the programs' counters check every run's \
+                 path; the minimum of 25 batches is the figure least disturbed by other work):\n"
+            );
+            let _ = writeln!(md, "| packet | ns per packet | how |\n|---|---|---|");
             for r in rows {
                 let _ = writeln!(md, "{r}");
             }
@@ -1018,6 +1084,37 @@ mod tests {
         assert_eq!(parse_wrk_errors(out), 0);
         let bad = "  Socket errors: connect 3, read 2, write 0, timeout 1\n  Non-2xx or 3xx responses: 4\n";
         assert_eq!(parse_wrk_errors(bad), 10);
+    }
+
+    #[test]
+    fn packet_kinds_are_reported_from_bench_scale_lines() {
+        let figures = Figures {
+            scale: vec![
+            "packet_kind_ingress_ack_steered kind=ack ns=229 median_ns=232 method=repeat=40000x25"
+                .into(),
+            "packet_kind_ingress_syn_new kind=syn_new ns=845 single_median_ns=922 floor_ns=77 \
+             method=single_runs=2000"
+                .into(),
+            "verifier_ipcluster_ingress verified_insns=122072 xlated_bytes=52488 \
+             jited_bytes=31057 load_ms=442.5"
+                .into(),
+            ],
+            ..Figures::default()
+        };
+        let md = figures.scale_markdown();
+        assert!(md.contains("| ingress: ACK of a steered flow (flow hit, port rewritten) | **229 ns** | min of 25 batches with repeat (median 232 ns; repeat=40000x25) |"), "{md}");
+        assert!(
+            md.contains("**845 ns** | single runs: median 922 ns less the harness floor 77 ns"),
+            "{md}"
+        );
+        assert!(
+            md.contains("122072 instructions processed") && md.contains("loaded in 442.5 ms"),
+            "{md}"
+        );
+        assert!(
+            !md.contains("| packet_kind_"),
+            "a by-kind line fell into the generic rows: {md}"
+        );
     }
 
     #[test]

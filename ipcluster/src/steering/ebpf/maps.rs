@@ -10,7 +10,8 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 
 use aya::Ebpf;
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::Pod;
+use aya::maps::{Array, HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
 use ipcluster_common::{ACTIVE_PUBLISHED, HISTORY, history_index};
 use ipcluster_common::{
     BandShape, COUNTER_COUNT, Counter, FAMILY_V4, FAMILY_V6, FlowKey, FlowValue, MAX_BANDS,
@@ -18,7 +19,7 @@ use ipcluster_common::{
     ServiceKey, ServiceValue, WorkerPortValue, map_names, port_bit, steering_index,
 };
 
-use super::bpf_error;
+use super::{batch, bpf_error};
 use crate::steering::{Counters, ServiceRoute, SteeringError, SteeringTable};
 
 /// Typed handles on every map of one cluster. The sk-lookup backend uses
@@ -291,38 +292,57 @@ impl SteeringMaps {
         // The port bitmap first (tc maps): a set bit only sends packets on to
         // the lookups below, which decide.
         if let Some(tc) = &mut self.tc {
+            let mut words: BTreeMap<u32, u32> = BTreeMap::new();
             for route in &table.services {
-                tc.mark_port(PORT_KIND_PUBLIC, route.listen.port())?;
+                let (index, bit) = port_bit(PORT_KIND_PUBLIC, route.listen.port());
+                *words.entry(index).or_default() |= bit;
                 for &port in &route.worker_ports {
-                    tc.mark_port(PORT_KIND_WORKER, port)?;
+                    let (index, bit) = port_bit(PORT_KIND_WORKER, port);
+                    *words.entry(index).or_default() |= bit;
                 }
+            }
+            for (index, bits) in words {
+                tc.mark_ports(index, bits)?;
             }
         }
         // The idle slot: worker ports first, then the worker-port index, then
         // the band shapes; nothing here is read before the flip.
+        // Each map is written by one batch call where the kernel has them,
+        // else (and for what a failed batch left) entry by entry.
+        let mut steering: Vec<(u32, u32)> = Vec::new();
+        let mut worker_ports: Vec<(u32, WorkerPortValue)> = Vec::new();
         for (route, value) in table.services.iter().zip(&values) {
             for (band, &port) in route.worker_ports.iter().enumerate() {
-                let index = steering_index(idle, value.index, band as u32);
-                self.steering
-                    .set(index, u32::from(port), 0)
-                    .map_err(map_err(format!("writing steering entry {index}")))?;
+                steering.push((
+                    steering_index(idle, value.index, band as u32),
+                    u32::from(port),
+                ));
+                worker_ports.push((
+                    u32::from(port),
+                    WorkerPortValue {
+                        service: value.index as u16,
+                        public_port: route.listen.port(),
+                    },
+                ));
             }
-            if self.tc.is_none() {
-                continue;
-            }
-            for &port in &route.worker_ports {
-                let entry = WorkerPortValue {
-                    service: value.index as u16,
-                    public_port: route.listen.port(),
-                };
+        }
+        let rest = batch_rest(self.steering.map(), &steering);
+        for &(index, port) in rest {
+            self.steering
+                .set(index, port, 0)
+                .map_err(map_err(format!("writing steering entry {index}")))?;
+        }
+        if let Some(tc) = &self.tc {
+            let rest = batch_rest(tc.worker_ports.map(), &worker_ports);
+            for &(port, entry) in rest {
                 let Some(tc) = &mut self.tc else { continue };
-                if tc.worker_ports.insert(u32::from(port), entry, 0).is_err() {
+                if tc.worker_ports.insert(port, entry, 0).is_err() {
                     // Full: forget ports nothing uses any more, then retry.
                     let live = self.live_worker_ports()?;
                     let Some(tc) = &mut self.tc else { continue };
                     tc.collect_worker_ports(&live);
                     tc.worker_ports
-                        .insert(u32::from(port), entry, 0)
+                        .insert(port, entry, 0)
                         .map_err(map_err(format!(
                             "recording worker port {port} (the map holds {MAX_WORKER_PORTS})"
                         )))?;
@@ -478,12 +498,13 @@ impl TcMaps {
         values: &[ServiceValue],
     ) -> Result<(), SteeringError> {
         let mut shapes = [BandShape::default(); MAX_SERVICES as usize];
+        let mut history: Vec<(u32, u32)> = Vec::new();
         for (position_in_table, (route, value)) in table.services.iter().zip(values).enumerate() {
             for (band, &port) in route.worker_ports.iter().enumerate() {
-                let index = history_index(position, value.index, band as u32);
-                self.history
-                    .set(index, u32::from(port), 0)
-                    .map_err(map_err(format!("writing history entry {index}")))?;
+                history.push((
+                    history_index(position, value.index, band as u32),
+                    u32::from(port),
+                ));
             }
             if let Some(shape) = shapes.get_mut(value.index as usize) {
                 *shape = BandShape {
@@ -494,29 +515,54 @@ impl TcMaps {
                 };
             }
         }
-        for (index, shape) in shapes.iter().enumerate() {
-            let at = position * MAX_SERVICES + index as u32;
+        for &(index, port) in batch_rest(self.history.map(), &history) {
+            self.history
+                .set(index, port, 0)
+                .map_err(map_err(format!("writing history entry {index}")))?;
+        }
+        let shapes: Vec<(u32, BandShape)> = shapes
+            .iter()
+            .enumerate()
+            .map(|(index, shape)| (position * MAX_SERVICES + index as u32, *shape))
+            .collect();
+        for &(at, shape) in batch_rest(self.history_shapes.map(), &shapes) {
             self.history_shapes
-                .set(at, *shape, 0)
+                .set(at, shape, 0)
                 .map_err(map_err(format!("writing history shape {at}")))?;
         }
         Ok(())
     }
 
-    /// Set the bit of `port` of `kind` in the `ports` bitmap (bits are never
+    /// Set `bits` in word `index` of the `ports` bitmap (bits are never
     /// cleared: a stale bit costs a hash lookup, a missing one a connection).
-    fn mark_port(&mut self, kind: u32, port: u16) -> Result<(), SteeringError> {
-        let (index, bit) = port_bit(kind, port);
+    /// One read per word, and a write only when a bit is new.
+    fn mark_ports(&mut self, index: u32, bit: u32) -> Result<(), SteeringError> {
         let word = self
             .ports
             .get(&index, 0)
             .map_err(map_err(format!("reading the port bitmap entry {index}")))?;
-        if word & bit == 0 {
+        if word & bit != bit {
             self.ports
                 .set(index, word | bit, 0)
                 .map_err(map_err(format!("writing the port bitmap entry {index}")))?;
         }
         Ok(())
+    }
+}
+
+/// Write `entries` with one batch call; what it did not write (everything
+/// when the kernel has no batch updates for this map) is left to the caller,
+/// which writes it entry by entry and reports errors entry by entry.
+fn batch_rest<'a, K: Pod, V: Pod>(map: &MapData, entries: &'a [(K, V)]) -> &'a [(K, V)] {
+    match batch::update(map, entries) {
+        Ok(()) => &[],
+        Err((e, written)) => {
+            log::debug!(
+                "batch update of {} map entries stopped after {written}: {e}; writing the rest one by one",
+                entries.len()
+            );
+            &entries[written..]
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! [`Steering::teardown`] removes them.
 
 pub mod attach;
+mod batch;
 pub mod maps;
 pub mod pins;
 

@@ -73,16 +73,11 @@ pub fn ensure_pin_root() -> Result<PathBuf, SteeringError> {
     }
 }
 
-/// The pin folder of `cluster`, refused when the name cannot name one
-/// (both kernel backends pin under it).
+/// The pin folder of `cluster`, refused when the name breaks the cluster-name
+/// rule (both kernel backends pin under it).
 pub fn cluster_pin_dir(cluster: &str) -> Result<PathBuf, SteeringError> {
-    // bpffs names cannot hold a dot; '~' marks temporary folders.
-    if cluster.is_empty() || cluster.contains(['/', '.', '~']) {
-        return Err(SteeringError::Ebpf(format!(
-            "cluster name {cluster:?} cannot name a pin folder"
-        )));
-    }
-    Ok(crate::paths::pin_dir(cluster))
+    let cluster = crate::cluster_name::ClusterName::new(cluster)?;
+    Ok(crate::paths::pin_dir(&cluster))
 }
 
 /// The error for a cluster whose pin folder holds no maps to steer with.

@@ -40,12 +40,7 @@ pub struct IptablesSteering {
 
 impl IptablesSteering {
     pub fn new(config: SteeringConfig) -> Result<Self, SteeringError> {
-        if !rules::is_plain_cluster_name(&config.cluster) {
-            return Err(SteeringError::Iptables(format!(
-                "cluster name {:?} cannot name iptables rules: use 1 to 64 letters, digits, '-', '_' or '.'",
-                config.cluster
-            )));
-        }
+        crate::cluster_name::ClusterName::new(&config.cluster)?;
         let chain = chain_name(&config.cluster);
         Ok(Self { config, chain })
     }

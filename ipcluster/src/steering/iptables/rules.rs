@@ -45,15 +45,6 @@ fn fnv1a32(bytes: &[u8]) -> u32 {
     })
 }
 
-/// Whether `cluster` can be written into a rule comment unquoted-safe:
-/// 1 to 64 of letters, digits, '-', '_', '.'.
-pub fn is_plain_cluster_name(cluster: &str) -> bool {
-    (1..=64).contains(&cluster.len())
-        && cluster
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
-
 /// The address family: `iptables` or `ip6tables`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Family {

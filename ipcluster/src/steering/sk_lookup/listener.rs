@@ -9,6 +9,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
 use nix::sys::socket::{SockaddrLike, SockaddrStorage, getsockname};
+use rustix::net::sockopt::{socket_acceptconn, socket_protocol};
+use rustix::process::{Pid, PidfdFlags, PidfdGetfdFlags};
 
 use crate::steering::{SteeringError, WorkerListener};
 
@@ -85,39 +87,13 @@ fn find_fd(l: &WorkerListener) -> Result<(i32, i32), SteeringError> {
 
 /// Duplicate fd `fd` of process `pid` into this process.
 fn pidfd_getfd(pid: i32, fd: i32) -> std::io::Result<OwnedFd> {
-    // SAFETY: plain syscalls with integer arguments; each returned fd is
-    // owned exactly once.
-    unsafe {
-        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
-        if pidfd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let pidfd = OwnedFd::from_raw_fd(pidfd as i32);
-        let dup = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
-        if dup < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(OwnedFd::from_raw_fd(dup as i32))
-    }
-}
-
-fn int_sockopt(fd: &OwnedFd, level: i32, name: i32) -> std::io::Result<i32> {
-    let mut value: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `len` are valid for the kernel to write.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&raw mut value).cast(),
-            &raw mut len,
-        )
-    };
-    if rc < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(value)
+    let pid = Pid::from_raw(pid).ok_or_else(|| std::io::Error::from_raw_os_error(libc::ESRCH))?;
+    let pidfd = rustix::process::pidfd_open(pid, PidfdFlags::empty())?;
+    Ok(rustix::process::pidfd_getfd(
+        &pidfd,
+        fd,
+        PidfdGetfdFlags::empty(),
+    )?)
 }
 
 /// The (device, inode) of a network namespace file.
@@ -125,21 +101,25 @@ fn netns_id(meta: &std::fs::Metadata) -> (u64, u64) {
     (meta.dev(), meta.ino())
 }
 
-/// Is `socket` a TCP listener in this process's network namespace, bound to `l.port`?
+/// Is `socket` a TCP listener in this thread's network namespace, bound to `l.port`?
 fn check(socket: &OwnedFd, l: &WorkerListener) -> Result<(), SteeringError> {
-    let protocol = int_sockopt(socket, libc::SOL_SOCKET, libc::SO_PROTOCOL)
+    let protocol = socket_protocol(socket)
         .map_err(|e| refuse(l, format!("it is not a socket the master can inspect: {e}")))?;
-    let listening = int_sockopt(socket, libc::SOL_SOCKET, libc::SO_ACCEPTCONN)
+    let listening = socket_acceptconn(socket)
         .map_err(|e| refuse(l, format!("reading SO_ACCEPTCONN failed: {e}")))?;
-    if protocol != libc::IPPROTO_TCP || listening == 0 {
+    if protocol != Some(rustix::net::ipproto::TCP) || !listening {
         return Err(refuse(
             l,
             format!(
-                "the socket is not a listening TCP socket (protocol {protocol}, SO_ACCEPTCONN {listening})"
+                "the socket is not a listening TCP socket (protocol {}, SO_ACCEPTCONN {})",
+                protocol.map_or(0, |p| p.as_raw().get()),
+                u8::from(listening)
             ),
         ));
     }
-    // SAFETY: SIOCGSKNS takes no argument and returns a new fd (or -1).
+    // SAFETY: SIOCGSKNS takes no argument and returns a new fd (or -1). Raw
+    // because neither nix nor rustix wraps this ioctl (rustix's generic
+    // `ioctl` is as unsafe and needs an `Ioctl` impl for one call).
     let ns = unsafe { libc::ioctl(socket.as_raw_fd(), SIOCGSKNS as _) };
     if ns < 0 {
         let e = std::io::Error::last_os_error();
@@ -153,8 +133,11 @@ fn check(socket: &OwnedFd, l: &WorkerListener) -> Result<(), SteeringError> {
     let theirs = ns
         .metadata()
         .map_err(|e| refuse(l, format!("reading the socket's network namespace: {e}")))?;
-    let ours = std::fs::metadata("/proc/self/ns/net")
-        .map_err(|e| refuse(l, format!("reading /proc/self/ns/net: {e}")))?;
+    // The calling thread's namespace (the one the program is attached to):
+    // /proc/self is the main thread's, which differs in a test that moved
+    // its thread into a namespace of its own.
+    let ours = std::fs::metadata("/proc/thread-self/ns/net")
+        .map_err(|e| refuse(l, format!("reading /proc/thread-self/ns/net: {e}")))?;
     if netns_id(&theirs) != netns_id(&ours) {
         return Err(refuse(
             l,

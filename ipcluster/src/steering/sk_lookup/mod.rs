@@ -270,8 +270,11 @@ fn attach(ebpf: &mut Ebpf, pin: &Path) -> Result<(), SteeringError> {
             e,
         )
     })?;
-    let netns = File::open("/proc/self/ns/net").map_err(|source| SteeringError::Io {
-        what: "opening /proc/self/ns/net".into(),
+    // The calling thread's namespace, as for every other backend (tc and
+    // iptables act in the namespace of the thread that runs them); the same
+    // as /proc/self in the master, whose threads share one namespace.
+    let netns = File::open("/proc/thread-self/ns/net").map_err(|source| SteeringError::Io {
+        what: "opening /proc/thread-self/ns/net".into(),
         source,
     })?;
     let id = program.attach(&netns).map_err(|e| {
@@ -307,7 +310,9 @@ fn detach_pinned(pin: &Path) -> Result<(), SteeringError> {
     const BPF_LINK_DETACH: libc::c_long = 34;
     let mut attr = [0u8; 64];
     attr[..4].copy_from_slice(&fd.as_raw_fd().to_ne_bytes());
-    // SAFETY: `attr` is a valid `union bpf_attr` for this command.
+    // SAFETY: `attr` is a valid `union bpf_attr` for this command. Raw
+    // because aya 0.14 has no BPF_LINK_DETACH (dropping its link only closes
+    // an fd), and neither nix nor rustix wraps bpf(2).
     let rc = unsafe { bpf_syscall(BPF_LINK_DETACH, &mut attr) };
     if rc < 0 {
         return Err(SteeringError::Io {
@@ -349,6 +354,8 @@ fn link_fd_from_pin(pin: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
     let mut attr = [0u8; 64];
     attr[..8].copy_from_slice(&(path.as_ptr() as u64).to_ne_bytes());
     // SAFETY: `attr` is a valid `union bpf_attr`; `path` outlives the call.
+    // Raw because aya's `PinnedLink::from_pin` keeps the fd private, and the
+    // detach above needs it.
     let fd = unsafe { bpf_syscall(BPF_OBJ_GET, &mut attr) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
