@@ -597,6 +597,8 @@ mod tests {
             aware: true,
             last_ping_ago: Some(0.123_456_789),
             reason: reason.map(str::to_owned),
+            stats: serde_json::Value::Null,
+            app: serde_json::Value::Null,
         };
         let workers: Vec<WorkerStatus> = (0..bands)
             .map(|i| worker(i, crate::policy::WorkerState::Live, None))

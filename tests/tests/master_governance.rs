@@ -1131,6 +1131,7 @@ mod ebpf_only {
 
     #[test]
     fn status_shows_what_workers_report() {
+        let _netns = ipcluster_tests::NetNsGuard::enter();
         super::status_shows_what_workers_report();
     }
 
