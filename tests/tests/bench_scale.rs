@@ -470,6 +470,7 @@ fn counters(maps: &SteeringMaps) -> ipcluster::steering::Counters {
 /// rewrite every time, and so on).
 #[test]
 fn per_packet_cost_by_kind() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     const REPEAT: u32 = 40_000;
     let (ebpf, maps) = load_ping_pong();
     let ingress = classifier(&ebpf, program_names::INGRESS);
