@@ -8,7 +8,8 @@
 //!
 //! Framing: newline-delimited JSON objects over a Unix stream socket in the
 //! cluster's state directory, each object with a `type`, each line at most
-//! [`MAX_LINE`] bytes. The master reads with tokio-util's `LinesCodec`
+//! [`MAX_LINE`] bytes — except the master's replies to operators, at most
+//! [`MAX_REPLY`] (a `status` of a large cluster). The master reads with tokio-util's `LinesCodec`
 //! ([`LineCodec`]); blocking clients read with [`LineReader`], which runs the
 //! same codec; every writer builds its lines with [`to_line`]. The master
 //! identifies a peer by `SO_PEERCRED`, never by a pid in a message.
@@ -53,24 +54,46 @@ pub mod env {
 }
 
 /// The longest line, in bytes without its newline, that anyone on the control
-/// socket sends or accepts, in either direction. The master closes the
-/// connection of a peer that sends a longer line; clients refuse a longer
-/// reply; [`to_line`] refuses to build one. Sized for the largest line, the
-/// `status` reply (at most about 270 bytes per worker: two full generations
-/// of 256 bands take 133 KiB), while bounding what the master buffers per peer.
+/// socket sends or accepts — except the master's replies to operators
+/// ([`MAX_REPLY`]). The master closes the connection of a peer that sends a
+/// longer line; [`to_line`] refuses to build one. It bounds what the master
+/// buffers per peer.
 pub const MAX_LINE: usize = 256 * 1024;
+
+/// The longest reply the master sends to an operator's request (and the CLI
+/// accepts): a `status` of two full generations of 256 bands takes about
+/// 140 KiB, plus up to 2 × [`MAX_REPORTED`] per worker for what workers
+/// report. Only the master writes such lines, so nobody buffers this much
+/// for a stranger.
+pub const MAX_REPLY: usize = 4 * 1024 * 1024;
+
+/// The most of a worker's `stats` or `app` (as compact JSON) the master keeps
+/// and shows in `status`: a larger object is replaced by
+/// `{"omitted_bytes": N}`, so that one chatty worker cannot make `status`
+/// too large to send.
+pub const MAX_REPORTED: usize = 1024;
+
+/// What the master keeps of a worker's `stats` or `app`: the value itself, or
+/// `{"omitted_bytes": N}` when its compact JSON is longer than
+/// [`MAX_REPORTED`] bytes.
+pub fn reported(value: serde_json::Value) -> serde_json::Value {
+    let len = serde_json::to_string(&value).map_or(usize::MAX, |s| s.len());
+    if len <= MAX_REPORTED {
+        value
+    } else {
+        serde_json::json!({ "omitted_bytes": len })
+    }
+}
 
 /// Why a line was not read or not sent.
 #[derive(Debug, thiserror::Error)]
 pub enum LineError {
-    #[error("a line longer than {MAX_LINE} bytes, the control protocol's limit")]
-    TooLong,
+    #[error("a line longer than {max} bytes, the control protocol's limit")]
+    TooLong { max: usize },
     #[error("a line that is not UTF-8")]
     NotUtf8,
-    #[error(
-        "a message of {0} bytes is longer than the control protocol's limit of {MAX_LINE} bytes"
-    )]
-    MessageTooLong(usize),
+    #[error("a message of {len} bytes is longer than the control protocol's limit of {max} bytes")]
+    MessageTooLong { len: usize, max: usize },
     #[error("cannot write the message as JSON: {0}")]
     Json(#[from] serde_json::Error),
     #[error(transparent)]
@@ -80,18 +103,25 @@ pub enum LineError {
 /// One message as one line (without its newline), or an error when it would
 /// be longer than [`MAX_LINE`]. Compact JSON never holds a raw newline.
 pub fn to_line<T: Serialize>(message: &T) -> Result<String, LineError> {
+    line_within(message, MAX_LINE)
+}
+
+fn line_within<T: Serialize>(message: &T, max: usize) -> Result<String, LineError> {
     let line = serde_json::to_string(message)?;
-    if line.len() > MAX_LINE {
-        return Err(LineError::MessageTooLong(line.len()));
+    if line.len() > max {
+        return Err(LineError::MessageTooLong {
+            len: line.len(),
+            max,
+        });
     }
     Ok(line)
 }
 
-/// The line to answer with: `message`, or, when it does not fit in a line, an
-/// `error` reply that says so (with the reason, for the log): a peer waiting
-/// for an answer gets one it can read.
+/// The line to answer an operator with: `message`, or, when it is longer than
+/// [`MAX_REPLY`], an `error` reply that says so (with the reason, for the
+/// log): a peer waiting for an answer gets one it can read.
 pub fn reply_line<T: Serialize>(message: &T) -> (String, Option<LineError>) {
-    match to_line(message) {
+    match line_within(message, MAX_REPLY) {
         Ok(line) => (line, None),
         Err(e) => {
             let reply = AdminReply::Error {
@@ -104,21 +134,35 @@ pub fn reply_line<T: Serialize>(message: &T) -> (String, Option<LineError>) {
     }
 }
 
-/// The framing: tokio-util's `LinesCodec` with the [`MAX_LINE`] limit. A
-/// trailing `\r` is dropped. After [`LineError::TooLong`] it skips the rest of
-/// that line; after [`LineError::NotUtf8`] the next line decodes normally.
+/// The framing: tokio-util's `LinesCodec` with a limit ([`MAX_LINE`] unless
+/// said otherwise). A trailing `\r` is dropped. After [`LineError::TooLong`]
+/// it skips the rest of that line; after [`LineError::NotUtf8`] the next line
+/// decodes normally.
 #[derive(Debug)]
-pub struct LineCodec(LinesCodec);
+pub struct LineCodec {
+    codec: LinesCodec,
+    max: usize,
+}
 
 impl Default for LineCodec {
     fn default() -> Self {
-        LineCodec(LinesCodec::new_with_max_length(MAX_LINE))
+        LineCodec::with_max(MAX_LINE)
     }
 }
 
-fn line_error(e: LinesCodecError) -> LineError {
+impl LineCodec {
+    /// Lines of at most `max` bytes.
+    pub fn with_max(max: usize) -> Self {
+        LineCodec {
+            codec: LinesCodec::new_with_max_length(max),
+            max,
+        }
+    }
+}
+
+fn line_error(e: LinesCodecError, max: usize) -> LineError {
     match e {
-        LinesCodecError::MaxLineLengthExceeded => LineError::TooLong,
+        LinesCodecError::MaxLineLengthExceeded => LineError::TooLong { max },
         // The only I/O error the codec itself makes: the line was not UTF-8.
         LinesCodecError::Io(e) if e.kind() == io::ErrorKind::InvalidData => LineError::NotUtf8,
         LinesCodecError::Io(e) => LineError::Io(e),
@@ -130,11 +174,13 @@ impl Decoder for LineCodec {
     type Error = LineError;
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<String>, LineError> {
-        self.0.decode(buf).map_err(line_error)
+        self.codec.decode(buf).map_err(|e| line_error(e, self.max))
     }
 
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<String>, LineError> {
-        self.0.decode_eof(buf).map_err(line_error)
+        self.codec
+            .decode_eof(buf)
+            .map_err(|e| line_error(e, self.max))
     }
 }
 
@@ -152,10 +198,20 @@ pub struct LineReader<R> {
 }
 
 impl<R: Read> LineReader<R> {
+    /// Lines of at most [`MAX_LINE`] bytes.
     pub fn new(reader: R) -> Self {
+        LineReader::with_max(reader, MAX_LINE)
+    }
+
+    /// The master's replies to an operator: at most [`MAX_REPLY`] bytes.
+    pub fn for_replies(reader: R) -> Self {
+        LineReader::with_max(reader, MAX_REPLY)
+    }
+
+    fn with_max(reader: R, max: usize) -> Self {
         LineReader {
             reader,
-            codec: LineCodec::default(),
+            codec: LineCodec::with_max(max),
             buf: BytesMut::new(),
             eof: false,
         }
@@ -569,7 +625,7 @@ mod tests {
         };
         let e = to_line(&over).expect_err("over the limit");
         assert!(
-            matches!(e, LineError::MessageTooLong(n) if n > MAX_LINE),
+            matches!(e, LineError::MessageTooLong { len, max: MAX_LINE } if len > MAX_LINE),
             "{e}"
         );
         assert!(e.to_string().contains(&MAX_LINE.to_string()), "{e}");
@@ -597,8 +653,9 @@ mod tests {
             aware: true,
             last_ping_ago: Some(0.123_456_789),
             reason: reason.map(str::to_owned),
-            stats: serde_json::Value::Null,
-            app: serde_json::Value::Null,
+            // The most the master keeps of what a worker reports.
+            stats: reported(serde_json::json!({ "s": "x".repeat(MAX_REPORTED - 8) })),
+            app: reported(serde_json::json!({ "a": "y".repeat(MAX_REPORTED - 8) })),
         };
         let workers: Vec<WorkerStatus> = (0..bands)
             .map(|i| worker(i, crate::policy::WorkerState::Live, None))
@@ -633,21 +690,27 @@ mod tests {
             cluster_rss: 1 << 40,
             limits: None,
         };
-        let line = to_line(&report).expect("fits");
+        assert!(report.workers[0].stats.get("s").is_some(), "kept whole");
+        let (line, refused) = reply_line(&report);
+        assert!(refused.is_none(), "{refused:?}");
         assert!(
-            line.len() < MAX_LINE * 3 / 4,
+            line.len() < MAX_REPLY * 3 / 4,
             "{} bytes for {} workers",
             line.len(),
             report.workers.len()
         );
-        assert_eq!(reply_line(&report).0, line);
-
-        // Twice as many generations do not fit: the answer says so instead.
+        // Far more workers than a cluster can have do not fit: the answer
+        // says so instead.
         let mut huge = report.clone();
-        huge.workers.extend(report.workers.iter().cloned());
+        for _ in 0..3 {
+            huge.workers.extend(report.workers.iter().cloned());
+        }
         let (answer, error) = reply_line(&huge);
         assert!(
-            matches!(error, Some(LineError::MessageTooLong(_))),
+            matches!(
+                error,
+                Some(LineError::MessageTooLong { max: MAX_REPLY, .. })
+            ),
             "{error:?}"
         );
         let AdminReply::Error { message } = serde_json::from_str(&answer).expect("an error reply")
@@ -655,8 +718,24 @@ mod tests {
             panic!("not an error reply: {answer}");
         };
         assert!(
-            message.contains(&format!("limit of {MAX_LINE} bytes")),
+            message.contains(&format!("limit of {MAX_REPLY} bytes")),
             "{message}"
         );
+    }
+
+    #[test]
+    fn what_workers_report_is_kept_up_to_the_limit() {
+        let at_limit = serde_json::json!({ "k": "v".repeat(MAX_REPORTED - 8) });
+        assert_eq!(
+            serde_json::to_string(&at_limit).map(|s| s.len()).ok(),
+            Some(MAX_REPORTED)
+        );
+        assert_eq!(reported(at_limit.clone()), at_limit);
+        let over = serde_json::json!({ "k": "v".repeat(MAX_REPORTED - 7) });
+        assert_eq!(
+            reported(over),
+            serde_json::json!({ "omitted_bytes": MAX_REPORTED + 1 })
+        );
+        assert_eq!(reported(serde_json::Value::Null), serde_json::Value::Null);
     }
 }

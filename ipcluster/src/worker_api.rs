@@ -463,7 +463,9 @@ impl Shared {
     /// Write one message as one line on the current connection.
     fn send(&self, message: &WorkerMessage) -> io::Result<()> {
         let mut line = protocol::to_line(message).map_err(|e| match e {
-            LineError::MessageTooLong(_) => io::Error::new(ErrorKind::InvalidInput, e.to_string()),
+            LineError::MessageTooLong { .. } => {
+                io::Error::new(ErrorKind::InvalidInput, e.to_string())
+            }
             other => io::Error::other(other),
         })?;
         line.push('\n');

@@ -69,7 +69,7 @@ fn request_at(
     let mut line = protocol::to_line(request).map_err(|e| io(std::io::Error::other(e)))?;
     line.push('\n');
     stream.write_all(line.as_bytes()).map_err(io)?;
-    let reply = match LineReader::new(&stream).read_line() {
+    let reply = match LineReader::for_replies(&stream).read_line() {
         Ok(Some(reply)) if !reply.trim().is_empty() => reply,
         Ok(_) => return Err(ClientError::NoReply { path: shown }),
         Err(protocol::LineError::Io(source)) => return Err(io(source)),
@@ -239,7 +239,7 @@ mod tests {
     use std::os::unix::net::UnixListener;
 
     use super::*;
-    use crate::protocol::MAX_LINE;
+    use crate::protocol::MAX_REPLY;
 
     /// A master that answers one request with `reply` (and a newline).
     fn answer_with(reply: Vec<u8>) -> Result<String, ClientError> {
@@ -267,13 +267,13 @@ mod tests {
 
     #[test]
     fn replies_are_read_up_to_the_protocol_limit() {
-        let at_limit = answer_with(vec![b'x'; MAX_LINE]).expect("a reply at the limit");
-        assert_eq!(at_limit.len(), MAX_LINE);
-        let e = answer_with(vec![b'x'; MAX_LINE + 1]).expect_err("one byte over");
+        let at_limit = answer_with(vec![b'x'; MAX_REPLY]).expect("a reply at the limit");
+        assert_eq!(at_limit.len(), MAX_REPLY);
+        let e = answer_with(vec![b'x'; MAX_REPLY + 1]).expect_err("one byte over");
         assert!(matches!(e, ClientError::BadReply { .. }), "{e:?}");
         let shown = e.to_string();
         assert!(
-            shown.contains(&format!("a line longer than {MAX_LINE} bytes"))
+            shown.contains(&format!("a line longer than {MAX_REPLY} bytes"))
                 && shown.contains(".sock"),
             "{shown}"
         );

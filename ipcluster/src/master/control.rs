@@ -230,7 +230,7 @@ async fn connection(stream: UnixStream, conn: u64, events: &mpsc::UnboundedSende
                             }
                         }
                         Ok(None) => break,
-                        Err(e @ LineError::TooLong) => {
+                        Err(e @ LineError::TooLong { .. }) => {
                             log::warn!("control socket ({who}): {e}; closing the connection");
                             return;
                         }

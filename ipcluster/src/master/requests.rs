@@ -141,7 +141,7 @@ impl Master {
             }
             WorkerMessage::Ping { busy, stats, app } => {
                 w.last_ping = Some(now);
-                (w.stats, w.app) = (stats, app);
+                (w.stats, w.app) = (protocol::reported(stats), protocol::reported(app));
                 if busy && !w.busy {
                     log::info!("worker {pid} (band {}) says it is busy", w.band);
                 }
