@@ -207,6 +207,7 @@ fn worker_port_index(cluster: &str) -> std::collections::BTreeMap<u64, u64> {
 /// holds every port of the table in force with its public port.
 #[test]
 fn publishes_fill_and_collect_the_worker_port_index() {
+    let _netns = ipcluster_tests::NetNsGuard::enter();
     let cluster = Cluster::new("wpfull", 16, 0, 4096);
     let mut steering = ebpf(cluster.config.clone());
     assert_eq!(steering.install().expect("install"), None);
