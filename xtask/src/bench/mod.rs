@@ -530,26 +530,8 @@ fn run_cases(
     // (about 100 ns per run on this kind of VM), which is not steering's cost.
     drop(bpf_stats_on);
 
-    // Case 3: reload under load, both backends, the demo worker (it reports its generation).
-    for pace in [Some(RELOAD_PACE), None] {
-        for backend in ["ebpf", "sk-lookup", "iptables"] {
-            let load = if pace.is_some() {
-                "paced"
-            } else {
-                "saturating"
-            };
-            say(
-                "bench",
-                &format!("reload under {load} load, {backend} backend"),
-            );
-            match reload_under_load(opts, backend, pace) {
-                Ok(r) => figures.reloads.push(r),
-                Err(e) => figures
-                    .errors
-                    .push(format!("reload ({backend}, {load} load): {e:#}")),
-            }
-        }
-    }
+    // Case 3: reload under load, every backend, the demo worker (it reports its generation).
+    reload_figures(opts, &["ebpf", "sk-lookup", "iptables"], &mut figures)?;
 
     env::check_interrupted()?;
     // Case 4: scale.
@@ -1070,8 +1052,18 @@ fn reload_case(opts: &BenchOptions) -> Result<Figures> {
             _ => None,
         })
         .collect();
+    reload_figures(opts, &backends, &mut figures)?;
+    figures.load_after = env::load_average();
+    figures.wall = started.elapsed();
+    Ok(figures)
+}
+
+/// Reloads under paced, then saturating load, of `backends`; each second
+/// master's log is kept in `target/bench/` (it times the reload's steps: lock
+/// take-over, steering install, each worker's readiness, publish).
+fn reload_figures(opts: &BenchOptions, backends: &[&str], figures: &mut Figures) -> Result<()> {
     for pace in [Some(RELOAD_PACE), None] {
-        for &backend in &backends {
+        for &backend in backends {
             env::check_interrupted()?;
             let load = if pace.is_some() {
                 "paced"
@@ -1100,9 +1092,7 @@ fn reload_case(opts: &BenchOptions) -> Result<Figures> {
             }
         }
     }
-    figures.load_after = env::load_average();
-    figures.wall = started.elapsed();
-    Ok(figures)
+    Ok(())
 }
 
 /// Crash recovery on every backend (see [`crash`]).
