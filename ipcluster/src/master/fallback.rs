@@ -87,7 +87,7 @@ impl super::Master {
                     w.band,
                     w.generation
                 );
-                if let Err(e) = self.steering.set_band(service, band, to) {
+                if let Err(e) = self.steering().set_band(service, band, to) {
                     log::error!(
                         "band {band} of {}: port {port} has no worker; steering it to {who} \
                          failed: {e}",

@@ -368,7 +368,7 @@ impl super::Master {
                     connections: w.connections,
                 })
                 .collect(),
-            counters: self.steering.counters().ok(),
+            counters: self.steering().counters().ok(),
         }
     }
 }

@@ -219,11 +219,30 @@ struct Peer {
     worker: Option<i32>,
 }
 
+/// The steering backend, shared by the loop and the blocking tasks.
+type SharedSteering = Arc<std::sync::Mutex<Box<dyn Steering>>>;
+
 enum Event {
     Control(ControlEvent),
     WorkerExited(i32),
     /// `GET /metrics` on `--metrics-listen`.
     Scrape(metrics::ScrapeRequest),
+    /// A blocking task wrote (or failed to write) a generation's table.
+    Published(Publication),
+    /// A blocking task carried out `ipcluster stop` asked on `conn`.
+    Stopped {
+        conn: u64,
+        result: Result<String>,
+    },
+}
+
+/// The outcome of writing a generation's table, back on the loop.
+struct Publication {
+    table: SteeringTable,
+    /// The band's ready worker the table points at, by band.
+    ready: BTreeMap<u32, i32>,
+    took: Duration,
+    result: Result<(), steering::SteeringError>,
 }
 
 /// Why the loop ended.
@@ -243,7 +262,13 @@ struct Master {
     core: Supervisor,
     /// Each worker's pidfd: every signal to it goes through it.
     pidfds: HashMap<i32, Arc<OwnedFd>>,
-    steering: Box<dyn Steering>,
+    /// Shared with the blocking task that writes a generation's table (and
+    /// the one that carries out `stop`): the loop never waits for a publish.
+    steering: SharedSteering,
+    /// A generation's table is being written by a blocking task.
+    publishing: bool,
+    /// `stop` is being carried out by a blocking task: nothing else happens.
+    stopping: bool,
     /// The table in force, as we last wrote or read it.
     table: Option<SteeringTable>,
     /// The table found at install, if it fits this generation's shape.
@@ -474,7 +499,9 @@ impl Master {
             generation,
             core,
             pidfds: HashMap::new(),
-            steering,
+            steering: Arc::new(std::sync::Mutex::new(steering)),
+            publishing: false,
+            stopping: false,
             table: previous_table.clone(),
             previous_table: usable_previous,
             published: false,
@@ -512,6 +539,12 @@ impl Master {
             master.cfg.backend
         );
         Ok(master)
+    }
+
+    /// The steering backend. A call waits only while a blocking task writes a
+    /// table (a publish then is one of a reload's first steps).
+    fn steering(&self) -> std::sync::MutexGuard<'_, Box<dyn Steering>> {
+        lock_steering(&self.steering)
     }
 
     fn command_line(&self) -> String {
@@ -649,6 +682,8 @@ impl Master {
     fn handle_event(&mut self, event: Event) {
         match event {
             Event::WorkerExited(pid) => self.on_worker_exit(pid),
+            Event::Published(publication) => self.on_published(publication),
+            Event::Stopped { conn, result } => self.on_stopped(conn, result),
             Event::Scrape(request) => {
                 let text = self.metrics.encode(&self.metrics_snapshot());
                 let _ = request.reply.try_send(text);
@@ -684,7 +719,13 @@ impl Master {
     // ---- spawning and readiness -------------------------------------------------
 
     fn on_tick(&mut self) {
-        self.steering.poll_kernel_log();
+        if self.stopping {
+            return;
+        }
+        // Never wait for a publish in flight for this.
+        if let Ok(mut steering) = self.steering.try_lock() {
+            steering.poll_kernel_log();
+        }
         let now = Instant::now();
         self.spawn_due(now);
         self.check_starting(now);
@@ -931,7 +972,7 @@ impl Master {
     /// previous table of the same shape) when every band is ready or has failed
     /// at least once: those keep their old worker for now.
     fn try_publish(&mut self, now: Instant) {
-        if self.published || now < self.next_publish_try {
+        if self.published || self.publishing || now < self.next_publish_try {
             return;
         }
         let ready: BTreeMap<u32, i32> = self
@@ -978,12 +1019,40 @@ impl Master {
                 return;
             }
         };
-        let all_ready = ready.len() == self.cfg.bands as usize;
-        let started = Instant::now();
-        let published = self.steering.publish(&table);
-        self.metrics
-            .published("table", started.elapsed(), published.is_ok());
-        if let Err(e) = published {
+        // iptables-restore can take long under load: the table is written by a
+        // blocking task, and the rest happens when it reports back
+        // ([`Master::on_published`]): no worker is retired before that.
+        self.publishing = true;
+        let steering = Arc::clone(&self.steering);
+        let events = self.events_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut steering = lock_steering(&steering);
+            let started = Instant::now();
+            let result = steering.publish(&table);
+            let took = started.elapsed();
+            drop(steering);
+            let _ = events.send(Event::Published(Publication {
+                table,
+                ready,
+                took,
+                result,
+            }));
+        });
+    }
+
+    /// The generation's table is in force (or failed to be written): the new
+    /// generation goes live and the workers it no longer steers to retire.
+    fn on_published(&mut self, publication: Publication) {
+        let Publication {
+            table,
+            ready,
+            took,
+            result,
+        } = publication;
+        self.publishing = false;
+        let now = Instant::now();
+        self.metrics.published("table", took, result.is_ok());
+        if let Err(e) = result {
             log::error!(
                 "publishing the table of generation {} failed: {e}; retrying in 1s",
                 self.generation
@@ -991,10 +1060,10 @@ impl Master {
             self.next_publish_try = now + Duration::from_secs(1);
             return;
         }
+        let all_ready = ready.len() == self.cfg.bands as usize;
         log::info!(
-            "published generation {} in {:?}: {}{}",
+            "published generation {} in {took:?}: {}{}",
             self.generation,
-            started.elapsed(),
             describe_table(&table),
             if all_ready {
                 String::new()
@@ -1010,7 +1079,9 @@ impl Master {
         // Measure the new generation at once (status shows it).
         self.core.schedule.next_monitor = now;
         for &pid in ready.values() {
-            if let Some(w) = self.core.workers.get_mut(&pid) {
+            if let Some(w) = self.core.workers.get_mut(&pid)
+                && w.state == WorkerState::Starting
+            {
                 w.state = WorkerState::Live;
             }
         }
@@ -1018,6 +1089,9 @@ impl Master {
         if let Err(e) = self.save_state() {
             log::warn!("{e:#}");
         }
+        // A worker of the table that exited while it was written leaves a
+        // band without a worker: a stand-in serves it at once.
+        self.cover_unserved_bands();
     }
 
     /// A ready worker replaces its band's live worker (crash, health retirement,
@@ -1029,7 +1103,7 @@ impl Master {
         let (band, ports) = (w.band, self.cfg.service_ports(&w.ports));
         for (service, port) in ports.iter().enumerate() {
             let started = Instant::now();
-            let set = self.steering.set_band(service, band, *port);
+            let set = self.steering().set_band(service, band, *port);
             self.metrics
                 .published("band", started.elapsed(), set.is_ok());
             if let Err(e) = set {
@@ -1396,7 +1470,7 @@ impl Master {
     fn clean_up_failed_start(&mut self) {
         self.stop_own_workers();
         if self.fresh {
-            if let Err(e) = self.steering.teardown() {
+            if let Err(e) = self.steering().teardown() {
                 log::warn!("removing the steering failed: {e}");
             }
             if self.created_dir {
@@ -1422,6 +1496,13 @@ impl Master {
         log::warn!("stopping the {} workers this master started", own.len());
         kill::stop_workers(&own, Duration::from_secs(1));
     }
+}
+
+/// A panic in a blocking task leaves the backend as it was: go on with it.
+fn lock_steering(steering: &SharedSteering) -> std::sync::MutexGuard<'_, Box<dyn Steering>> {
+    steering
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn state_name(state: WorkerState) -> &'static str {

@@ -4,12 +4,14 @@
 //! kill-retired and shutdown (root or the master's own user only).
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
 use super::process_tree::ProcessTable;
-use super::{Exit, Master, adopt, identity, kill, own_rss};
+use super::{Event, Exit, Master, SharedSteering, adopt, identity, kill, lock_steering, own_rss};
 use crate::paths;
 use crate::policy::WorkerState;
 use crate::protocol::{
@@ -191,74 +193,61 @@ impl Master {
                 self.exit = Some(Exit::Handover(super::HANDED_OVER.into()));
             }
             AdminRequest::Stop => {
+                if self.stopping {
+                    self.send(
+                        conn,
+                        &AdminReply::Error {
+                            message: "the cluster is being stopped already".into(),
+                        },
+                    );
+                    return;
+                }
                 self.notifier.stopping("ipcluster stop");
-                let message = match self.stop_everything() {
-                    Ok(message) => AdminReply::Ok { message },
-                    Err(e) => AdminReply::Error {
-                        message: format!("{e:#}"),
-                    },
-                };
-                self.send(conn, &message);
-                self.exit = Some(Exit::Stopped);
+                self.begin_stop(conn);
             }
         }
     }
 
-    /// `ipcluster stop`: every worker, the steering, the state directory.
-    fn stop_everything(&mut self) -> Result<String> {
+    /// `ipcluster stop`: every worker, the steering, the state directory, in
+    /// a blocking task (waiting for the workers takes up to the soft-kill
+    /// timeout). From now on the loop supervises nothing: the workers are
+    /// forgotten at once, so that their exits start no replacement.
+    fn begin_stop(&mut self, conn: u64) {
+        self.stopping = true;
         let pids: Vec<i32> = self.core.workers.keys().copied().collect();
         log::info!(
             "stopping cluster {:?}: {} workers",
             self.cfg.name,
             pids.len()
         );
-        let targets: Vec<kill::Target<'_>> = self
-            .pidfds
-            .iter()
-            .map(|(&pid, pidfd)| kill::Target { pid, pidfd })
-            .collect();
-        let killed = kill::stop_workers(&targets, self.cfg.soft_kill_timeout);
-        // Workers of this cluster we did not know of (e.g. spawned by a master that died
-        // while starting them) go too, if they are verifiably ours.
-        let registry = identity::load_registry(&self.cfg.name);
-        let strays: Vec<adopt::Adopted> = ProcessTable::read()
-            .map(|t| {
-                adopt::discover(
-                    &adopt::Expect {
-                        cluster: &self.cfg.name,
-                        registry: registry.as_ref(),
-                        worker_uid: identity::worker_uid(self.cfg.run_as.as_ref()),
-                        newest_generation: Some(self.generation),
-                    },
-                    &t,
-                    &pids,
-                )
-            })
-            .unwrap_or_default();
-        if !strays.is_empty() {
-            let targets: Vec<kill::Target<'_>> = strays
-                .iter()
-                .map(|a| kill::Target {
-                    pid: a.worker.pid,
-                    pidfd: &a.pidfd,
-                })
-                .collect();
-            kill::stop_workers(&targets, self.cfg.soft_kill_timeout);
-        }
+        let plan = StopPlan {
+            name: self.cfg.name.clone(),
+            backend: self.cfg.backend,
+            worker_uid: identity::worker_uid(self.cfg.run_as.as_ref()),
+            generation: self.generation,
+            soft_kill_timeout: self.cfg.soft_kill_timeout,
+            pids,
+            pidfds: self.pidfds.drain().collect(),
+            steering: Arc::clone(&self.steering),
+        };
         self.core.workers.clear();
-        self.pidfds.clear();
-        self.steering
-            .teardown()
-            .with_context(|| format!("removing the {} steering", self.cfg.backend))?;
-        let dir = paths::state_dir(&self.cfg.name);
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        let message = format!(
-            "cluster {:?} stopped: {} workers ended ({killed} needed SIGKILL), steering removed",
-            self.cfg.name,
-            pids.len() + strays.len()
-        );
-        log::info!("{message}");
-        Ok(message)
+        let events = self.events_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let result = plan.carry_out();
+            let _ = events.send(Event::Stopped { conn, result });
+        });
+    }
+
+    /// `stop` is done: answer, and exit.
+    pub(super) fn on_stopped(&mut self, conn: u64, result: Result<String>) {
+        let message = match result {
+            Ok(message) => AdminReply::Ok { message },
+            Err(e) => AdminReply::Error {
+                message: format!("{e:#}"),
+            },
+        };
+        self.send(conn, &message);
+        self.exit = Some(Exit::Stopped);
     }
 
     fn status_report(&self) -> StatusReport {
@@ -271,7 +260,7 @@ impl Master {
             .collect();
         workers.sort_by_key(|w| (std::cmp::Reverse(w.generation), w.band, w.pid));
         let counters = self
-            .steering
+            .steering()
             .counters()
             .map_err(|e| log::debug!("counters: {e}"))
             .ok();
@@ -296,5 +285,71 @@ impl Master {
                 high_watermark: self.cfg.policy.high_watermark(),
             }),
         }
+    }
+}
+
+/// What `stop` needs, moved to the blocking task that carries it out.
+struct StopPlan {
+    name: String,
+    backend: crate::steering::BackendKind,
+    worker_uid: u32,
+    generation: u64,
+    soft_kill_timeout: Duration,
+    pids: Vec<i32>,
+    pidfds: Vec<(i32, Arc<OwnedFd>)>,
+    steering: SharedSteering,
+}
+
+impl StopPlan {
+    /// Blocking: SIGTERM, wait, SIGKILL; then the steering and the state directory.
+    fn carry_out(self) -> Result<String> {
+        let targets: Vec<kill::Target<'_>> = self
+            .pidfds
+            .iter()
+            .map(|(pid, pidfd)| kill::Target {
+                pid: *pid,
+                pidfd: pidfd.as_ref(),
+            })
+            .collect();
+        let killed = kill::stop_workers(&targets, self.soft_kill_timeout);
+        // Workers of this cluster we did not know of (e.g. spawned by a master that died
+        // while starting them) go too, if they are verifiably ours.
+        let registry = identity::load_registry(&self.name);
+        let strays: Vec<adopt::Adopted> = ProcessTable::read()
+            .map(|t| {
+                adopt::discover(
+                    &adopt::Expect {
+                        cluster: &self.name,
+                        registry: registry.as_ref(),
+                        worker_uid: self.worker_uid,
+                        newest_generation: Some(self.generation),
+                    },
+                    &t,
+                    &self.pids,
+                )
+            })
+            .unwrap_or_default();
+        if !strays.is_empty() {
+            let targets: Vec<kill::Target<'_>> = strays
+                .iter()
+                .map(|a| kill::Target {
+                    pid: a.worker.pid,
+                    pidfd: &a.pidfd,
+                })
+                .collect();
+            kill::stop_workers(&targets, self.soft_kill_timeout);
+        }
+        lock_steering(&self.steering)
+            .teardown()
+            .with_context(|| format!("removing the {} steering", self.backend))?;
+        let dir = paths::state_dir(&self.name);
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        let message = format!(
+            "cluster {:?} stopped: {} workers ended ({killed} needed SIGKILL), steering removed",
+            self.name,
+            self.pids.len() + strays.len()
+        );
+        log::info!("{message}");
+        Ok(message)
     }
 }
