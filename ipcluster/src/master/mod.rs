@@ -54,6 +54,7 @@ pub mod spawn;
 pub mod state;
 pub mod status;
 pub mod supervisor;
+mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -219,7 +220,7 @@ struct Peer {
     worker: Option<i32>,
 }
 
-/// The steering backend, shared by the loop and the blocking tasks.
+/// The steering backend, shared by the loop and the steering writer.
 type SharedSteering = Arc<std::sync::Mutex<Box<dyn Steering>>>;
 
 enum Event {
@@ -227,13 +228,67 @@ enum Event {
     WorkerExited(i32),
     /// `GET /metrics` on `--metrics-listen`.
     Scrape(metrics::ScrapeRequest),
-    /// A blocking task wrote (or failed to write) a generation's table.
+    /// The steering writer wrote (or failed to write) a generation's table.
     Published(Publication),
-    /// A blocking task carried out `ipcluster stop` asked on `conn`.
+    /// The steering writer pointed a band at a worker (or failed to).
+    BandSet(BandWrite),
+    /// The steering writer carried out `ipcluster stop` asked on `conn`.
     Stopped {
         conn: u64,
         result: Result<String>,
     },
+}
+
+/// Why a band is pointed at a worker.
+enum BandPurpose {
+    /// The band's ready worker takes it over.
+    Promotion,
+    /// The band's worker is gone; `who` serves it meanwhile.
+    StandIn { who: String, from: u16 },
+}
+
+/// The outcome of pointing a band (of some services) at a worker.
+struct BandWrite {
+    pid: i32,
+    band: u32,
+    /// (service, worker port) in the order written.
+    ports: Vec<(usize, u16)>,
+    /// How long each write took, for those made.
+    took: Vec<Duration>,
+    /// The first failure; the writes before it were made.
+    result: Result<(), steering::SteeringError>,
+    purpose: BandPurpose,
+}
+
+impl BandWrite {
+    /// Point `band` of each service at its port, stopping at the first failure.
+    fn make(
+        steering: &mut dyn Steering,
+        pid: i32,
+        band: u32,
+        ports: Vec<(usize, u16)>,
+        purpose: BandPurpose,
+    ) -> BandWrite {
+        let mut took = Vec::new();
+        let mut result = Ok(());
+        for &(service, port) in &ports {
+            let started = Instant::now();
+            let set = steering.set_band(service, band, port);
+            took.push(started.elapsed());
+            if let Err(e) = set {
+                result = Err(e);
+                break;
+            }
+        }
+        BandWrite {
+            pid,
+            band,
+            ports,
+            took,
+            result,
+            purpose,
+        }
+    }
 }
 
 /// The outcome of writing a generation's table, back on the loop.
@@ -262,12 +317,17 @@ struct Master {
     core: Supervisor,
     /// Each worker's pidfd: every signal to it goes through it.
     pidfds: HashMap<i32, Arc<OwnedFd>>,
-    /// Shared with the blocking task that writes a generation's table (and
-    /// the one that carries out `stop`): the loop never waits for a publish.
+    /// Shared with the steering writer, which makes every write to it: the
+    /// loop reads from it (counters, listeners) and never waits for a write.
     steering: SharedSteering,
-    /// A generation's table is being written by a blocking task.
+    writer: writer::SteeringWriter,
+    /// A generation's table is being written by the steering writer.
     publishing: bool,
-    /// `stop` is being carried out by a blocking task: nothing else happens.
+    /// The ready workers whose band is being pointed at them.
+    promoting: HashSet<i32>,
+    /// The bands (service, band) a stand-in is being steered to.
+    covering: HashSet<(usize, u32)>,
+    /// `stop` is being carried out by the steering writer: nothing else happens.
     stopping: bool,
     /// The table in force, as we last wrote or read it.
     table: Option<SteeringTable>,
@@ -490,6 +550,7 @@ impl Master {
         };
         let usable_previous = previous_table.clone().filter(|t| shape.fits(t));
         let core = Supervisor::new(now, cfg.spawn_delay, cfg.soft_kill_timeout);
+        let steering: SharedSteering = Arc::new(std::sync::Mutex::new(steering));
         let mut master = Master {
             ports: PortAllocator::new(
                 cfg.port_range.clone(),
@@ -499,8 +560,12 @@ impl Master {
             generation,
             core,
             pidfds: HashMap::new(),
-            steering: Arc::new(std::sync::Mutex::new(steering)),
+            writer: writer::SteeringWriter::start(Arc::clone(&steering))
+                .context("starting the steering writer thread")?,
+            steering,
             publishing: false,
+            promoting: HashSet::new(),
+            covering: HashSet::new(),
             stopping: false,
             table: previous_table.clone(),
             previous_table: usable_previous,
@@ -643,6 +708,8 @@ impl Master {
         }
         // Let connection tasks write their last replies.
         tokio::time::sleep(Duration::from_millis(50)).await;
+        // The writes asked for are made before the master exits.
+        self.writer.finish();
         match self.exit.take() {
             Some(Exit::Handover(why)) if self.fresh && !self.published && why == HANDED_OVER => {
                 // A second `run` while this one was still starting: the state
@@ -683,6 +750,7 @@ impl Master {
         match event {
             Event::WorkerExited(pid) => self.on_worker_exit(pid),
             Event::Published(publication) => self.on_published(publication),
+            Event::BandSet(write) => self.on_band_set(write),
             Event::Stopped { conn, result } => self.on_stopped(conn, result),
             Event::Scrape(request) => {
                 let text = self.metrics.encode(&self.metrics_snapshot());
@@ -1019,25 +1087,28 @@ impl Master {
                 return;
             }
         };
-        // iptables-restore can take long under load: the table is written by a
-        // blocking task, and the rest happens when it reports back
+        // iptables-restore can take long under load: the steering writer
+        // writes the table, and the rest happens when it reports back
         // ([`Master::on_published`]): no worker is retired before that.
         self.publishing = true;
-        let steering = Arc::clone(&self.steering);
         let events = self.events_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut steering = lock_steering(&steering);
+        self.write_steering(Box::new(move |steering| {
             let started = Instant::now();
             let result = steering.publish(&table);
-            let took = started.elapsed();
-            drop(steering);
             let _ = events.send(Event::Published(Publication {
                 table,
                 ready,
-                took,
+                took: started.elapsed(),
                 result,
             }));
-        });
+        }));
+    }
+
+    /// Queue a write behind the ones asked for before.
+    fn write_steering(&self, job: writer::Job) {
+        if !self.writer.submit(job) {
+            log::error!("the steering writer is gone: a steering write is lost");
+        }
     }
 
     /// The generation's table is in force (or failed to be written): the new
@@ -1100,21 +1171,89 @@ impl Master {
         let Some(w) = self.core.workers.get(&pid) else {
             return;
         };
+        if !self.promoting.insert(pid) {
+            return;
+        }
         let (band, ports) = (w.band, self.cfg.service_ports(&w.ports));
-        for (service, port) in ports.iter().enumerate() {
-            let started = Instant::now();
-            let set = self.steering().set_band(service, band, *port);
-            self.metrics
-                .published("band", started.elapsed(), set.is_ok());
-            if let Err(e) = set {
-                log::error!("steering band {band} to worker {pid} failed: {e}; will retry");
-                return;
-            }
-            if let Some(t) = &mut self.table
-                && let Err(e) = t.set_band(service, band, *port)
+        let ports: Vec<(usize, u16)> = ports.into_iter().enumerate().collect();
+        let events = self.events_tx.clone();
+        self.write_steering(Box::new(move |steering| {
+            let write = BandWrite::make(steering, pid, band, ports, BandPurpose::Promotion);
+            let _ = events.send(Event::BandSet(write));
+        }));
+    }
+
+    /// A band was pointed at a worker (or not): mirror it, and finish the
+    /// promotion or the stand-in.
+    fn on_band_set(&mut self, write: BandWrite) {
+        let BandWrite {
+            pid,
+            band,
+            ports,
+            took,
+            result,
+            purpose,
+        } = write;
+        let made = took.len();
+        for (i, took) in took.into_iter().enumerate() {
+            let ok = i + 1 < made || result.is_ok();
+            self.metrics.published("band", took, ok);
+            let Some(&(service, port)) = ports.get(i) else {
+                continue;
+            };
+            if ok
+                && let Some(t) = &mut self.table
+                && let Err(e) = t.set_band(service, band, port)
             {
                 log::warn!("table mirror: {e}");
             }
+        }
+        match purpose {
+            BandPurpose::Promotion => {
+                self.promoting.remove(&pid);
+                if let Err(e) = result {
+                    log::error!("steering band {band} to worker {pid} failed: {e}; will retry");
+                    return;
+                }
+                self.promoted(pid, band, ports.first().map_or(0, |&(_, p)| p));
+            }
+            BandPurpose::StandIn { who, from } => {
+                let listens = self.cfg.listens.clone();
+                for &(service, to) in &ports {
+                    self.covering.remove(&(service, band));
+                    let listen = listens
+                        .get(service)
+                        .map_or_else(String::new, ToString::to_string);
+                    match &result {
+                        Err(e) => log::error!(
+                            "band {band} of {listen}: port {from} has no worker; steering it to \
+                             {who} failed: {e}"
+                        ),
+                        Ok(()) => log::warn!(
+                            "band {band} of {listen}: port {from} has no worker any more; {who} \
+                             serves it on port {to} until its replacement is ready"
+                        ),
+                    }
+                }
+            }
+        }
+        // The worker written in may have exited meanwhile (after a failure
+        // the band stays as it was: no retry from here).
+        if result.is_ok() {
+            self.cover_unserved_bands();
+        }
+    }
+
+    /// Band `band` is steered to worker `pid` now.
+    fn promoted(&mut self, pid: i32, band: u32, port: u16) {
+        // It may have exited, or been made to, while the band was written.
+        if self
+            .core
+            .workers
+            .get(&pid)
+            .is_none_or(|w| w.state != WorkerState::Starting)
+        {
+            return;
         }
         let Some(promotion) = self.core.promoted(pid, Instant::now()) else {
             return;
@@ -1123,10 +1262,7 @@ impl Master {
             .crashed_for
             .map(|d| format!(" ({d:?} after the crash)"))
             .unwrap_or_default();
-        log::info!(
-            "band {band} now served by worker {pid} on port {}{since}",
-            ports[0]
-        );
+        log::info!("band {band} now served by worker {pid} on port {port}{since}");
         for (old, why) in promotion.retire {
             self.retire(old, &why);
         }

@@ -11,13 +11,14 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 
 use super::process_tree::ProcessTable;
-use super::{Event, Exit, Master, SharedSteering, adopt, identity, kill, lock_steering, own_rss};
+use super::{Event, Exit, Master, adopt, identity, kill, own_rss};
 use crate::paths;
 use crate::policy::WorkerState;
 use crate::protocol::{
     self, AdminReply, AdminRequest, Incoming, MasterMessage, MemoryLimits, StatusReport,
     WorkerMessage, WorkerStatus,
 };
+use crate::steering::Steering;
 
 impl Master {
     /// Send one message as one line. A message over the protocol's line limit
@@ -209,7 +210,7 @@ impl Master {
     }
 
     /// `ipcluster stop`: every worker, the steering, the state directory, in
-    /// a blocking task (waiting for the workers takes up to the soft-kill
+    /// the steering writer's thread (waiting for the workers takes up to the soft-kill
     /// timeout). From now on the loop supervises nothing: the workers are
     /// forgotten at once, so that their exits start no replacement.
     fn begin_stop(&mut self, conn: u64) {
@@ -228,14 +229,14 @@ impl Master {
             soft_kill_timeout: self.cfg.soft_kill_timeout,
             pids,
             pidfds: self.pidfds.drain().collect(),
-            steering: Arc::clone(&self.steering),
         };
         self.core.workers.clear();
         let events = self.events_tx.clone();
-        tokio::task::spawn_blocking(move || {
-            let result = plan.carry_out();
+        // Behind the steering writes asked for before: the teardown comes last.
+        self.write_steering(Box::new(move |steering| {
+            let result = plan.carry_out(steering);
             let _ = events.send(Event::Stopped { conn, result });
-        });
+        }));
     }
 
     /// `stop` is done: answer, and exit.
@@ -297,12 +298,11 @@ struct StopPlan {
     soft_kill_timeout: Duration,
     pids: Vec<i32>,
     pidfds: Vec<(i32, Arc<OwnedFd>)>,
-    steering: SharedSteering,
 }
 
 impl StopPlan {
     /// Blocking: SIGTERM, wait, SIGKILL; then the steering and the state directory.
-    fn carry_out(self) -> Result<String> {
+    fn carry_out(self, steering: &mut dyn Steering) -> Result<String> {
         let targets: Vec<kill::Target<'_>> = self
             .pidfds
             .iter()
@@ -339,7 +339,7 @@ impl StopPlan {
                 .collect();
             kill::stop_workers(&targets, self.soft_kill_timeout);
         }
-        lock_steering(&self.steering)
+        steering
             .teardown()
             .with_context(|| format!("removing the {} steering", self.backend))?;
         let dir = paths::state_dir(&self.name);
