@@ -95,12 +95,15 @@ impl super::Master {
                 if !self.covering.insert((service, band)) {
                     continue;
                 }
-                let events = self.events_tx.clone();
                 let purpose = super::BandPurpose::StandIn { who, from: port };
                 self.write_steering(Box::new(move |steering| {
-                    let write =
-                        super::BandWrite::make(steering, pid, band, vec![(service, to)], purpose);
-                    let _ = events.send(super::Event::BandSet(write));
+                    super::Event::BandSet(super::BandWrite::make(
+                        steering,
+                        pid,
+                        band,
+                        vec![(service, to)],
+                        purpose,
+                    ))
                 }));
             }
         }

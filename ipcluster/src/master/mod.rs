@@ -237,6 +237,8 @@ enum Event {
         conn: u64,
         result: Result<String>,
     },
+    /// A steering write panicked: whatever it was for may be asked again.
+    WriteLost,
 }
 
 /// Why a band is pointed at a worker.
@@ -329,6 +331,11 @@ struct Master {
     covering: HashSet<(usize, u32)>,
     /// `stop` is being carried out by the steering writer: nothing else happens.
     stopping: bool,
+    /// Steering writes asked for whose outcome has not come back.
+    writes_in_flight: usize,
+    /// Status requests held back until no write is in flight: a status
+    /// shows what the kernel steers by, never a write half-known.
+    held_status: Vec<u64>,
     /// The table in force, as we last wrote or read it.
     table: Option<SteeringTable>,
     /// The table found at install, if it fits this generation's shape.
@@ -560,7 +567,9 @@ impl Master {
             generation,
             core,
             pidfds: HashMap::new(),
-            writer: writer::SteeringWriter::start(Arc::clone(&steering))
+            writes_in_flight: 0,
+            held_status: Vec::new(),
+            writer: writer::SteeringWriter::start(Arc::clone(&steering), events_tx.clone())
                 .context("starting the steering writer thread")?,
             steering,
             publishing: false,
@@ -749,9 +758,24 @@ impl Master {
     fn handle_event(&mut self, event: Event) {
         match event {
             Event::WorkerExited(pid) => self.on_worker_exit(pid),
-            Event::Published(publication) => self.on_published(publication),
-            Event::BandSet(write) => self.on_band_set(write),
-            Event::Stopped { conn, result } => self.on_stopped(conn, result),
+            Event::Published(publication) => {
+                self.on_published(publication);
+                self.write_done();
+            }
+            Event::BandSet(write) => {
+                self.on_band_set(write);
+                self.write_done();
+            }
+            Event::Stopped { conn, result } => {
+                self.on_stopped(conn, result);
+                self.write_done();
+            }
+            Event::WriteLost => {
+                self.publishing = false;
+                self.promoting.clear();
+                self.covering.clear();
+                self.write_done();
+            }
             Event::Scrape(request) => {
                 let text = self.metrics.encode(&self.metrics_snapshot());
                 let _ = request.reply.try_send(text);
@@ -1091,23 +1115,36 @@ impl Master {
         // writes the table, and the rest happens when it reports back
         // ([`Master::on_published`]): no worker is retired before that.
         self.publishing = true;
-        let events = self.events_tx.clone();
         self.write_steering(Box::new(move |steering| {
             let started = Instant::now();
             let result = steering.publish(&table);
-            let _ = events.send(Event::Published(Publication {
+            Event::Published(Publication {
                 table,
                 ready,
                 took: started.elapsed(),
                 result,
-            }));
+            })
         }));
     }
 
     /// Queue a write behind the ones asked for before.
-    fn write_steering(&self, job: writer::Job) {
-        if !self.writer.submit(job) {
+    fn write_steering(&mut self, job: writer::Job) {
+        if self.writer.submit(job) {
+            self.writes_in_flight += 1;
+        } else {
             log::error!("the steering writer is gone: a steering write is lost");
+        }
+    }
+
+    /// A write's outcome came back; once none is in flight, the status
+    /// requests held back meanwhile are answered.
+    fn write_done(&mut self) {
+        self.writes_in_flight = self.writes_in_flight.saturating_sub(1);
+        if self.writes_in_flight == 0 {
+            for conn in std::mem::take(&mut self.held_status) {
+                let report = self.status_report();
+                self.send(conn, &report);
+            }
         }
     }
 
@@ -1176,10 +1213,14 @@ impl Master {
         }
         let (band, ports) = (w.band, self.cfg.service_ports(&w.ports));
         let ports: Vec<(usize, u16)> = ports.into_iter().enumerate().collect();
-        let events = self.events_tx.clone();
         self.write_steering(Box::new(move |steering| {
-            let write = BandWrite::make(steering, pid, band, ports, BandPurpose::Promotion);
-            let _ = events.send(Event::BandSet(write));
+            Event::BandSet(BandWrite::make(
+                steering,
+                pid,
+                band,
+                ports,
+                BandPurpose::Promotion,
+            ))
         }));
     }
 

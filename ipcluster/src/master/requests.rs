@@ -163,6 +163,9 @@ impl Master {
 
     fn on_admin(&mut self, conn: u64, request: AdminRequest) {
         match request {
+            // A steering write in flight: answered once it is done (the
+            // status then shows the table the kernel steers by).
+            AdminRequest::Status if self.writes_in_flight > 0 => self.held_status.push(conn),
             AdminRequest::Status => {
                 let report = self.status_report();
                 self.send(conn, &report);
@@ -231,11 +234,10 @@ impl Master {
             pidfds: self.pidfds.drain().collect(),
         };
         self.core.workers.clear();
-        let events = self.events_tx.clone();
         // Behind the steering writes asked for before: the teardown comes last.
-        self.write_steering(Box::new(move |steering| {
-            let result = plan.carry_out(steering);
-            let _ = events.send(Event::Stopped { conn, result });
+        self.write_steering(Box::new(move |steering| Event::Stopped {
+            conn,
+            result: plan.carry_out(steering),
         }));
     }
 
@@ -251,7 +253,7 @@ impl Master {
         self.exit = Some(Exit::Stopped);
     }
 
-    fn status_report(&self) -> StatusReport {
+    pub(super) fn status_report(&self) -> StatusReport {
         let now = Instant::now();
         let mut workers: Vec<WorkerStatus> = self
             .core

@@ -2,7 +2,8 @@
 //! backend (a generation's table, one band, the teardown of `stop`), in the
 //! order the event loop asked for them. A write can block for long
 //! (iptables-restore under load); the loop never waits for one, and learns
-//! the outcome from the event the job sends back. One thread, in order: a
+//! the outcome from the event the job returns (exactly one per job:
+//! [`Event::WriteLost`] if the job panicked). One thread, in order: a
 //! band set after a publish lands after it, in the kernel and in the loop's
 //! mirror of the table.
 
@@ -10,11 +11,11 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::mpsc;
 use std::thread::JoinHandle;
 
-use super::{SharedSteering, lock_steering};
+use super::{Event, SharedSteering, lock_steering};
 use crate::steering::Steering;
 
-/// One write; it reports its own outcome (an event to the loop).
-pub(super) type Job = Box<dyn FnOnce(&mut dyn Steering) + Send>;
+/// One write; its outcome goes back to the loop.
+pub(super) type Job = Box<dyn FnOnce(&mut dyn Steering) -> Event + Send>;
 
 pub(super) struct SteeringWriter {
     jobs: Option<mpsc::Sender<Job>>,
@@ -22,7 +23,10 @@ pub(super) struct SteeringWriter {
 }
 
 impl SteeringWriter {
-    pub(super) fn start(steering: SharedSteering) -> std::io::Result<SteeringWriter> {
+    pub(super) fn start(
+        steering: SharedSteering,
+        events: tokio::sync::mpsc::UnboundedSender<Event>,
+    ) -> std::io::Result<SteeringWriter> {
         let (jobs, queue) = mpsc::channel::<Job>();
         let thread = std::thread::Builder::new()
             .name("steering-writer".into())
@@ -30,9 +34,14 @@ impl SteeringWriter {
                 for job in queue {
                     let mut backend = lock_steering(&steering);
                     // A panicking job must not take every later write with it.
-                    if catch_unwind(AssertUnwindSafe(|| job(backend.as_mut()))).is_err() {
-                        log::error!("a steering write panicked; the next ones still run");
-                    }
+                    let event = catch_unwind(AssertUnwindSafe(|| job(backend.as_mut())))
+                        .unwrap_or_else(|_| {
+                            log::error!("a steering write panicked; the next ones still run");
+                            Event::WriteLost
+                        });
+                    drop(backend);
+                    // The loop is gone when the master exits: nobody to tell.
+                    let _ = events.send(event);
                 }
             })?;
         Ok(SteeringWriter {
