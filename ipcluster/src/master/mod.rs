@@ -79,7 +79,7 @@ use lock::ClusterLock;
 use process_tree::{ProcessTable, SocketTable};
 use spawn::{PortAllocator, RunAs, WorkerCommand, WorkerSpec};
 use state::ClusterState;
-use supervisor::{BandFailure, ExitKind, Supervisor, Worker};
+use supervisor::{BandFailure, Effect, ExitKind, Supervisor, Worker};
 
 /// A policy note of the same shape is written at most this often.
 const POLICY_LOG_REPEAT: Duration = Duration::from_secs(10);
@@ -822,8 +822,9 @@ impl Master {
         self.spawn_due(now);
         self.check_starting(now);
         self.try_publish(now);
-        self.enforce_soft_kill(now);
-        self.kill_next_retired(now);
+        // The soft-kill deadlines, then the kill-retired queue.
+        let effects = self.core.handle(now, supervisor::Event::Tick);
+        self.carry_out_effects(effects);
         if now >= self.core.schedule.next_monitor {
             self.core.schedule.next_monitor = now + self.cfg.monitor_interval;
             self.monitor(now);
@@ -1416,52 +1417,29 @@ impl Master {
     /// SIGTERM (or `die` to a worker that speaks the protocol); SIGKILL follows
     /// after the soft-kill timeout.
     fn ask_to_die(&mut self, pid: i32, reason: &str) {
-        let Some(w) = self.core.ask_to_die(pid, Instant::now(), reason) else {
-            return;
-        };
-        let conn = w.conn;
-        self.metrics
-            .killed(reason, if conn.is_some() { "die" } else { "SIGTERM" });
-        log::info!(
-            "asking worker {pid} ({}) to die{}: {reason}",
-            w.describe(),
-            if conn.is_some() {
-                " (`die`)"
-            } else {
-                " (SIGTERM)"
-            }
+        let effects = self.core.handle(
+            Instant::now(),
+            supervisor::Event::AskToDie {
+                pid,
+                reason: reason.to_owned(),
+            },
         );
-        match conn {
-            Some(conn) => self.send(
-                conn,
-                &MasterMessage::Die {
-                    reason: reason.into(),
-                },
-            ),
-            None => self.signal(pid, Signal::SIGTERM),
-        }
+        self.carry_out_effects(effects);
     }
 
-    fn enforce_soft_kill(&mut self, now: Instant) {
-        for (pid, dying_for) in self.core.late_dying(now) {
-            let Some(w) = self.core.workers.get_mut(&pid) else {
-                continue;
-            };
-            let reason = format!(
-                "still running {dying_for:?} after it was asked to die (soft-kill timeout {:?})",
-                self.cfg.soft_kill_timeout
-            );
-            log::warn!("killing worker {pid} ({}): {reason}", w.describe());
-            self.metrics.killed(&reason, "SIGKILL");
-            w.killed = true;
-            w.reason = Some(reason);
-            self.signal(pid, Signal::SIGKILL);
-        }
-    }
-
-    fn kill_next_retired(&mut self, now: Instant) {
-        if let Some((pid, why)) = self.core.next_kill(now) {
-            self.ask_to_die(pid, why);
+    /// What the core asks for, in order.
+    fn carry_out_effects(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Signal { pid, signal, .. } => self.signal(pid, signal),
+                Effect::Send { pid, message } => {
+                    if let Some(conn) = self.core.workers.get(&pid).and_then(|w| w.conn) {
+                        self.send(conn, &message);
+                    }
+                }
+                Effect::CountKill { reason, how } => self.metrics.killed(&reason, how),
+                Effect::Log { level, text } => log::log!(level, "{text}"),
+            }
         }
     }
 
