@@ -5,15 +5,21 @@
 //! crashes, the policy's decisions, the control socket and signals.
 //!
 //! One tokio current-thread loop owns all state; /proc is read in short
-//! synchronous steps, and the only long blocking step is `stop`, after which
-//! the master exits. The loop has no fixed tick: it sleeps until the next
+//! synchronous steps. What can block for long goes to the steering writer
+//! thread ([`writer`]): every write to the steering backend (a generation's
+//! table, a band's promotion or stand-in), the reads of its counters (for
+//! `status` and scrapes: `iptables-save`), and `stop`; each outcome comes back
+//! to the loop as an event, in the order asked for, and what depends on it
+//! (retiring the old generation, answering `status`) happens then. The loop has no fixed tick: it sleeps until the next
 //! deadline of the supervisor core ([`supervisor::Supervisor::next_deadline`]:
 //! a due spawn, the readiness poll while a worker starts, a soft-kill
 //! deadline, the kill-retired queue, the monitor pass) or the systemd
 //! watchdog, and events (exits, control lines, signals, scrapes) wake it.
 //!
 //! - [`supervisor`]: the core without I/O: the one `Worker` type, the schedule
-//!   and "when is a worker retired?".
+//!   and "when is a worker retired?"; part of it takes events and returns
+//!   effects ([`supervisor::Supervisor::handle`]).
+//! - `writer`: the steering writer thread.
 //! - [`lock`]: the cluster lock and handing over from the previous master.
 //! - [`registry`], `identity`: the registry of workers (pid, start time, band,
 //!   generation, ports, uid) the next master adopts from.
@@ -237,8 +243,20 @@ enum Event {
         conn: u64,
         result: Result<String>,
     },
+    /// The steering writer read the backend's counters for a status or a scrape.
+    Counters {
+        asker: CountersFor,
+        counters: Option<steering::Counters>,
+    },
     /// A steering write panicked: whatever it was for may be asked again.
     WriteLost,
+}
+
+/// Who the backend's counters are read for.
+enum CountersFor {
+    /// `status` asked on this connection.
+    Status(u64),
+    Scrape(metrics::ScrapeRequest),
 }
 
 /// Why a band is pointed at a worker.
@@ -331,11 +349,6 @@ struct Master {
     covering: HashSet<(usize, u32)>,
     /// `stop` is being carried out by the steering writer: nothing else happens.
     stopping: bool,
-    /// Steering writes asked for whose outcome has not come back.
-    writes_in_flight: usize,
-    /// Status requests held back until no write is in flight: a status
-    /// shows what the kernel steers by, never a write half-known.
-    held_status: Vec<u64>,
     /// The table in force, as we last wrote or read it.
     table: Option<SteeringTable>,
     /// The table found at install, if it fits this generation's shape.
@@ -567,8 +580,6 @@ impl Master {
             generation,
             core,
             pidfds: HashMap::new(),
-            writes_in_flight: 0,
-            held_status: Vec::new(),
             writer: writer::SteeringWriter::start(Arc::clone(&steering), events_tx.clone())
                 .context("starting the steering writer thread")?,
             steering,
@@ -758,28 +769,16 @@ impl Master {
     fn handle_event(&mut self, event: Event) {
         match event {
             Event::WorkerExited(pid) => self.on_worker_exit(pid),
-            Event::Published(publication) => {
-                self.on_published(publication);
-                self.write_done();
-            }
-            Event::BandSet(write) => {
-                self.on_band_set(write);
-                self.write_done();
-            }
-            Event::Stopped { conn, result } => {
-                self.on_stopped(conn, result);
-                self.write_done();
-            }
+            Event::Published(publication) => self.on_published(publication),
+            Event::BandSet(write) => self.on_band_set(write),
+            Event::Stopped { conn, result } => self.on_stopped(conn, result),
             Event::WriteLost => {
                 self.publishing = false;
                 self.promoting.clear();
                 self.covering.clear();
-                self.write_done();
             }
-            Event::Scrape(request) => {
-                let text = self.metrics.encode(&self.metrics_snapshot());
-                let _ = request.reply.try_send(text);
-            }
+            Event::Scrape(request) => self.read_counters(CountersFor::Scrape(request)),
+            Event::Counters { asker, counters } => self.on_counters(asker, counters),
             Event::Control(ControlEvent::Connected {
                 conn,
                 pid,
@@ -1130,21 +1129,33 @@ impl Master {
 
     /// Queue a write behind the ones asked for before.
     fn write_steering(&mut self, job: writer::Job) {
-        if self.writer.submit(job) {
-            self.writes_in_flight += 1;
-        } else {
+        if !self.writer.submit(job) {
             log::error!("the steering writer is gone: a steering write is lost");
         }
     }
 
-    /// A write's outcome came back; once none is in flight, the status
-    /// requests held back meanwhile are answered.
-    fn write_done(&mut self) {
-        self.writes_in_flight = self.writes_in_flight.saturating_sub(1);
-        if self.writes_in_flight == 0 {
-            for conn in std::mem::take(&mut self.held_status) {
-                let report = self.status_report();
+    /// Have the steering writer read the counters (`iptables-save` can take
+    /// long) after the writes asked for before; the answer goes out when they
+    /// come back ([`Master::on_counters`]).
+    fn read_counters(&mut self, asker: CountersFor) {
+        self.write_steering(Box::new(move |steering| Event::Counters {
+            asker,
+            counters: steering
+                .counters()
+                .map_err(|e| log::debug!("counters: {e}"))
+                .ok(),
+        }));
+    }
+
+    fn on_counters(&mut self, asker: CountersFor, counters: Option<steering::Counters>) {
+        match asker {
+            CountersFor::Status(conn) => {
+                let report = self.status_report(counters);
                 self.send(conn, &report);
+            }
+            CountersFor::Scrape(request) => {
+                let text = self.metrics.encode(&self.metrics_snapshot(counters));
+                let _ = request.reply.try_send(text);
             }
         }
     }

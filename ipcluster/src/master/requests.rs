@@ -18,7 +18,7 @@ use crate::protocol::{
     self, AdminReply, AdminRequest, Incoming, MasterMessage, MemoryLimits, StatusReport,
     WorkerMessage, WorkerStatus,
 };
-use crate::steering::Steering;
+use crate::steering::{Counters, Steering};
 
 impl Master {
     /// Send one message as one line. A message over the protocol's line limit
@@ -163,13 +163,10 @@ impl Master {
 
     fn on_admin(&mut self, conn: u64, request: AdminRequest) {
         match request {
-            // A steering write in flight: answered once it is done (the
-            // status then shows the table the kernel steers by).
-            AdminRequest::Status if self.writes_in_flight > 0 => self.held_status.push(conn),
-            AdminRequest::Status => {
-                let report = self.status_report();
-                self.send(conn, &report);
-            }
+            // The counters are read by the steering writer (iptables-save can
+            // take long), behind the writes asked for before: the report then
+            // shows the table the kernel steers by.
+            AdminRequest::Status => self.read_counters(super::CountersFor::Status(conn)),
             AdminRequest::KillRetired => {
                 let n = self.core.queue_kill_retired("`ipcluster kill-retired`");
                 log::info!("kill-retired: asking {n} retired workers to die");
@@ -253,7 +250,7 @@ impl Master {
         self.exit = Some(Exit::Stopped);
     }
 
-    pub(super) fn status_report(&self) -> StatusReport {
+    pub(super) fn status_report(&self, counters: Option<Counters>) -> StatusReport {
         let now = Instant::now();
         let mut workers: Vec<WorkerStatus> = self
             .core
@@ -262,11 +259,6 @@ impl Master {
             .map(|w| super::status::worker_status(w, now))
             .collect();
         workers.sort_by_key(|w| (std::cmp::Reverse(w.generation), w.band, w.pid));
-        let counters = self
-            .steering()
-            .counters()
-            .map_err(|e| log::debug!("counters: {e}"))
-            .ok();
         let master_rss = own_rss();
         StatusReport {
             name: self.cfg.name.clone(),
