@@ -75,3 +75,121 @@ impl Drop for SteeringWriter {
         self.finish();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+    use crate::master::CountersFor;
+    use crate::steering::{BackendKind, Counters, SteeringError, SteeringTable};
+
+    /// A backend that only records what is done to it.
+    struct Recorder(Arc<Mutex<Vec<String>>>);
+
+    impl Steering for Recorder {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Iptables
+        }
+        fn install(&mut self) -> Result<Option<SteeringTable>, SteeringError> {
+            Ok(None)
+        }
+        fn publish(&mut self, _: &SteeringTable) -> Result<(), SteeringError> {
+            Ok(())
+        }
+        fn read_table(&self) -> Result<Option<SteeringTable>, SteeringError> {
+            Ok(None)
+        }
+        fn counters(&self) -> Result<Counters, SteeringError> {
+            Ok(Counters::default())
+        }
+        fn teardown(&mut self) -> Result<(), SteeringError> {
+            self.0.lock().expect("log").push("teardown".into());
+            Ok(())
+        }
+    }
+
+    fn writer() -> (
+        SteeringWriter,
+        tokio::sync::mpsc::UnboundedReceiver<Event>,
+        Arc<Mutex<Vec<String>>>,
+    ) {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let steering: SharedSteering = Arc::new(Mutex::new(Box::new(Recorder(Arc::clone(&log)))));
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let writer = SteeringWriter::start(steering, tx).expect("writer thread");
+        (writer, rx, log)
+    }
+
+    /// A job whose outcome names it (`status` on connection `n`).
+    fn marked(n: u64, log: &Arc<Mutex<Vec<String>>>) -> Job {
+        let log = Arc::clone(log);
+        Box::new(move |_| {
+            log.lock().expect("log").push(format!("job {n}"));
+            Event::Counters {
+                asker: CountersFor::Status(n),
+                counters: None,
+            }
+        })
+    }
+
+    fn mark(event: Option<Event>) -> Option<u64> {
+        match event? {
+            Event::Counters {
+                asker: CountersFor::Status(n),
+                ..
+            } => Some(n),
+            Event::WriteLost => Some(u64::MAX),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn writes_run_in_order_while_the_loop_goes_on() {
+        let (writer, mut events, log) = writer();
+        let (open, gate) = std::sync::mpsc::channel::<()>();
+        let gate = Mutex::new(gate);
+        // A slow write (iptables-restore under load) ...
+        assert!(writer.submit(Box::new(move |steering| {
+            let _ = gate.lock().expect("gate").recv();
+            let _ = steering.teardown();
+            Event::WriteLost
+        })));
+        // ... does not hold up the loop, which asks for more meanwhile.
+        assert!(writer.submit(marked(1, &log)));
+        assert!(writer.submit(marked(2, &log)));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            log.lock().expect("log").is_empty(),
+            "nothing jumps the queue"
+        );
+        assert!(events.try_recv().is_err());
+        open.send(()).expect("open the gate");
+        let got: Vec<Option<u64>> = (0..3).map(|_| mark(events.blocking_recv())).collect();
+        assert_eq!(got, [Some(u64::MAX), Some(1), Some(2)]);
+        assert_eq!(*log.lock().expect("log"), ["teardown", "job 1", "job 2"]);
+    }
+
+    #[test]
+    fn a_panicking_write_is_reported_lost_and_the_next_ones_still_run() {
+        let (writer, mut events, log) = writer();
+        assert!(writer.submit(Box::new(|_| panic!("a write that panics"))));
+        assert!(writer.submit(marked(7, &log)));
+        assert_eq!(mark(events.blocking_recv()), Some(u64::MAX));
+        assert_eq!(mark(events.blocking_recv()), Some(7));
+    }
+
+    #[test]
+    fn finish_lets_the_queued_writes_complete() {
+        let (mut writer, mut events, log) = writer();
+        for n in 0..5 {
+            assert!(writer.submit(marked(n, &log)));
+        }
+        writer.finish();
+        assert_eq!(log.lock().expect("log").len(), 5);
+        let got: Vec<Option<u64>> = (0..5).map(|_| mark(events.blocking_recv())).collect();
+        assert_eq!(got, [Some(0), Some(1), Some(2), Some(3), Some(4)]);
+        assert!(!writer.submit(marked(9, &log)), "no write after finish");
+    }
+}
