@@ -6,15 +6,16 @@
 //!
 //! One tokio current-thread loop owns all state; /proc is read in short
 //! synchronous steps. What can block for long goes to the steering writer
-//! thread ([`writer`]): every write to the steering backend (a generation's
+//! thread (`writer`): every write to the steering backend (a generation's
 //! table, a band's promotion or stand-in), the reads of its counters (for
 //! `status` and scrapes: `iptables-save`), and `stop`; each outcome comes back
 //! to the loop as an event, in the order asked for, and what depends on it
-//! (retiring the old generation, answering `status`) happens then. The loop has no fixed tick: it sleeps until the next
-//! deadline of the supervisor core ([`supervisor::Supervisor::next_deadline`]:
-//! a due spawn, the readiness poll while a worker starts, a soft-kill
-//! deadline, the kill-retired queue, the monitor pass) or the systemd
-//! watchdog, and events (exits, control lines, signals, scrapes) wake it.
+//! (retiring the old generation, answering `status`) happens then. The loop
+//! has no fixed tick: it sleeps until the next deadline of the supervisor
+//! core ([`supervisor::Supervisor::next_deadline`]: a due spawn, the
+//! readiness poll while a worker starts, a soft-kill deadline, the
+//! kill-retired queue, the monitor pass) or the systemd watchdog, and events
+//! (exits, control lines, signals, scrapes, steering outcomes) wake it.
 //!
 //! - [`supervisor`]: the core without I/O: the one `Worker` type, the schedule
 //!   and "when is a worker retired?"; part of it takes events and returns
@@ -626,8 +627,9 @@ impl Master {
         Ok(master)
     }
 
-    /// The steering backend. A call waits only while a blocking task writes a
-    /// table (a publish then is one of a reload's first steps).
+    /// The steering backend, for what the loop does itself (sk-lookup
+    /// listeners, the teardown after a failed start-up). A call waits for at
+    /// most the write the steering writer is making.
     fn steering(&self) -> std::sync::MutexGuard<'_, Box<dyn Steering>> {
         lock_steering(&self.steering)
     }

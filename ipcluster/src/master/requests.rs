@@ -232,9 +232,16 @@ impl Master {
         };
         self.core.workers.clear();
         // Behind the steering writes asked for before: the teardown comes last.
-        self.write_steering(Box::new(move |steering| Event::Stopped {
-            conn,
-            result: plan.carry_out(steering),
+        self.write_steering(Box::new(move |steering| {
+            // A panic must still end in a reply and the master's exit.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.carry_out(steering)))
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!(
+                            "stopping the cluster panicked; see the master's log"
+                        ))
+                    });
+            Event::Stopped { conn, result }
         }));
     }
 
