@@ -47,7 +47,12 @@ pub fn stand_in<'a>(
 
 impl super::Master {
     /// Steer every band whose port no known worker holds to a stand-in.
+    /// Not while a generation's table is being written: the bands are
+    /// looked at again once it is in force.
     pub(super) fn cover_unserved_bands(&mut self) {
+        if self.publishing || self.stopping {
+            return;
+        }
         let Some(table) = self.table.clone() else {
             return;
         };
@@ -87,24 +92,19 @@ impl super::Master {
                     w.band,
                     w.generation
                 );
-                if let Err(e) = self.steering.set_band(service, band, to) {
-                    log::error!(
-                        "band {band} of {}: port {port} has no worker; steering it to {who} \
-                         failed: {e}",
-                        route.listen
-                    );
+                if !self.covering.insert((service, band)) {
                     continue;
                 }
-                if let Some(t) = &mut self.table
-                    && let Err(e) = t.set_band(service, band, to)
-                {
-                    log::warn!("table mirror: {e}");
-                }
-                log::warn!(
-                    "band {band} of {}: port {port} has no worker any more; {who} serves it \
-                     on port {to} until its replacement is ready",
-                    route.listen
-                );
+                let purpose = super::BandPurpose::StandIn { who, from: port };
+                self.write_steering(Box::new(move |steering| {
+                    super::Event::BandSet(super::BandWrite::make(
+                        steering,
+                        pid,
+                        band,
+                        vec![(service, to)],
+                        purpose,
+                    ))
+                }));
             }
         }
     }

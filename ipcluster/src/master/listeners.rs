@@ -20,7 +20,7 @@ impl Master {
         };
         // Only sk-lookup takes listeners, and only those not registered yet:
         // no /proc scan otherwise.
-        let ports = self.steering.unregistered_ports(&w.ports);
+        let ports = self.steering().unregistered_ports(&w.ports);
         if ports.is_empty() {
             return Ok(());
         }
@@ -38,7 +38,7 @@ impl Master {
                 port,
                 inodes: listening,
             };
-            self.steering.register_listener(&listener)?;
+            self.steering().register_listener(&listener)?;
         }
         Ok(())
     }
@@ -58,7 +58,7 @@ impl Master {
             .collect();
         // One look at the map for every worker's ports together.
         let all: Vec<u16> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
-        let missing = self.steering.unregistered_ports(&all);
+        let missing = self.steering().unregistered_ports(&all);
         if missing.is_empty() {
             return;
         }

@@ -348,7 +348,7 @@ pub fn to_prometheus_text(openmetrics: &str) -> String {
 
 impl super::Master {
     /// The master's state for a scrape of `/metrics`.
-    pub(super) fn metrics_snapshot(&self) -> Snapshot {
+    pub(super) fn metrics_snapshot(&self, counters: Option<Counters>) -> Snapshot {
         Snapshot {
             backend: self.cfg.backend.as_str(),
             generation: self.generation,
@@ -368,7 +368,7 @@ impl super::Master {
                     connections: w.connections,
                 })
                 .collect(),
-            counters: self.steering.counters().ok(),
+            counters,
         }
     }
 }

@@ -5,15 +5,22 @@
 //! crashes, the policy's decisions, the control socket and signals.
 //!
 //! One tokio current-thread loop owns all state; /proc is read in short
-//! synchronous steps, and the only long blocking step is `stop`, after which
-//! the master exits. The loop has no fixed tick: it sleeps until the next
-//! deadline of the supervisor core ([`supervisor::Supervisor::next_deadline`]:
-//! a due spawn, the readiness poll while a worker starts, a soft-kill
-//! deadline, the kill-retired queue, the monitor pass) or the systemd
-//! watchdog, and events (exits, control lines, signals, scrapes) wake it.
+//! synchronous steps. What can block for long goes to the steering writer
+//! thread (`writer`): every write to the steering backend (a generation's
+//! table, a band's promotion or stand-in), the reads of its counters (for
+//! `status` and scrapes: `iptables-save`), and `stop`; each outcome comes back
+//! to the loop as an event, in the order asked for, and what depends on it
+//! (retiring the old generation, answering `status`) happens then. The loop
+//! has no fixed tick: it sleeps until the next deadline of the supervisor
+//! core ([`supervisor::Supervisor::next_deadline`]: a due spawn, the
+//! readiness poll while a worker starts, a soft-kill deadline, the
+//! kill-retired queue, the monitor pass) or the systemd watchdog, and events
+//! (exits, control lines, signals, scrapes, steering outcomes) wake it.
 //!
 //! - [`supervisor`]: the core without I/O: the one `Worker` type, the schedule
-//!   and "when is a worker retired?".
+//!   and "when is a worker retired?"; part of it takes events and returns
+//!   effects ([`supervisor::Supervisor::handle`]).
+//! - `writer`: the steering writer thread.
 //! - [`lock`]: the cluster lock and handing over from the previous master.
 //! - [`registry`], `identity`: the registry of workers (pid, start time, band,
 //!   generation, ports, uid) the next master adopts from.
@@ -54,6 +61,7 @@ pub mod spawn;
 pub mod state;
 pub mod status;
 pub mod supervisor;
+mod writer;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -78,7 +86,7 @@ use lock::ClusterLock;
 use process_tree::{ProcessTable, SocketTable};
 use spawn::{PortAllocator, RunAs, WorkerCommand, WorkerSpec};
 use state::ClusterState;
-use supervisor::{BandFailure, ExitKind, Supervisor, Worker};
+use supervisor::{BandFailure, Effect, ExitKind, Supervisor, Worker};
 
 /// A policy note of the same shape is written at most this often.
 const POLICY_LOG_REPEAT: Duration = Duration::from_secs(10);
@@ -219,11 +227,98 @@ struct Peer {
     worker: Option<i32>,
 }
 
+/// The steering backend, shared by the loop and the steering writer.
+type SharedSteering = Arc<std::sync::Mutex<Box<dyn Steering>>>;
+
 enum Event {
     Control(ControlEvent),
     WorkerExited(i32),
     /// `GET /metrics` on `--metrics-listen`.
     Scrape(metrics::ScrapeRequest),
+    /// The steering writer wrote (or failed to write) a generation's table.
+    Published(Publication),
+    /// The steering writer pointed a band at a worker (or failed to).
+    BandSet(BandWrite),
+    /// The steering writer carried out `ipcluster stop` asked on `conn`.
+    Stopped {
+        conn: u64,
+        result: Result<String>,
+    },
+    /// The steering writer read the backend's counters for a status or a scrape.
+    Counters {
+        asker: CountersFor,
+        counters: Option<steering::Counters>,
+    },
+    /// A steering write panicked: whatever it was for may be asked again.
+    WriteLost,
+}
+
+/// Who the backend's counters are read for.
+enum CountersFor {
+    /// `status` asked on this connection.
+    Status(u64),
+    Scrape(metrics::ScrapeRequest),
+}
+
+/// Why a band is pointed at a worker.
+enum BandPurpose {
+    /// The band's ready worker takes it over.
+    Promotion,
+    /// The band's worker is gone; `who` serves it meanwhile.
+    StandIn { who: String, from: u16 },
+}
+
+/// The outcome of pointing a band (of some services) at a worker.
+struct BandWrite {
+    pid: i32,
+    band: u32,
+    /// (service, worker port) in the order written.
+    ports: Vec<(usize, u16)>,
+    /// How long each write took, for those made.
+    took: Vec<Duration>,
+    /// The first failure; the writes before it were made.
+    result: Result<(), steering::SteeringError>,
+    purpose: BandPurpose,
+}
+
+impl BandWrite {
+    /// Point `band` of each service at its port, stopping at the first failure.
+    fn make(
+        steering: &mut dyn Steering,
+        pid: i32,
+        band: u32,
+        ports: Vec<(usize, u16)>,
+        purpose: BandPurpose,
+    ) -> BandWrite {
+        let mut took = Vec::new();
+        let mut result = Ok(());
+        for &(service, port) in &ports {
+            let started = Instant::now();
+            let set = steering.set_band(service, band, port);
+            took.push(started.elapsed());
+            if let Err(e) = set {
+                result = Err(e);
+                break;
+            }
+        }
+        BandWrite {
+            pid,
+            band,
+            ports,
+            took,
+            result,
+            purpose,
+        }
+    }
+}
+
+/// The outcome of writing a generation's table, back on the loop.
+struct Publication {
+    table: SteeringTable,
+    /// The band's ready worker the table points at, by band.
+    ready: BTreeMap<u32, i32>,
+    took: Duration,
+    result: Result<(), steering::SteeringError>,
 }
 
 /// Why the loop ended.
@@ -243,7 +338,18 @@ struct Master {
     core: Supervisor,
     /// Each worker's pidfd: every signal to it goes through it.
     pidfds: HashMap<i32, Arc<OwnedFd>>,
-    steering: Box<dyn Steering>,
+    /// Shared with the steering writer, which makes every write to it: the
+    /// loop reads from it (counters, listeners) and never waits for a write.
+    steering: SharedSteering,
+    writer: writer::SteeringWriter,
+    /// A generation's table is being written by the steering writer.
+    publishing: bool,
+    /// The ready workers whose band is being pointed at them.
+    promoting: HashSet<i32>,
+    /// The bands (service, band) a stand-in is being steered to.
+    covering: HashSet<(usize, u32)>,
+    /// `stop` is being carried out by the steering writer: nothing else happens.
+    stopping: bool,
     /// The table in force, as we last wrote or read it.
     table: Option<SteeringTable>,
     /// The table found at install, if it fits this generation's shape.
@@ -465,6 +571,7 @@ impl Master {
         };
         let usable_previous = previous_table.clone().filter(|t| shape.fits(t));
         let core = Supervisor::new(now, cfg.spawn_delay, cfg.soft_kill_timeout);
+        let steering: SharedSteering = Arc::new(std::sync::Mutex::new(steering));
         let mut master = Master {
             ports: PortAllocator::new(
                 cfg.port_range.clone(),
@@ -474,7 +581,13 @@ impl Master {
             generation,
             core,
             pidfds: HashMap::new(),
+            writer: writer::SteeringWriter::start(Arc::clone(&steering), events_tx.clone())
+                .context("starting the steering writer thread")?,
             steering,
+            publishing: false,
+            promoting: HashSet::new(),
+            covering: HashSet::new(),
+            stopping: false,
             table: previous_table.clone(),
             previous_table: usable_previous,
             published: false,
@@ -512,6 +625,13 @@ impl Master {
             master.cfg.backend
         );
         Ok(master)
+    }
+
+    /// The steering backend, for what the loop does itself (sk-lookup
+    /// listeners, the teardown after a failed start-up). A call waits for at
+    /// most the write the steering writer is making.
+    fn steering(&self) -> std::sync::MutexGuard<'_, Box<dyn Steering>> {
+        lock_steering(&self.steering)
     }
 
     fn command_line(&self) -> String {
@@ -610,6 +730,8 @@ impl Master {
         }
         // Let connection tasks write their last replies.
         tokio::time::sleep(Duration::from_millis(50)).await;
+        // The writes asked for are made before the master exits.
+        self.writer.finish();
         match self.exit.take() {
             Some(Exit::Handover(why)) if self.fresh && !self.published && why == HANDED_OVER => {
                 // A second `run` while this one was still starting: the state
@@ -649,10 +771,16 @@ impl Master {
     fn handle_event(&mut self, event: Event) {
         match event {
             Event::WorkerExited(pid) => self.on_worker_exit(pid),
-            Event::Scrape(request) => {
-                let text = self.metrics.encode(&self.metrics_snapshot());
-                let _ = request.reply.try_send(text);
+            Event::Published(publication) => self.on_published(publication),
+            Event::BandSet(write) => self.on_band_set(write),
+            Event::Stopped { conn, result } => self.on_stopped(conn, result),
+            Event::WriteLost => {
+                self.publishing = false;
+                self.promoting.clear();
+                self.covering.clear();
             }
+            Event::Scrape(request) => self.read_counters(CountersFor::Scrape(request)),
+            Event::Counters { asker, counters } => self.on_counters(asker, counters),
             Event::Control(ControlEvent::Connected {
                 conn,
                 pid,
@@ -684,13 +812,20 @@ impl Master {
     // ---- spawning and readiness -------------------------------------------------
 
     fn on_tick(&mut self) {
-        self.steering.poll_kernel_log();
+        if self.stopping {
+            return;
+        }
+        // Never wait for a publish in flight for this.
+        if let Ok(mut steering) = self.steering.try_lock() {
+            steering.poll_kernel_log();
+        }
         let now = Instant::now();
         self.spawn_due(now);
         self.check_starting(now);
         self.try_publish(now);
-        self.enforce_soft_kill(now);
-        self.kill_next_retired(now);
+        // The soft-kill deadlines, then the kill-retired queue.
+        let effects = self.core.handle(now, supervisor::Event::Tick);
+        self.carry_out_effects(effects);
         if now >= self.core.schedule.next_monitor {
             self.core.schedule.next_monitor = now + self.cfg.monitor_interval;
             self.monitor(now);
@@ -931,7 +1066,7 @@ impl Master {
     /// previous table of the same shape) when every band is ready or has failed
     /// at least once: those keep their old worker for now.
     fn try_publish(&mut self, now: Instant) {
-        if self.published || now < self.next_publish_try {
+        if self.published || self.publishing || now < self.next_publish_try {
             return;
         }
         let ready: BTreeMap<u32, i32> = self
@@ -978,12 +1113,68 @@ impl Master {
                 return;
             }
         };
-        let all_ready = ready.len() == self.cfg.bands as usize;
-        let started = Instant::now();
-        let published = self.steering.publish(&table);
-        self.metrics
-            .published("table", started.elapsed(), published.is_ok());
-        if let Err(e) = published {
+        // iptables-restore can take long under load: the steering writer
+        // writes the table, and the rest happens when it reports back
+        // ([`Master::on_published`]): no worker is retired before that.
+        self.publishing = true;
+        self.write_steering(Box::new(move |steering| {
+            let started = Instant::now();
+            let result = steering.publish(&table);
+            Event::Published(Publication {
+                table,
+                ready,
+                took: started.elapsed(),
+                result,
+            })
+        }));
+    }
+
+    /// Queue a write behind the ones asked for before.
+    fn write_steering(&mut self, job: writer::Job) {
+        if !self.writer.submit(job) {
+            log::error!("the steering writer is gone: a steering write is lost");
+        }
+    }
+
+    /// Have the steering writer read the counters (`iptables-save` can take
+    /// long) after the writes asked for before; the answer goes out when they
+    /// come back ([`Master::on_counters`]).
+    fn read_counters(&mut self, asker: CountersFor) {
+        self.write_steering(Box::new(move |steering| Event::Counters {
+            asker,
+            counters: steering
+                .counters()
+                .map_err(|e| log::debug!("counters: {e}"))
+                .ok(),
+        }));
+    }
+
+    fn on_counters(&mut self, asker: CountersFor, counters: Option<steering::Counters>) {
+        match asker {
+            CountersFor::Status(conn) => {
+                let report = self.status_report(counters);
+                self.send(conn, &report);
+            }
+            CountersFor::Scrape(request) => {
+                let text = self.metrics.encode(&self.metrics_snapshot(counters));
+                let _ = request.reply.try_send(text);
+            }
+        }
+    }
+
+    /// The generation's table is in force (or failed to be written): the new
+    /// generation goes live and the workers it no longer steers to retire.
+    fn on_published(&mut self, publication: Publication) {
+        let Publication {
+            table,
+            ready,
+            took,
+            result,
+        } = publication;
+        self.publishing = false;
+        let now = Instant::now();
+        self.metrics.published("table", took, result.is_ok());
+        if let Err(e) = result {
             log::error!(
                 "publishing the table of generation {} failed: {e}; retrying in 1s",
                 self.generation
@@ -991,10 +1182,10 @@ impl Master {
             self.next_publish_try = now + Duration::from_secs(1);
             return;
         }
+        let all_ready = ready.len() == self.cfg.bands as usize;
         log::info!(
-            "published generation {} in {:?}: {}{}",
+            "published generation {} in {took:?}: {}{}",
             self.generation,
-            started.elapsed(),
             describe_table(&table),
             if all_ready {
                 String::new()
@@ -1010,7 +1201,9 @@ impl Master {
         // Measure the new generation at once (status shows it).
         self.core.schedule.next_monitor = now;
         for &pid in ready.values() {
-            if let Some(w) = self.core.workers.get_mut(&pid) {
+            if let Some(w) = self.core.workers.get_mut(&pid)
+                && w.state == WorkerState::Starting
+            {
                 w.state = WorkerState::Live;
             }
         }
@@ -1018,6 +1211,9 @@ impl Master {
         if let Err(e) = self.save_state() {
             log::warn!("{e:#}");
         }
+        // A worker of the table that exited while it was written leaves a
+        // band without a worker: a stand-in serves it at once.
+        self.cover_unserved_bands();
     }
 
     /// A ready worker replaces its band's live worker (crash, health retirement,
@@ -1026,21 +1222,93 @@ impl Master {
         let Some(w) = self.core.workers.get(&pid) else {
             return;
         };
+        if !self.promoting.insert(pid) {
+            return;
+        }
         let (band, ports) = (w.band, self.cfg.service_ports(&w.ports));
-        for (service, port) in ports.iter().enumerate() {
-            let started = Instant::now();
-            let set = self.steering.set_band(service, band, *port);
-            self.metrics
-                .published("band", started.elapsed(), set.is_ok());
-            if let Err(e) = set {
-                log::error!("steering band {band} to worker {pid} failed: {e}; will retry");
-                return;
-            }
-            if let Some(t) = &mut self.table
-                && let Err(e) = t.set_band(service, band, *port)
+        let ports: Vec<(usize, u16)> = ports.into_iter().enumerate().collect();
+        self.write_steering(Box::new(move |steering| {
+            Event::BandSet(BandWrite::make(
+                steering,
+                pid,
+                band,
+                ports,
+                BandPurpose::Promotion,
+            ))
+        }));
+    }
+
+    /// A band was pointed at a worker (or not): mirror it, and finish the
+    /// promotion or the stand-in.
+    fn on_band_set(&mut self, write: BandWrite) {
+        let BandWrite {
+            pid,
+            band,
+            ports,
+            took,
+            result,
+            purpose,
+        } = write;
+        let made = took.len();
+        for (i, took) in took.into_iter().enumerate() {
+            let ok = i + 1 < made || result.is_ok();
+            self.metrics.published("band", took, ok);
+            let Some(&(service, port)) = ports.get(i) else {
+                continue;
+            };
+            if ok
+                && let Some(t) = &mut self.table
+                && let Err(e) = t.set_band(service, band, port)
             {
                 log::warn!("table mirror: {e}");
             }
+        }
+        match purpose {
+            BandPurpose::Promotion => {
+                self.promoting.remove(&pid);
+                if let Err(e) = result {
+                    log::error!("steering band {band} to worker {pid} failed: {e}; will retry");
+                    return;
+                }
+                self.promoted(pid, band, ports.first().map_or(0, |&(_, p)| p));
+            }
+            BandPurpose::StandIn { who, from } => {
+                let listens = self.cfg.listens.clone();
+                for &(service, to) in &ports {
+                    self.covering.remove(&(service, band));
+                    let listen = listens
+                        .get(service)
+                        .map_or_else(String::new, ToString::to_string);
+                    match &result {
+                        Err(e) => log::error!(
+                            "band {band} of {listen}: port {from} has no worker; steering it to \
+                             {who} failed: {e}"
+                        ),
+                        Ok(()) => log::warn!(
+                            "band {band} of {listen}: port {from} has no worker any more; {who} \
+                             serves it on port {to} until its replacement is ready"
+                        ),
+                    }
+                }
+            }
+        }
+        // The worker written in may have exited meanwhile (after a failure
+        // the band stays as it was: no retry from here).
+        if result.is_ok() {
+            self.cover_unserved_bands();
+        }
+    }
+
+    /// Band `band` is steered to worker `pid` now.
+    fn promoted(&mut self, pid: i32, band: u32, port: u16) {
+        // It may have exited, or been made to, while the band was written.
+        if self
+            .core
+            .workers
+            .get(&pid)
+            .is_none_or(|w| w.state != WorkerState::Starting)
+        {
+            return;
         }
         let Some(promotion) = self.core.promoted(pid, Instant::now()) else {
             return;
@@ -1049,10 +1317,7 @@ impl Master {
             .crashed_for
             .map(|d| format!(" ({d:?} after the crash)"))
             .unwrap_or_default();
-        log::info!(
-            "band {band} now served by worker {pid} on port {}{since}",
-            ports[0]
-        );
+        log::info!("band {band} now served by worker {pid} on port {port}{since}");
         for (old, why) in promotion.retire {
             self.retire(old, &why);
         }
@@ -1165,52 +1430,29 @@ impl Master {
     /// SIGTERM (or `die` to a worker that speaks the protocol); SIGKILL follows
     /// after the soft-kill timeout.
     fn ask_to_die(&mut self, pid: i32, reason: &str) {
-        let Some(w) = self.core.ask_to_die(pid, Instant::now(), reason) else {
-            return;
-        };
-        let conn = w.conn;
-        self.metrics
-            .killed(reason, if conn.is_some() { "die" } else { "SIGTERM" });
-        log::info!(
-            "asking worker {pid} ({}) to die{}: {reason}",
-            w.describe(),
-            if conn.is_some() {
-                " (`die`)"
-            } else {
-                " (SIGTERM)"
-            }
+        let effects = self.core.handle(
+            Instant::now(),
+            supervisor::Event::AskToDie {
+                pid,
+                reason: reason.to_owned(),
+            },
         );
-        match conn {
-            Some(conn) => self.send(
-                conn,
-                &MasterMessage::Die {
-                    reason: reason.into(),
-                },
-            ),
-            None => self.signal(pid, Signal::SIGTERM),
-        }
+        self.carry_out_effects(effects);
     }
 
-    fn enforce_soft_kill(&mut self, now: Instant) {
-        for (pid, dying_for) in self.core.late_dying(now) {
-            let Some(w) = self.core.workers.get_mut(&pid) else {
-                continue;
-            };
-            let reason = format!(
-                "still running {dying_for:?} after it was asked to die (soft-kill timeout {:?})",
-                self.cfg.soft_kill_timeout
-            );
-            log::warn!("killing worker {pid} ({}): {reason}", w.describe());
-            self.metrics.killed(&reason, "SIGKILL");
-            w.killed = true;
-            w.reason = Some(reason);
-            self.signal(pid, Signal::SIGKILL);
-        }
-    }
-
-    fn kill_next_retired(&mut self, now: Instant) {
-        if let Some((pid, why)) = self.core.next_kill(now) {
-            self.ask_to_die(pid, why);
+    /// What the core asks for, in order.
+    fn carry_out_effects(&mut self, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Signal { pid, signal, .. } => self.signal(pid, signal),
+                Effect::Send { pid, message } => {
+                    if let Some(conn) = self.core.workers.get(&pid).and_then(|w| w.conn) {
+                        self.send(conn, &message);
+                    }
+                }
+                Effect::CountKill { reason, how } => self.metrics.killed(&reason, how),
+                Effect::Log { level, text } => log::log!(level, "{text}"),
+            }
         }
     }
 
@@ -1396,7 +1638,7 @@ impl Master {
     fn clean_up_failed_start(&mut self) {
         self.stop_own_workers();
         if self.fresh {
-            if let Err(e) = self.steering.teardown() {
+            if let Err(e) = self.steering().teardown() {
                 log::warn!("removing the steering failed: {e}");
             }
             if self.created_dir {
@@ -1422,6 +1664,13 @@ impl Master {
         log::warn!("stopping the {} workers this master started", own.len());
         kill::stop_workers(&own, Duration::from_secs(1));
     }
+}
+
+/// A panic in a blocking task leaves the backend as it was: go on with it.
+fn lock_steering(steering: &SharedSteering) -> std::sync::MutexGuard<'_, Box<dyn Steering>> {
+    steering
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn state_name(state: WorkerState) -> &'static str {

@@ -4,18 +4,21 @@
 //! kill-retired and shutdown (root or the master's own user only).
 
 use std::collections::HashSet;
-use std::time::Instant;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 
 use super::process_tree::ProcessTable;
-use super::{Exit, Master, adopt, identity, kill, own_rss};
+use super::{Event, Exit, Master, adopt, identity, kill, own_rss};
 use crate::paths;
 use crate::policy::WorkerState;
 use crate::protocol::{
     self, AdminReply, AdminRequest, Incoming, MasterMessage, MemoryLimits, StatusReport,
     WorkerMessage, WorkerStatus,
 };
+use crate::steering::{Counters, Steering};
 
 impl Master {
     /// Send one message as one line. A message over the protocol's line limit
@@ -160,10 +163,10 @@ impl Master {
 
     fn on_admin(&mut self, conn: u64, request: AdminRequest) {
         match request {
-            AdminRequest::Status => {
-                let report = self.status_report();
-                self.send(conn, &report);
-            }
+            // The counters are read by the steering writer (iptables-save can
+            // take long), behind the writes asked for before: the report then
+            // shows the table the kernel steers by.
+            AdminRequest::Status => self.read_counters(super::CountersFor::Status(conn)),
             AdminRequest::KillRetired => {
                 let n = self.core.queue_kill_retired("`ipcluster kill-retired`");
                 log::info!("kill-retired: asking {n} retired workers to die");
@@ -191,77 +194,70 @@ impl Master {
                 self.exit = Some(Exit::Handover(super::HANDED_OVER.into()));
             }
             AdminRequest::Stop => {
+                if self.stopping {
+                    self.send(
+                        conn,
+                        &AdminReply::Error {
+                            message: "the cluster is being stopped already".into(),
+                        },
+                    );
+                    return;
+                }
                 self.notifier.stopping("ipcluster stop");
-                let message = match self.stop_everything() {
-                    Ok(message) => AdminReply::Ok { message },
-                    Err(e) => AdminReply::Error {
-                        message: format!("{e:#}"),
-                    },
-                };
-                self.send(conn, &message);
-                self.exit = Some(Exit::Stopped);
+                self.begin_stop(conn);
             }
         }
     }
 
-    /// `ipcluster stop`: every worker, the steering, the state directory.
-    fn stop_everything(&mut self) -> Result<String> {
+    /// `ipcluster stop`: every worker, the steering, the state directory, in
+    /// the steering writer's thread (waiting for the workers takes up to the soft-kill
+    /// timeout). From now on the loop supervises nothing: the workers are
+    /// forgotten at once, so that their exits start no replacement.
+    fn begin_stop(&mut self, conn: u64) {
+        self.stopping = true;
         let pids: Vec<i32> = self.core.workers.keys().copied().collect();
         log::info!(
             "stopping cluster {:?}: {} workers",
             self.cfg.name,
             pids.len()
         );
-        let targets: Vec<kill::Target<'_>> = self
-            .pidfds
-            .iter()
-            .map(|(&pid, pidfd)| kill::Target { pid, pidfd })
-            .collect();
-        let killed = kill::stop_workers(&targets, self.cfg.soft_kill_timeout);
-        // Workers of this cluster we did not know of (e.g. spawned by a master that died
-        // while starting them) go too, if they are verifiably ours.
-        let registry = identity::load_registry(&self.cfg.name);
-        let strays: Vec<adopt::Adopted> = ProcessTable::read()
-            .map(|t| {
-                adopt::discover(
-                    &adopt::Expect {
-                        cluster: &self.cfg.name,
-                        registry: registry.as_ref(),
-                        worker_uid: identity::worker_uid(self.cfg.run_as.as_ref()),
-                        newest_generation: Some(self.generation),
-                    },
-                    &t,
-                    &pids,
-                )
-            })
-            .unwrap_or_default();
-        if !strays.is_empty() {
-            let targets: Vec<kill::Target<'_>> = strays
-                .iter()
-                .map(|a| kill::Target {
-                    pid: a.worker.pid,
-                    pidfd: &a.pidfd,
-                })
-                .collect();
-            kill::stop_workers(&targets, self.cfg.soft_kill_timeout);
-        }
+        let plan = StopPlan {
+            name: self.cfg.name.clone(),
+            backend: self.cfg.backend,
+            worker_uid: identity::worker_uid(self.cfg.run_as.as_ref()),
+            generation: self.generation,
+            soft_kill_timeout: self.cfg.soft_kill_timeout,
+            pids,
+            pidfds: self.pidfds.drain().collect(),
+        };
         self.core.workers.clear();
-        self.pidfds.clear();
-        self.steering
-            .teardown()
-            .with_context(|| format!("removing the {} steering", self.cfg.backend))?;
-        let dir = paths::state_dir(&self.cfg.name);
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-        let message = format!(
-            "cluster {:?} stopped: {} workers ended ({killed} needed SIGKILL), steering removed",
-            self.cfg.name,
-            pids.len() + strays.len()
-        );
-        log::info!("{message}");
-        Ok(message)
+        // Behind the steering writes asked for before: the teardown comes last.
+        self.write_steering(Box::new(move |steering| {
+            // A panic must still end in a reply and the master's exit.
+            let result =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plan.carry_out(steering)))
+                    .unwrap_or_else(|_| {
+                        Err(anyhow::anyhow!(
+                            "stopping the cluster panicked; see the master's log"
+                        ))
+                    });
+            Event::Stopped { conn, result }
+        }));
     }
 
-    fn status_report(&self) -> StatusReport {
+    /// `stop` is done: answer, and exit.
+    pub(super) fn on_stopped(&mut self, conn: u64, result: Result<String>) {
+        let message = match result {
+            Ok(message) => AdminReply::Ok { message },
+            Err(e) => AdminReply::Error {
+                message: format!("{e:#}"),
+            },
+        };
+        self.send(conn, &message);
+        self.exit = Some(Exit::Stopped);
+    }
+
+    pub(super) fn status_report(&self, counters: Option<Counters>) -> StatusReport {
         let now = Instant::now();
         let mut workers: Vec<WorkerStatus> = self
             .core
@@ -270,11 +266,6 @@ impl Master {
             .map(|w| super::status::worker_status(w, now))
             .collect();
         workers.sort_by_key(|w| (std::cmp::Reverse(w.generation), w.band, w.pid));
-        let counters = self
-            .steering
-            .counters()
-            .map_err(|e| log::debug!("counters: {e}"))
-            .ok();
         let master_rss = own_rss();
         StatusReport {
             name: self.cfg.name.clone(),
@@ -296,5 +287,70 @@ impl Master {
                 high_watermark: self.cfg.policy.high_watermark(),
             }),
         }
+    }
+}
+
+/// What `stop` needs, moved to the blocking task that carries it out.
+struct StopPlan {
+    name: String,
+    backend: crate::steering::BackendKind,
+    worker_uid: u32,
+    generation: u64,
+    soft_kill_timeout: Duration,
+    pids: Vec<i32>,
+    pidfds: Vec<(i32, Arc<OwnedFd>)>,
+}
+
+impl StopPlan {
+    /// Blocking: SIGTERM, wait, SIGKILL; then the steering and the state directory.
+    fn carry_out(self, steering: &mut dyn Steering) -> Result<String> {
+        let targets: Vec<kill::Target<'_>> = self
+            .pidfds
+            .iter()
+            .map(|(pid, pidfd)| kill::Target {
+                pid: *pid,
+                pidfd: pidfd.as_ref(),
+            })
+            .collect();
+        let killed = kill::stop_workers(&targets, self.soft_kill_timeout);
+        // Workers of this cluster we did not know of (e.g. spawned by a master that died
+        // while starting them) go too, if they are verifiably ours.
+        let registry = identity::load_registry(&self.name);
+        let strays: Vec<adopt::Adopted> = ProcessTable::read()
+            .map(|t| {
+                adopt::discover(
+                    &adopt::Expect {
+                        cluster: &self.name,
+                        registry: registry.as_ref(),
+                        worker_uid: self.worker_uid,
+                        newest_generation: Some(self.generation),
+                    },
+                    &t,
+                    &self.pids,
+                )
+            })
+            .unwrap_or_default();
+        if !strays.is_empty() {
+            let targets: Vec<kill::Target<'_>> = strays
+                .iter()
+                .map(|a| kill::Target {
+                    pid: a.worker.pid,
+                    pidfd: &a.pidfd,
+                })
+                .collect();
+            kill::stop_workers(&targets, self.soft_kill_timeout);
+        }
+        steering
+            .teardown()
+            .with_context(|| format!("removing the {} steering", self.backend))?;
+        let dir = paths::state_dir(&self.name);
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+        let message = format!(
+            "cluster {:?} stopped: {} workers ended ({killed} needed SIGKILL), steering removed",
+            self.name,
+            self.pids.len() + strays.len()
+        );
+        log::info!("{message}");
+        Ok(message)
     }
 }

@@ -6,10 +6,19 @@
 //! with a crash replaced at once, [`Supervisor::band_failed`] with its
 //! back-off), and the [`Schedule`] of what is due when (spawns, the
 //! kill-retired queue, soft-kill deadlines, the monitor pass), with
-//! [`Supervisor::next_deadline`] telling the event loop when to wake. Time is always passed in (`now`), so the unit tests drive it with a
-//! fake clock. The master's runtime (`master/mod.rs`) reads /proc, signals
-//! through pidfds, publishes tables and writes files; it asks this module what
-//! is due and records here what happened.
+//! [`Supervisor::next_deadline`] telling the event loop when to wake. Time is
+//! always passed in (`now`), so the unit tests drive it with a fake clock.
+//!
+//! Part of the core already takes events and returns effects:
+//! [`Supervisor::handle`] takes an [`Event`] (a tick: the soft-kill deadlines
+//! and the kill-retired queue; a worker to ask to die) and returns the
+//! [`Effect`]s (signals, `die` messages, log lines, kill counts) for the
+//! runtime to carry out; the `host_tests` run it against an in-memory world of
+//! processes. The other transitions are still methods the runtime calls
+//! directly and whose results it acts on. The master's runtime
+//! (`master/mod.rs`) reads /proc, signals through pidfds, has the steering
+//! writer publish tables, and writes files; it asks this module what is due
+//! and records here what happened.
 //!
 //! # When is a worker retired?
 //!
@@ -39,7 +48,10 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
+
 use crate::policy::WorkerState;
+use crate::protocol::MasterMessage;
 
 /// A band whose first workers keep failing before any table was ever
 /// published makes `run` give up (the command is broken, not unlucky).
@@ -504,6 +516,122 @@ impl Supervisor {
     }
 }
 
+/// What the runtime does on the core's behalf ([`Supervisor::handle`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Effect {
+    /// Send `signal` to the worker (through its pidfd), for `reason`.
+    Signal {
+        pid: i32,
+        signal: Signal,
+        reason: String,
+    },
+    /// Write `message` to the worker's control connection.
+    Send {
+        pid: i32,
+        message: MasterMessage,
+    },
+    /// A worker is made to exit: why, and how (`die`, `SIGTERM`, `SIGKILL`),
+    /// for the metrics.
+    CountKill {
+        reason: String,
+        how: &'static str,
+    },
+    Log {
+        level: log::Level,
+        text: String,
+    },
+}
+
+/// What happens to the core ([`Supervisor::handle`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// Time passed: the soft-kill deadlines, then the kill-retired queue.
+    Tick,
+    /// Worker `pid` is to exit: `die` if it speaks the protocol, SIGTERM
+    /// otherwise; SIGKILL after the soft-kill timeout.
+    AskToDie { pid: i32, reason: String },
+}
+
+impl Supervisor {
+    /// Take `event` at `now`; the effects are for the runtime to carry out, in order.
+    pub fn handle(&mut self, now: Instant, event: Event) -> Vec<Effect> {
+        let mut effects = Vec::new();
+        match event {
+            Event::Tick => {
+                self.enforce_soft_kill(now, &mut effects);
+                if let Some((pid, why)) = self.next_kill(now) {
+                    self.ask_to_die_effects(pid, now, why, &mut effects);
+                }
+            }
+            Event::AskToDie { pid, reason } => {
+                self.ask_to_die_effects(pid, now, &reason, &mut effects);
+            }
+        }
+        effects
+    }
+
+    fn ask_to_die_effects(&mut self, pid: i32, now: Instant, reason: &str, out: &mut Vec<Effect>) {
+        let Some(w) = self.ask_to_die(pid, now, reason) else {
+            return;
+        };
+        let aware = w.conn.is_some();
+        out.push(Effect::CountKill {
+            reason: reason.to_owned(),
+            how: if aware { "die" } else { "SIGTERM" },
+        });
+        out.push(Effect::Log {
+            level: log::Level::Info,
+            text: format!(
+                "asking worker {pid} ({}) to die{}: {reason}",
+                w.describe(),
+                if aware { " (`die`)" } else { " (SIGTERM)" }
+            ),
+        });
+        out.push(if aware {
+            Effect::Send {
+                pid,
+                message: MasterMessage::Die {
+                    reason: reason.into(),
+                },
+            }
+        } else {
+            Effect::Signal {
+                pid,
+                signal: Signal::SIGTERM,
+                reason: reason.to_owned(),
+            }
+        });
+    }
+
+    /// SIGKILL to every dying worker past its soft-kill timeout.
+    fn enforce_soft_kill(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        for (pid, dying_for) in self.late_dying(now) {
+            let timeout = self.soft_kill_timeout;
+            let Some(w) = self.workers.get_mut(&pid) else {
+                continue;
+            };
+            let reason = format!(
+                "still running {dying_for:?} after it was asked to die (soft-kill timeout {timeout:?})"
+            );
+            out.push(Effect::Log {
+                level: log::Level::Warn,
+                text: format!("killing worker {pid} ({}): {reason}", w.describe()),
+            });
+            out.push(Effect::CountKill {
+                reason: reason.clone(),
+                how: "SIGKILL",
+            });
+            w.killed = true;
+            w.reason = Some(reason.clone());
+            out.push(Effect::Signal {
+                pid,
+                signal: Signal::SIGKILL,
+                reason,
+            });
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -850,5 +978,211 @@ mod tests {
         assert_eq!(s.late_dying(deadline), vec![(1, deadline - t(0))]);
         s.workers.get_mut(&1).unwrap().killed = true;
         assert!(s.late_dying(t(6000)).is_empty(), "SIGKILL is sent once");
+    }
+}
+
+/// The core against a fake host: an in-memory world of worker processes
+/// that carries out the effects (a signal kills or is ignored, `die` ends an
+/// aware worker) and feeds what happened back (exits) into the core.
+#[cfg(test)]
+mod host_tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    const SPAWN_DELAY: Duration = Duration::from_millis(50);
+    const SOFT_KILL: Duration = Duration::from_secs(5);
+
+    struct Host {
+        core: Supervisor,
+        zero: Instant,
+        /// Running worker processes.
+        alive: BTreeSet<i32>,
+        /// Workers that ignore SIGTERM and `die`.
+        stubborn: BTreeSet<i32>,
+        /// What was done, as (ms, pid, what).
+        done: Vec<(u64, i32, String)>,
+        kills_counted: Vec<&'static str>,
+    }
+
+    impl Host {
+        fn new() -> Host {
+            let zero = Instant::now();
+            let mut core = Supervisor::new(zero, SPAWN_DELAY, SOFT_KILL);
+            core.schedule.next_monitor = zero + Duration::from_secs(3600);
+            Host {
+                core,
+                zero,
+                alive: BTreeSet::new(),
+                stubborn: BTreeSet::new(),
+                done: Vec::new(),
+                kills_counted: Vec::new(),
+            }
+        }
+
+        fn t(&self, ms: u64) -> Instant {
+            self.zero + Duration::from_millis(ms)
+        }
+
+        fn worker(&mut self, pid: i32, band: u32, state: WorkerState, aware: bool) {
+            let mut w = Worker::new(pid, band, 1, state, vec![20000 + band as u16], self.zero);
+            w.ready = true;
+            w.conn = aware.then_some(pid as u64);
+            self.core.workers.insert(pid, w);
+            self.alive.insert(pid);
+        }
+
+        /// Feed `event` at `ms`, carry out the effects, feed the exits back.
+        fn at(&mut self, ms: u64, event: Event) {
+            let now = self.t(ms);
+            for effect in self.core.handle(now, event) {
+                match effect {
+                    Effect::Signal { pid, signal, .. } => {
+                        self.done.push((ms, pid, signal.as_str().to_owned()));
+                        if signal == Signal::SIGKILL || !self.stubborn.contains(&pid) {
+                            self.exit(ms, pid);
+                        }
+                    }
+                    Effect::Send { pid, message } => {
+                        self.done.push((ms, pid, format!("{message:?}")));
+                        if matches!(message, MasterMessage::Die { .. })
+                            && !self.stubborn.contains(&pid)
+                        {
+                            self.exit(ms, pid);
+                        }
+                    }
+                    Effect::CountKill { how, .. } => self.kills_counted.push(how),
+                    Effect::Log { .. } => {}
+                }
+            }
+        }
+
+        fn exit(&mut self, ms: u64, pid: i32) {
+            if self.alive.remove(&pid) {
+                let (_, kind) = self.core.exited(pid, self.t(ms)).expect("a known worker");
+                self.done.push((ms, pid, format!("exited ({kind:?})")));
+            }
+        }
+
+        /// Tick at every deadline the core names, up to `until` ms.
+        fn run_until(&mut self, until: u64) {
+            let mut now = self.t(0);
+            let mut last: Option<Instant> = None;
+            loop {
+                let mut next = self.core.next_deadline(now, true, []);
+                // Something due that a tick does not take (a spawn): move on.
+                if let Some(last) = last
+                    && next <= last
+                {
+                    next = last + Duration::from_millis(1);
+                }
+                if next > self.t(until) {
+                    return;
+                }
+                let ms = u64::try_from(next.duration_since(self.zero).as_millis()).unwrap_or(0);
+                self.at(ms, Event::Tick);
+                (now, last) = (next, Some(next));
+            }
+        }
+    }
+
+    fn what(done: &[(u64, i32, String)]) -> Vec<(u64, i32, &str)> {
+        done.iter()
+            .map(|(ms, pid, w)| (*ms, *pid, w.as_str()))
+            .collect()
+    }
+
+    #[test]
+    fn kill_retired_ends_the_retired_workers_one_spawn_delay_apart() {
+        let mut h = Host::new();
+        h.worker(1, 0, WorkerState::Retired, false);
+        h.worker(2, 1, WorkerState::Retired, true);
+        h.worker(3, 2, WorkerState::Retired, false);
+        h.worker(4, 0, WorkerState::Live, false);
+        assert_eq!(h.core.queue_kill_retired("kill-retired"), 3);
+        h.run_until(1000);
+        assert_eq!(
+            what(&h.done),
+            [
+                (0, 1, "SIGTERM"),
+                (0, 1, "exited (Left)"),
+                (50, 2, "Die { reason: \"kill-retired\" }"),
+                (50, 2, "exited (Left)"),
+                (100, 3, "SIGTERM"),
+                (100, 3, "exited (Left)"),
+            ]
+        );
+        assert_eq!(h.kills_counted, ["SIGTERM", "die", "SIGTERM"]);
+        // The live worker is untouched.
+        assert_eq!(h.alive, BTreeSet::from([4]));
+        assert_eq!(h.core.workers[&4].state, WorkerState::Live);
+    }
+
+    #[test]
+    fn a_worker_that_ignores_die_is_killed_strictly_after_the_soft_kill_timeout() {
+        let mut h = Host::new();
+        h.worker(7, 0, WorkerState::Retired, true);
+        h.stubborn.insert(7);
+        h.at(
+            100,
+            Event::AskToDie {
+                pid: 7,
+                reason: "over the low watermark".into(),
+            },
+        );
+        // Asked once only.
+        h.at(
+            200,
+            Event::AskToDie {
+                pid: 7,
+                reason: "again".into(),
+            },
+        );
+        h.run_until(100 + 5_000);
+        assert_eq!(
+            h.alive,
+            BTreeSet::from([7]),
+            "not killed at the timeout itself"
+        );
+        h.run_until(60_000);
+        assert_eq!(
+            what(&h.done),
+            [
+                (100, 7, "Die { reason: \"over the low watermark\" }"),
+                (5_101, 7, "SIGKILL"),
+                (5_101, 7, "exited (Left)"),
+            ]
+        );
+        assert_eq!(h.kills_counted, ["die", "SIGKILL"]);
+        assert!(h.core.workers.is_empty());
+    }
+
+    #[test]
+    fn a_crash_while_a_retired_worker_is_dying_replaces_its_band_at_once() {
+        let mut h = Host::new();
+        h.worker(1, 0, WorkerState::Retired, false);
+        h.worker(2, 0, WorkerState::Live, false);
+        h.stubborn.insert(1);
+        h.at(
+            0,
+            Event::AskToDie {
+                pid: 1,
+                reason: "idle".into(),
+            },
+        );
+        // The live worker of the same band crashes.
+        h.exit(10, 2);
+        assert_eq!(h.core.due_spawn(h.t(10)), Some(0), "replaced at once");
+        // The dying one is still killed on time.
+        h.run_until(60_000);
+        assert_eq!(
+            what(&h.done),
+            [
+                (0, 1, "SIGTERM"),
+                (10, 2, "exited (Crashed)"),
+                (5_001, 1, "SIGKILL"),
+                (5_001, 1, "exited (Left)"),
+            ]
+        );
     }
 }
