@@ -86,7 +86,7 @@ use lock::ClusterLock;
 use process_tree::{ProcessTable, SocketTable};
 use spawn::{PortAllocator, RunAs, WorkerCommand, WorkerSpec};
 use state::ClusterState;
-use supervisor::{BandFailure, Effect, ExitKind, Supervisor, Worker};
+use supervisor::{Effect, Supervisor, Worker, state_name};
 
 /// A policy note of the same shape is written at most this often.
 const POLICY_LOG_REPEAT: Duration = Duration::from_secs(10);
@@ -868,8 +868,15 @@ impl Master {
                 self.core.workers.get(&pid).map_or(0, |w| w.ports[0])
             ),
             Err(e) => {
-                log::error!("cannot spawn a worker for band {band}: {e:#}");
-                self.band_failed(band, now, &format!("{e:#}"));
+                let effects = self.core.handle(
+                    now,
+                    supervisor::Event::SpawnFailed {
+                        band,
+                        error: format!("{e:#}"),
+                        may_give_up: self.may_give_up(),
+                    },
+                );
+                self.carry_out_effects(effects);
             }
         }
         self.core.spawned_at(now);
@@ -993,7 +1000,6 @@ impl Master {
                 let Some(w) = self.core.workers.get(&pid) else {
                     continue;
                 };
-                let band = w.band;
                 // A worker in another network namespace listens where the
                 // master can neither see nor steer to: say so.
                 let why = match process_tree::foreign_netns(&processes.tree(pid)) {
@@ -1006,17 +1012,16 @@ impl Master {
                         .clone()
                         .unwrap_or_else(|| "not ready in time".to_owned()),
                 };
-                log::warn!(
-                    "worker {pid} (band {band}) is not listening on port {} after {:?} ({why}): killing it",
-                    w.ports[0],
-                    self.cfg.connect_timeout
+                let effects = self.core.handle(
+                    now,
+                    supervisor::Event::NotReadyInTime {
+                        pid,
+                        timeout: self.cfg.connect_timeout,
+                        why,
+                        may_give_up: self.may_give_up(),
+                    },
                 );
-                if let Some(w) = self.core.workers.get_mut(&pid) {
-                    w.killed = true;
-                }
-                self.metrics.killed("not listening in time", "SIGKILL");
-                self.signal(pid, Signal::SIGKILL);
-                self.band_failed(band, now, &why);
+                self.carry_out_effects(effects);
             }
         }
     }
@@ -1042,22 +1047,19 @@ impl Master {
         }
     }
 
-    /// A starting worker exited or timed out: try again later (back-off), or
-    /// give up when the cluster never served.
-    fn band_failed(&mut self, band: u32, now: Instant, why: &str) {
-        let may_give_up = !self.published && self.previous_table.is_none();
-        match self.core.band_failed(band, now, may_give_up) {
-            BandFailure::GiveUp { attempts } => {
-                self.exit = Some(Exit::Failed(anyhow::anyhow!(
-                    "band {band}'s worker failed {attempts} times before the cluster ever served ({why}); \
-                     giving up: check the command `{}`",
-                    self.command_line()
-                )));
-            }
-            BandFailure::Retry { attempt, backoff } => log::info!(
-                "band {band}: attempt {attempt} failed ({why}); next attempt in {backoff:?}"
-            ),
-        }
+    /// The cluster never served (nothing published, no previous table): a
+    /// band that keeps failing ends `run`.
+    fn may_give_up(&self) -> bool {
+        !self.published && self.previous_table.is_none()
+    }
+
+    /// A band failed too often before the cluster ever served: `run` fails.
+    fn give_up(&mut self, band: u32, attempts: u32, why: &str) {
+        self.exit = Some(Exit::Failed(anyhow::anyhow!(
+            "band {band}'s worker failed {attempts} times before the cluster ever served ({why}); \
+             giving up: check the command `{}`",
+            self.command_line()
+        )));
     }
 
     // ---- publishing --------------------------------------------------------------
@@ -1379,12 +1381,12 @@ impl Master {
 
     fn on_worker_exit(&mut self, pid: i32) {
         let now = Instant::now();
-        let Some((w, kind)) = self.core.exited(pid, now) else {
+        let Some(own_child) = self.core.workers.get(&pid).map(|w| w.own_child) else {
             return;
         };
         let pidfd = self.pidfds.remove(&pid);
         let status =
-            if w.own_child { pidfd::reap(pid) } else { None }.unwrap_or_else(|| "exited".into());
+            if own_child { pidfd::reap(pid) } else { None }.unwrap_or_else(|| "exited".into());
         // Whatever the worker left in its process group is unsupervised now
         // (the pidfd still names that group, whatever became of the pid).
         if let Some(pidfd) = &pidfd
@@ -1392,39 +1394,16 @@ impl Master {
         {
             log::debug!("SIGKILL to what is left of worker {pid}'s group: {e}");
         }
-        self.save_registry();
-        // Its port must leave the table now, not when its replacement is ready.
-        self.cover_unserved_bands();
-        if let Some(conn) = w.conn {
-            self.peers.remove(&conn);
-        }
-        match kind {
-            ExitKind::Crashed => {
-                log::warn!(
-                    "live worker {pid} (band {}, generation {}) {status}: replacing it",
-                    w.band,
-                    w.generation
-                );
-                self.metrics.crashed();
-            }
-            ExitKind::StartFailed | ExitKind::StartKilled => {
-                log::warn!(
-                    "starting worker {pid} (band {}) {status} before it was ready",
-                    w.band
-                );
-                // A worker killed for its connect timeout was counted already.
-                if kind == ExitKind::StartFailed {
-                    self.band_failed(w.band, now, &status);
-                }
-            }
-            ExitKind::Left => log::info!(
-                "{} worker {pid} (band {}, generation {}) {status} after {:?}",
-                state_name(w.state),
-                w.band,
-                w.generation,
-                w.started_at.elapsed()
-            ),
-        }
+        let may_give_up = self.may_give_up();
+        let effects = self.core.handle(
+            now,
+            supervisor::Event::Exited {
+                pid,
+                status,
+                may_give_up,
+            },
+        );
+        self.carry_out_effects(effects);
     }
 
     /// SIGTERM (or `die` to a worker that speaks the protocol); SIGKILL follows
@@ -1452,6 +1431,17 @@ impl Master {
                 }
                 Effect::CountKill { reason, how } => self.metrics.killed(&reason, how),
                 Effect::Log { level, text } => log::log!(level, "{text}"),
+                Effect::CountCrash => self.metrics.crashed(),
+                Effect::SaveRegistry => self.save_registry(),
+                Effect::CoverUnservedBands => self.cover_unserved_bands(),
+                Effect::ForgetConn { conn } => {
+                    self.peers.remove(&conn);
+                }
+                Effect::GiveUp {
+                    band,
+                    attempts,
+                    why,
+                } => self.give_up(band, attempts, &why),
             }
         }
     }
@@ -1671,15 +1661,6 @@ fn lock_steering(steering: &SharedSteering) -> std::sync::MutexGuard<'_, Box<dyn
     steering
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn state_name(state: WorkerState) -> &'static str {
-    match state {
-        WorkerState::Starting => "starting",
-        WorkerState::Live => "live",
-        WorkerState::Retired => "retired",
-        WorkerState::Dying => "dying",
-    }
 }
 
 /// `127.0.0.1:8080 [20000 20001 …]` per service.

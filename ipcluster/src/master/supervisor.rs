@@ -11,11 +11,18 @@
 //!
 //! Part of the core already takes events and returns effects:
 //! [`Supervisor::handle`] takes an [`Event`] (a tick: the soft-kill deadlines
-//! and the kill-retired queue; a worker to ask to die) and returns the
-//! [`Effect`]s (signals, `die` messages, log lines, kill counts) for the
-//! runtime to carry out; the `host_tests` run it against an in-memory world of
-//! processes. The other transitions are still methods the runtime calls
-//! directly and whose results it acts on. The master's runtime
+//! and the kill-retired queue; a worker to ask to die; a worker's exit, with
+//! the crash of a live worker replaced at once and a starting worker's exit
+//! counted as a failed attempt of its band; a starting worker that missed its
+//! connect timeout, killed with its band's back-off; a spawn that failed) and
+//! returns the [`Effect`]s (signals, `die` messages, log lines, kill and crash
+//! counts, the registry save, the stand-in for a band left without a worker,
+//! giving up on a fresh start) for the runtime to carry out; the `host_tests`
+//! run it against an in-memory world of processes. Still methods the runtime
+//! calls directly and whose results it acts on: spawning (the core says which
+//! band is due, [`Supervisor::due_spawn`]), readiness, promotion
+//! ([`Supervisor::promoted`]), retiring ([`Supervisor::retire`]), the publish
+//! of a generation's table and adoption. The master's runtime
 //! (`master/mod.rs`) reads /proc, signals through pidfds, has the steering
 //! writer publish tables, and writes files; it asks this module what is due
 //! and records here what happened.
@@ -516,6 +523,16 @@ impl Supervisor {
     }
 }
 
+/// How a state is named in the log and in `status`.
+pub fn state_name(state: WorkerState) -> &'static str {
+    match state {
+        WorkerState::Starting => "starting",
+        WorkerState::Live => "live",
+        WorkerState::Retired => "retired",
+        WorkerState::Dying => "dying",
+    }
+}
+
 /// What the runtime does on the core's behalf ([`Supervisor::handle`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
@@ -540,6 +557,25 @@ pub enum Effect {
         level: log::Level,
         text: String,
     },
+    /// A live worker crashed, for the metrics.
+    CountCrash,
+    /// Write the registry of workers (one left or came).
+    SaveRegistry,
+    /// Point every band left without a worker at a stand-in until its
+    /// replacement is ready (`fallback`): a gone worker's port must leave the
+    /// table now.
+    CoverUnservedBands,
+    /// The worker's control connection `conn` is forgotten.
+    ForgetConn {
+        conn: u64,
+    },
+    /// `band` failed `attempts` times before the cluster ever served: `run`
+    /// gives up (the command is broken, not unlucky).
+    GiveUp {
+        band: u32,
+        attempts: u32,
+        why: String,
+    },
 }
 
 /// What happens to the core ([`Supervisor::handle`]).
@@ -550,6 +586,29 @@ pub enum Event {
     /// Worker `pid` is to exit: `die` if it speaks the protocol, SIGTERM
     /// otherwise; SIGKILL after the soft-kill timeout.
     AskToDie { pid: i32, reason: String },
+    /// Worker `pid` exited (`status`: how, as the reaper told it).
+    /// `may_give_up`: the cluster never served (nothing published, no previous
+    /// table), so a band failing [`FRESH_START_ATTEMPTS`] times ends `run`.
+    Exited {
+        pid: i32,
+        status: String,
+        may_give_up: bool,
+    },
+    /// Starting worker `pid` is not listening on its ports after the connect
+    /// timeout (`timeout`), because of `why`: SIGKILL, and its band backs off
+    /// (or, see `Exited`, `run` gives up). Its exit comes as `Exited` later.
+    NotReadyInTime {
+        pid: i32,
+        timeout: Duration,
+        why: String,
+        may_give_up: bool,
+    },
+    /// A worker for `band` could not be spawned (`error`): its band backs off.
+    SpawnFailed {
+        band: u32,
+        error: String,
+        may_give_up: bool,
+    },
 }
 
 impl Supervisor {
@@ -566,8 +625,148 @@ impl Supervisor {
             Event::AskToDie { pid, reason } => {
                 self.ask_to_die_effects(pid, now, &reason, &mut effects);
             }
+            Event::Exited {
+                pid,
+                status,
+                may_give_up,
+            } => self.exited_effects(pid, now, &status, may_give_up, &mut effects),
+            Event::NotReadyInTime {
+                pid,
+                timeout,
+                why,
+                may_give_up,
+            } => self.not_ready_effects(pid, now, timeout, &why, may_give_up, &mut effects),
+            Event::SpawnFailed {
+                band,
+                error,
+                may_give_up,
+            } => {
+                effects.push(Effect::Log {
+                    level: log::Level::Error,
+                    text: format!("cannot spawn a worker for band {band}: {error}"),
+                });
+                self.band_failed_effects(band, now, &error, may_give_up, &mut effects);
+            }
         }
         effects
+    }
+
+    /// A starting worker missed its connect timeout: killed once, and its
+    /// band's failure counted now (not again at its exit).
+    fn not_ready_effects(
+        &mut self,
+        pid: i32,
+        now: Instant,
+        timeout: Duration,
+        why: &str,
+        may_give_up: bool,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if w.state != WorkerState::Starting || w.ready || w.killed {
+            return;
+        }
+        let band = w.band;
+        out.push(Effect::Log {
+            level: log::Level::Warn,
+            text: format!(
+                "worker {pid} (band {band}) is not listening on port {} after {timeout:?} ({why}): killing it",
+                w.ports.first().copied().unwrap_or(0)
+            ),
+        });
+        w.killed = true;
+        out.push(Effect::CountKill {
+            reason: "not listening in time".to_owned(),
+            how: "SIGKILL",
+        });
+        out.push(Effect::Signal {
+            pid,
+            signal: Signal::SIGKILL,
+            reason: why.to_owned(),
+        });
+        self.band_failed_effects(band, now, why, may_give_up, out);
+    }
+
+    /// A worker's exit: forgotten, the registry saved, its band covered by a
+    /// stand-in, then logged; a crash of a live worker is replaced at once, a
+    /// starting worker's exit is a failed attempt of its band.
+    fn exited_effects(
+        &mut self,
+        pid: i32,
+        now: Instant,
+        status: &str,
+        may_give_up: bool,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some((w, kind)) = self.exited(pid, now) else {
+            return;
+        };
+        out.push(Effect::SaveRegistry);
+        out.push(Effect::CoverUnservedBands);
+        if let Some(conn) = w.conn {
+            out.push(Effect::ForgetConn { conn });
+        }
+        match kind {
+            ExitKind::Crashed => {
+                out.push(Effect::Log {
+                    level: log::Level::Warn,
+                    text: format!(
+                        "live worker {pid} (band {}, generation {}) {status}: replacing it",
+                        w.band, w.generation
+                    ),
+                });
+                out.push(Effect::CountCrash);
+            }
+            ExitKind::StartFailed | ExitKind::StartKilled => {
+                out.push(Effect::Log {
+                    level: log::Level::Warn,
+                    text: format!(
+                        "starting worker {pid} (band {}) {status} before it was ready",
+                        w.band
+                    ),
+                });
+                // A worker killed for its connect timeout was counted already.
+                if kind == ExitKind::StartFailed {
+                    self.band_failed_effects(w.band, now, status, may_give_up, out);
+                }
+            }
+            ExitKind::Left => out.push(Effect::Log {
+                level: log::Level::Info,
+                text: format!(
+                    "{} worker {pid} (band {}, generation {}) {status} after {:?}",
+                    state_name(w.state),
+                    w.band,
+                    w.generation,
+                    now.saturating_duration_since(w.started_at)
+                ),
+            }),
+        }
+    }
+
+    /// A starting worker of `band` failed (`why`): the back-off, or giving up.
+    fn band_failed_effects(
+        &mut self,
+        band: u32,
+        now: Instant,
+        why: &str,
+        may_give_up: bool,
+        out: &mut Vec<Effect>,
+    ) {
+        out.push(match self.band_failed(band, now, may_give_up) {
+            BandFailure::GiveUp { attempts } => Effect::GiveUp {
+                band,
+                attempts,
+                why: why.to_owned(),
+            },
+            BandFailure::Retry { attempt, backoff } => Effect::Log {
+                level: log::Level::Info,
+                text: format!(
+                    "band {band}: attempt {attempt} failed ({why}); next attempt in {backoff:?}"
+                ),
+            },
+        });
     }
 
     fn ask_to_die_effects(&mut self, pid: i32, now: Instant, reason: &str, out: &mut Vec<Effect>) {
@@ -1003,6 +1202,16 @@ mod host_tests {
         /// What was done, as (ms, pid, what).
         done: Vec<(u64, i32, String)>,
         kills_counted: Vec<&'static str>,
+        /// The log lines, in order.
+        logs: Vec<String>,
+        /// Other effects carried out (`SaveRegistry`, `CountCrash` …), in order.
+        other: Vec<String>,
+        /// A table was published (no giving up then).
+        published: bool,
+        next_pid: i32,
+        /// The runtime's readiness check: starting workers (which never listen
+        /// here) are reported not ready after this long.
+        connect_timeout: Option<Duration>,
     }
 
     impl Host {
@@ -1017,6 +1226,11 @@ mod host_tests {
                 stubborn: BTreeSet::new(),
                 done: Vec::new(),
                 kills_counted: Vec::new(),
+                logs: Vec::new(),
+                other: Vec::new(),
+                published: true,
+                next_pid: 100,
+                connect_timeout: None,
             }
         }
 
@@ -1025,7 +1239,25 @@ mod host_tests {
         }
 
         fn worker(&mut self, pid: i32, band: u32, state: WorkerState, aware: bool) {
-            let mut w = Worker::new(pid, band, 1, state, vec![20000 + band as u16], self.zero);
+            self.worker_of(pid, band, 1, state, aware);
+        }
+
+        fn worker_of(
+            &mut self,
+            pid: i32,
+            band: u32,
+            generation: u64,
+            state: WorkerState,
+            aware: bool,
+        ) {
+            let mut w = Worker::new(
+                pid,
+                band,
+                generation,
+                state,
+                vec![20000 + band as u16],
+                self.zero,
+            );
             w.ready = true;
             w.conn = aware.then_some(pid as u64);
             self.core.workers.insert(pid, w);
@@ -1035,12 +1267,15 @@ mod host_tests {
         /// Feed `event` at `ms`, carry out the effects, feed the exits back.
         fn at(&mut self, ms: u64, event: Event) {
             let now = self.t(ms);
+            // Processes end after the effects are carried out, as on a real
+            // host, where the exit is an event of its own.
+            let mut exits = Vec::new();
             for effect in self.core.handle(now, event) {
                 match effect {
                     Effect::Signal { pid, signal, .. } => {
                         self.done.push((ms, pid, signal.as_str().to_owned()));
                         if signal == Signal::SIGKILL || !self.stubborn.contains(&pid) {
-                            self.exit(ms, pid);
+                            exits.push(pid);
                         }
                     }
                     Effect::Send { pid, message } => {
@@ -1048,19 +1283,82 @@ mod host_tests {
                         if matches!(message, MasterMessage::Die { .. })
                             && !self.stubborn.contains(&pid)
                         {
-                            self.exit(ms, pid);
+                            exits.push(pid);
                         }
                     }
                     Effect::CountKill { how, .. } => self.kills_counted.push(how),
-                    Effect::Log { .. } => {}
+                    Effect::Log { text, .. } => self.logs.push(text),
+                    other => self.other.push(format!("{other:?}")),
                 }
+            }
+            for pid in exits {
+                self.exit(ms, pid);
             }
         }
 
+        /// Worker `pid` exits (as it was: live, retired …).
         fn exit(&mut self, ms: u64, pid: i32) {
             if self.alive.remove(&pid) {
-                let (_, kind) = self.core.exited(pid, self.t(ms)).expect("a known worker");
-                self.done.push((ms, pid, format!("exited ({kind:?})")));
+                let state = self.core.workers[&pid].state;
+                self.done
+                    .push((ms, pid, format!("exited ({})", state_name(state))));
+                self.at(
+                    ms,
+                    Event::Exited {
+                        pid,
+                        status: "exited".into(),
+                        may_give_up: !self.published,
+                    },
+                );
+            }
+        }
+
+        /// The runtime's readiness check, for workers that never listen.
+        fn check_starting(&mut self, ms: u64) {
+            let Some(timeout) = self.connect_timeout else {
+                return;
+            };
+            let now = self.t(ms);
+            let late: Vec<i32> = self
+                .core
+                .workers
+                .values()
+                .filter(|w| w.state == WorkerState::Starting && !w.ready && !w.killed)
+                .filter(|w| now.duration_since(w.started_at) > timeout)
+                .map(|w| w.pid)
+                .collect();
+            for pid in late {
+                self.at(
+                    ms,
+                    Event::NotReadyInTime {
+                        pid,
+                        timeout,
+                        why: "not ready in time".into(),
+                        may_give_up: !self.published,
+                    },
+                );
+            }
+        }
+
+        /// The runtime's spawn step: a due band gets a starting worker.
+        fn spawn_due(&mut self, ms: u64) {
+            let now = self.t(ms);
+            if let Some(band) = self.core.due_spawn(now) {
+                let pid = self.next_pid;
+                self.next_pid += 1;
+                let w = Worker::new(
+                    pid,
+                    band,
+                    2,
+                    WorkerState::Starting,
+                    vec![21000 + band as u16],
+                    now,
+                );
+                self.core.workers.insert(pid, w);
+                self.alive.insert(pid);
+                self.core.spawned_at(now);
+                self.done
+                    .push((ms, pid, format!("spawned for band {band}")));
             }
         }
 
@@ -1080,6 +1378,8 @@ mod host_tests {
                     return;
                 }
                 let ms = u64::try_from(next.duration_since(self.zero).as_millis()).unwrap_or(0);
+                self.spawn_due(ms);
+                self.check_starting(ms);
                 self.at(ms, Event::Tick);
                 (now, last) = (next, Some(next));
             }
@@ -1105,11 +1405,11 @@ mod host_tests {
             what(&h.done),
             [
                 (0, 1, "SIGTERM"),
-                (0, 1, "exited (Left)"),
+                (0, 1, "exited (dying)"),
                 (50, 2, "Die { reason: \"kill-retired\" }"),
-                (50, 2, "exited (Left)"),
+                (50, 2, "exited (dying)"),
                 (100, 3, "SIGTERM"),
-                (100, 3, "exited (Left)"),
+                (100, 3, "exited (dying)"),
             ]
         );
         assert_eq!(h.kills_counted, ["SIGTERM", "die", "SIGTERM"]);
@@ -1150,7 +1450,7 @@ mod host_tests {
             [
                 (100, 7, "Die { reason: \"over the low watermark\" }"),
                 (5_101, 7, "SIGKILL"),
-                (5_101, 7, "exited (Left)"),
+                (5_101, 7, "exited (dying)"),
             ]
         );
         assert_eq!(h.kills_counted, ["die", "SIGKILL"]);
@@ -1179,10 +1479,137 @@ mod host_tests {
             what(&h.done),
             [
                 (0, 1, "SIGTERM"),
-                (10, 2, "exited (Crashed)"),
+                (10, 2, "exited (live)"),
                 (5_001, 1, "SIGKILL"),
-                (5_001, 1, "exited (Left)"),
+                (5_001, 1, "exited (dying)"),
             ]
+        );
+    }
+
+    #[test]
+    fn a_live_workers_crash_during_a_reload_replaces_its_band_and_leaves_the_retired_alone() {
+        let mut h = Host::new();
+        // Generation 1 retired by the reload, generation 2 live.
+        h.worker_of(1, 0, 1, WorkerState::Retired, false);
+        h.worker_of(2, 1, 1, WorkerState::Retired, true);
+        h.worker_of(11, 0, 2, WorkerState::Live, true);
+        h.worker_of(12, 1, 2, WorkerState::Live, false);
+        h.spawn_due(0);
+        h.exit(500, 11);
+        assert_eq!(
+            h.logs,
+            ["live worker 11 (band 0, generation 2) exited: replacing it"]
+        );
+        assert_eq!(
+            h.other,
+            [
+                "SaveRegistry",
+                "CoverUnservedBands",
+                "ForgetConn { conn: 11 }",
+                "CountCrash"
+            ]
+        );
+        assert_eq!(h.core.schedule.crashed_at.get(&0), Some(&h.t(500)));
+        h.run_until(60_000);
+        assert_eq!(
+            what(&h.done),
+            [(500, 11, "exited (live)"), (500, 100, "spawned for band 0"),],
+            "the band is replaced at once, nothing else is done"
+        );
+        assert_eq!(h.alive, BTreeSet::from([1, 2, 12, 100]));
+        for pid in [1, 2] {
+            let w = &h.core.workers[&pid];
+            assert_eq!((w.state, w.dying_since), (WorkerState::Retired, None));
+        }
+        assert_eq!(h.core.workers[&100].state, WorkerState::Starting);
+        assert!(h.kills_counted.is_empty());
+        // An exit already taken is not taken twice.
+        assert!(
+            h.core
+                .handle(
+                    h.t(600),
+                    Event::Exited {
+                        pid: 11,
+                        status: "exited".into(),
+                        may_give_up: false
+                    }
+                )
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_worker_never_ready_is_killed_backs_off_longer_each_time_and_a_fresh_start_gives_up() {
+        let mut h = Host::new();
+        h.published = false;
+        h.connect_timeout = Some(Duration::from_millis(1000));
+        h.core.schedule_spawn(0, h.t(0));
+        h.run_until(60_000);
+        // Killed strictly after the connect timeout (at the next readiness
+        // poll), then spawned again after 200 ms, then 400 ms; the third
+        // failure before any publish gives up.
+        assert_eq!(
+            what(&h.done),
+            [
+                (0, 100, "spawned for band 0"),
+                (1_020, 100, "SIGKILL"),
+                (1_020, 100, "exited (starting)"),
+                (1_220, 101, "spawned for band 0"),
+                (2_240, 101, "SIGKILL"),
+                (2_240, 101, "exited (starting)"),
+                (2_640, 102, "spawned for band 0"),
+                (3_660, 102, "SIGKILL"),
+                (3_660, 102, "exited (starting)"),
+            ]
+        );
+        assert_eq!(h.kills_counted, ["SIGKILL"; 3]);
+        assert_eq!(
+            h.logs,
+            [
+                "worker 100 (band 0) is not listening on port 21000 after 1s (not ready in time): killing it",
+                "band 0: attempt 1 failed (not ready in time); next attempt in 200ms",
+                "starting worker 100 (band 0) exited before it was ready",
+                "worker 101 (band 0) is not listening on port 21000 after 1s (not ready in time): killing it",
+                "band 0: attempt 2 failed (not ready in time); next attempt in 400ms",
+                "starting worker 101 (band 0) exited before it was ready",
+                "worker 102 (band 0) is not listening on port 21000 after 1s (not ready in time): killing it",
+                "starting worker 102 (band 0) exited before it was ready",
+            ]
+        );
+        assert!(
+            h.other.contains(
+                &"GiveUp { band: 0, attempts: 3, why: \"not ready in time\" }".to_owned()
+            ),
+            "{:?}",
+            h.other
+        );
+        // The kill's exit is not a second failure: three in all.
+        assert_eq!(h.core.schedule.failures.get(&0), Some(&3));
+        assert!(h.core.schedule.pending_spawns.is_empty());
+        assert!(h.alive.is_empty());
+    }
+
+    #[test]
+    fn once_the_cluster_served_a_band_never_ready_backs_off_up_to_the_maximum() {
+        let mut h = Host::new();
+        h.connect_timeout = Some(Duration::from_millis(100));
+        h.core.schedule_spawn(1, h.t(0));
+        h.run_until(120_000);
+        let backoffs: Vec<&str> = h
+            .logs
+            .iter()
+            .filter_map(|l| l.split("next attempt in ").nth(1))
+            .collect();
+        assert_eq!(
+            &backoffs[..8],
+            [
+                "200ms", "400ms", "800ms", "1.6s", "3.2s", "6.4s", "10s", "10s"
+            ]
+        );
+        assert!(
+            !h.other.iter().any(|o| o.starts_with("GiveUp")),
+            "{:?}",
+            h.other
         );
     }
 }
