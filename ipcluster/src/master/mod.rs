@@ -1272,7 +1272,7 @@ impl Master {
                     log::error!("steering band {band} to worker {pid} failed: {e}; will retry");
                     return;
                 }
-                self.promoted(pid, band, ports.first().map_or(0, |&(_, p)| p));
+                self.promoted(pid, ports.first().map_or(0, |&(_, p)| p));
             }
             BandPurpose::StandIn { who, from } => {
                 let listens = self.cfg.listens.clone();
@@ -1301,28 +1301,12 @@ impl Master {
         }
     }
 
-    /// Band `band` is steered to worker `pid` now.
-    fn promoted(&mut self, pid: i32, band: u32, port: u16) {
-        // It may have exited, or been made to, while the band was written.
-        if self
+    /// Worker `pid` is steered to for its band now (on `port`).
+    fn promoted(&mut self, pid: i32, port: u16) {
+        let effects = self
             .core
-            .workers
-            .get(&pid)
-            .is_none_or(|w| w.state != WorkerState::Starting)
-        {
-            return;
-        }
-        let Some(promotion) = self.core.promoted(pid, Instant::now()) else {
-            return;
-        };
-        let since = promotion
-            .crashed_for
-            .map(|d| format!(" ({d:?} after the crash)"))
-            .unwrap_or_default();
-        log::info!("band {band} now served by worker {pid} on port {port}{since}");
-        for (old, why) in promotion.retire {
-            self.retire(old, &why);
-        }
+            .handle(Instant::now(), supervisor::Event::Promoted { pid, port });
+        self.carry_out_effects(effects);
     }
 
     /// Retire every live worker that the table in force no longer points at.
@@ -1434,6 +1418,7 @@ impl Master {
                 Effect::CountCrash => self.metrics.crashed(),
                 Effect::SaveRegistry => self.save_registry(),
                 Effect::CoverUnservedBands => self.cover_unserved_bands(),
+                Effect::Retire { pid, reason } => self.retire(pid, &reason),
                 Effect::ForgetConn { conn } => {
                     self.peers.remove(&conn);
                 }

@@ -14,15 +14,16 @@
 //! and the kill-retired queue; a worker to ask to die; a worker's exit, with
 //! the crash of a live worker replaced at once and a starting worker's exit
 //! counted as a failed attempt of its band; a starting worker that missed its
-//! connect timeout, killed with its band's back-off; a spawn that failed) and
-//! returns the [`Effect`]s (signals, `die` messages, log lines, kill and crash
-//! counts, the registry save, the stand-in for a band left without a worker,
-//! giving up on a fresh start) for the runtime to carry out; the `host_tests`
-//! run it against an in-memory world of processes. Still methods the runtime
-//! calls directly and whose results it acts on: spawning (the core says which
-//! band is due, [`Supervisor::due_spawn`]), readiness, promotion
-//! ([`Supervisor::promoted`]), retiring ([`Supervisor::retire`]), the publish
-//! of a generation's table and adoption. The master's runtime
+//! connect timeout, killed with its band's back-off; a spawn that failed; a
+//! starting worker steered to, promoted with its band's old live worker
+//! retired) and returns the [`Effect`]s (signals, `die` messages, log lines,
+//! kill and crash counts, the registry save, the stand-in for a band left
+//! without a worker, a worker to retire, giving up on a fresh start) for the
+//! runtime to carry out; the `host_tests` run it against an in-memory world of
+//! processes. Still methods the runtime calls directly and whose results it
+//! acts on: spawning (the core says which band is due,
+//! [`Supervisor::due_spawn`]), readiness, the retirements of a publish
+//! ([`Supervisor::retire`]) and adoption. The master's runtime
 //! (`master/mod.rs`) reads /proc, signals through pidfds, has the steering
 //! writer publish tables, and writes files; it asks this module what is due
 //! and records here what happened.
@@ -569,6 +570,12 @@ pub enum Effect {
     ForgetConn {
         conn: u64,
     },
+    /// Worker `pid` is out of the table in force: retire it for `reason`
+    /// ([`Supervisor::retire`], then tell it and renice its tree).
+    Retire {
+        pid: i32,
+        reason: String,
+    },
     /// `band` failed `attempts` times before the cluster ever served: `run`
     /// gives up (the command is broken, not unlucky).
     GiveUp {
@@ -603,6 +610,9 @@ pub enum Event {
         why: String,
         may_give_up: bool,
     },
+    /// Starting worker `pid` is steered to for its band now (on `port`): it
+    /// is live, and the band's previous live worker is retired.
+    Promoted { pid: i32, port: u16 },
     /// A worker for `band` could not be spawned (`error`): its band backs off.
     SpawnFailed {
         band: u32,
@@ -636,6 +646,7 @@ impl Supervisor {
                 why,
                 may_give_up,
             } => self.not_ready_effects(pid, now, timeout, &why, may_give_up, &mut effects),
+            Event::Promoted { pid, port } => self.promoted_effects(pid, now, port, &mut effects),
             Event::SpawnFailed {
                 band,
                 error,
@@ -649,6 +660,38 @@ impl Supervisor {
             }
         }
         effects
+    }
+
+    /// A promotion: logged (with how long the band went without its own
+    /// worker after a crash), then the band's other live workers retired.
+    /// Nothing when the worker exited, or was made to, while its band was
+    /// written.
+    fn promoted_effects(&mut self, pid: i32, now: Instant, port: u16, out: &mut Vec<Effect>) {
+        let Some(band) = self
+            .workers
+            .get(&pid)
+            .filter(|w| w.state == WorkerState::Starting)
+            .map(|w| w.band)
+        else {
+            return;
+        };
+        let Some(promotion) = self.promoted(pid, now) else {
+            return;
+        };
+        let since = promotion
+            .crashed_for
+            .map(|d| format!(" ({d:?} after the crash)"))
+            .unwrap_or_default();
+        out.push(Effect::Log {
+            level: log::Level::Info,
+            text: format!("band {band} now served by worker {pid} on port {port}{since}"),
+        });
+        out.extend(
+            promotion
+                .retire
+                .into_iter()
+                .map(|(pid, reason)| Effect::Retire { pid, reason }),
+        );
     }
 
     /// A starting worker missed its connect timeout: killed once, and its
@@ -1288,6 +1331,10 @@ mod host_tests {
                     }
                     Effect::CountKill { how, .. } => self.kills_counted.push(how),
                     Effect::Log { text, .. } => self.logs.push(text),
+                    Effect::Retire { pid, reason } => {
+                        self.core.retire(pid, now, &reason);
+                        self.done.push((ms, pid, format!("retired: {reason}")));
+                    }
                     other => self.other.push(format!("{other:?}")),
                 }
             }
@@ -1610,6 +1657,88 @@ mod host_tests {
             !h.other.iter().any(|o| o.starts_with("GiveUp")),
             "{:?}",
             h.other
+        );
+    }
+
+    #[test]
+    fn a_crashed_bands_replacement_is_promoted_and_a_health_replacement_retires_the_old_worker() {
+        let mut h = Host::new();
+        h.worker_of(1, 0, 1, WorkerState::Retired, false);
+        h.worker_of(11, 0, 2, WorkerState::Live, false);
+        h.worker_of(12, 1, 2, WorkerState::Live, false);
+        h.core.workers.get_mut(&12).expect("worker 12").reason = Some("rss over the limit".into());
+        // Band 0's live worker crashes; its replacement is ready and steered
+        // to 300 ms later.
+        h.exit(100, 11);
+        h.spawn_due(100);
+        h.at(
+            400,
+            Event::Promoted {
+                pid: 100,
+                port: 21000,
+            },
+        );
+        // Band 1 got a replacement for its worker's memory (the policy).
+        h.worker_of(13, 1, 2, WorkerState::Starting, false);
+        h.at(
+            500,
+            Event::Promoted {
+                pid: 13,
+                port: 20001,
+            },
+        );
+        // A promotion that arrives after the worker left changes nothing.
+        assert!(
+            h.core
+                .handle(h.t(600), Event::Promoted { pid: 99, port: 1 })
+                .is_empty()
+        );
+        assert!(
+            h.core
+                .handle(
+                    h.t(600),
+                    Event::Promoted {
+                        pid: 100,
+                        port: 21000
+                    }
+                )
+                .is_empty(),
+            "once"
+        );
+        assert_eq!(
+            h.logs,
+            [
+                "live worker 11 (band 0, generation 2) exited: replacing it",
+                "band 0 now served by worker 100 on port 21000 (300ms after the crash)",
+                "band 1 now served by worker 13 on port 20001",
+            ]
+        );
+        assert_eq!(
+            what(&h.done),
+            [
+                (100, 11, "exited (live)"),
+                (100, 100, "spawned for band 0"),
+                (
+                    500,
+                    12,
+                    "retired: rss over the limit; replaced by worker 13"
+                ),
+            ]
+        );
+        let state = |pid: i32| h.core.workers[&pid].state;
+        assert_eq!(
+            [state(1), state(100), state(12), state(13)],
+            [
+                WorkerState::Retired,
+                WorkerState::Live,
+                WorkerState::Retired,
+                WorkerState::Live
+            ]
+        );
+        assert_eq!(h.core.workers[&12].retired_at, Some(h.t(500)));
+        assert_eq!(
+            h.core.workers[&1].retired_at, None,
+            "the old generation is untouched"
         );
     }
 }
