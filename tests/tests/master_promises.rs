@@ -883,7 +883,10 @@ fn who_is_asked_to_die(strategy: Option<&str>) -> (bool, bool) {
         || (worker(&cluster.status(), older.0)?["connections"] == 1).then_some(()),
     );
     // 100 MiB in each retired worker: above the low watermark (80 %), below the high one.
-    for (_, port) in [older, younger] {
+    // The idle one first: the watermark is crossed during the second request, and a
+    // monitor pass in that moment must not see the idle worker serving one (its own
+    // /alloc request would count as a connection and tie it with the older one).
+    for (_, port) in [younger, older] {
         let v = get_json(loopback_client(1), direct(port), "/alloc?mb=100").expect("GET /alloc");
         assert_eq!(v["allocated_mib"], 100, "{v}");
     }
