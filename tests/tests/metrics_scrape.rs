@@ -197,6 +197,22 @@ fn scrape_through_a_reload() {
             }
         })
     };
+    // The first scrape must reach the old master before the new one starts:
+    // once the hand-over has begun, the old master answers 503.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !seen
+        .lock()
+        .expect("scrapes")
+        .iter()
+        .any(|r| r.as_ref().ok() == Some(&1.0))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scrape answered before the reload: {:?}",
+            seen.lock().expect("scrapes")
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     cluster.start_master();
     cluster.wait_generation_live(2, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(300));
