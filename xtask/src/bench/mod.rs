@@ -506,14 +506,38 @@ fn run_cases(
             master_watch: Duration::from_secs(30),
         }
     };
+    timed_run(|figures| {
+        figures.rounds = settings.rounds;
+        figures.duration = settings.duration;
+        all_cases(opts, worker_script, scale_test, &settings, figures)
+    })
+}
+
+/// The start and finish steps every run shares, around `body` (which adds
+/// its figures): the machine line, the load average before and after, the
+/// machine's steal time over the run and the wall time.
+fn timed_run(body: impl FnOnce(&mut Figures) -> Result<()>) -> Result<Figures> {
     let started = Instant::now();
     let mut figures = Figures::default();
     figures.machine = report::describe_machine();
     figures.load_before = env::load_average();
-    figures.rounds = settings.rounds;
-    figures.duration = settings.duration;
     let machine_before = cpu_sample()?;
+    body(&mut figures)?;
+    let machine_after = cpu_sample()?;
+    figures.steal_overall = machine_before.steal_pct_until(&machine_after);
+    figures.load_after = env::load_average();
+    figures.wall = started.elapsed();
+    Ok(figures)
+}
 
+/// Every case, one after the other (the run without `--case`).
+fn all_cases(
+    opts: &BenchOptions,
+    worker_script: &Path,
+    scale_test: Result<PathBuf>,
+    settings: &Settings,
+    figures: &mut Figures,
+) -> Result<()> {
     // Cases 1 and 2: every path stood up at once (each in its own namespace),
     // then measured in alternation, path order rotated every round, so that a
     // change in the machine's background load falls on every path alike.
@@ -522,7 +546,7 @@ fn run_cases(
         .map_err(|e| figures.errors.push(format!("per-program cost: {e:#}")))
         .ok();
     for workers in [1u16, 4] {
-        measure_paths(opts, worker_script, &settings, workers, &mut figures);
+        measure_paths(opts, worker_script, settings, workers, figures);
         env::check_interrupted()?;
     }
     // Off again before the reloads and the `BPF_PROG_TEST_RUN` timings: with
@@ -531,7 +555,7 @@ fn run_cases(
     drop(bpf_stats_on);
 
     // Case 3: reload under load, every backend, the demo worker (it reports its generation).
-    reload_figures(opts, &["ebpf", "sk-lookup", "iptables"], &mut figures)?;
+    reload_figures(opts, &["ebpf", "sk-lookup", "iptables"], figures)?;
 
     env::check_interrupted()?;
     // Case 4: scale.
@@ -543,14 +567,8 @@ fn run_cases(
         Ok(lines) => figures.scale.extend(lines),
         Err(e) => figures.errors.push(format!("scale: {e:#}")),
     }
-    master_scale_figures(opts, settings.master_watch, &mut figures)?;
-    crash_figures(opts, &mut figures)?;
-
-    let machine_after = cpu_sample()?;
-    figures.steal_overall = machine_before.steal_pct_until(&machine_after);
-    figures.load_after = env::load_average();
-    figures.wall = started.elapsed();
-    Ok(figures)
+    master_scale_figures(opts, settings.master_watch, figures)?;
+    crash_figures(opts, figures)
 }
 
 /// One measurement of one path: wrk with one worker (case 1), the own load
@@ -1005,43 +1023,23 @@ fn scale_figures(exe: &Path) -> Result<Vec<String>> {
 
 /// `--case master-scale` alone: its figures, in an otherwise empty report.
 fn master_scale_case(opts: &BenchOptions) -> Result<Figures> {
-    let started = Instant::now();
-    let mut figures = Figures::default();
-    figures.machine = report::describe_machine();
-    figures.load_before = env::load_average();
-    let machine_before = cpu_sample()?;
     let watch = if opts.quick {
         Duration::from_secs(5)
     } else {
         Duration::from_secs(30)
     };
-    master_scale_figures(opts, watch, &mut figures)?;
-    let machine_after = cpu_sample()?;
-    figures.steal_overall = machine_before.steal_pct_until(&machine_after);
-    figures.load_after = env::load_average();
-    figures.wall = started.elapsed();
-    Ok(figures)
+    timed_run(|figures| master_scale_figures(opts, watch, figures))
 }
 
+/// `--case crash`: crash recovery on every backend.
 fn crash_case(opts: &BenchOptions) -> Result<Figures> {
-    let started = Instant::now();
-    let mut figures = Figures::default();
-    figures.machine = report::describe_machine();
-    figures.load_before = env::load_average();
-    crash_figures(opts, &mut figures)?;
-    figures.load_after = env::load_average();
-    figures.wall = started.elapsed();
-    Ok(figures)
+    timed_run(|figures| crash_figures(opts, figures))
 }
 
 /// `--case reload`: the reloads under load of the backends among `--paths`,
 /// each second master's log kept in `target/bench/` (it times the reload's
 /// steps: lock take-over, steering install, each worker's readiness, publish).
 fn reload_case(opts: &BenchOptions) -> Result<Figures> {
-    let started = Instant::now();
-    let mut figures = Figures::default();
-    figures.machine = report::describe_machine();
-    figures.load_before = env::load_average();
     let backends: Vec<&str> = opts
         .paths
         .iter()
@@ -1052,10 +1050,7 @@ fn reload_case(opts: &BenchOptions) -> Result<Figures> {
             _ => None,
         })
         .collect();
-    reload_figures(opts, &backends, &mut figures)?;
-    figures.load_after = env::load_average();
-    figures.wall = started.elapsed();
-    Ok(figures)
+    timed_run(|figures| reload_figures(opts, &backends, figures))
 }
 
 /// Reloads under paced, then saturating load, of `backends`; each second
