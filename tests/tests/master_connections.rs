@@ -21,37 +21,9 @@ use nix::sys::resource::{Resource, getrlimit, setrlimit};
 const CONNECTIONS: usize = 3000;
 
 /// A worker that greets each connection with its pid and then holds it,
-/// idle, until the client closes it (one thread, a selector).
-const IDLE_SERVER: &str = r#"
-import os, selectors, socket
-port = int(os.environ["PORT"])
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", port))
-s.listen(4096)
-s.setblocking(False)
-sel = selectors.DefaultSelector()
-sel.register(s, selectors.EVENT_READ)
-greeting = ("pid=%d\n" % os.getpid()).encode()
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is s:
-            try:
-                c, _ = s.accept()
-            except BlockingIOError:
-                continue
-            c.sendall(greeting)
-            sel.register(c, selectors.EVENT_READ)
-        else:
-            c = key.fileobj
-            try:
-                data = c.recv(4096)
-            except OSError:
-                data = b""
-            if not data:
-                sel.unregister(c)
-                c.close()
-"#;
+/// idle, until the client closes it (one thread, a selector); the bench case
+/// master-scale runs the same file.
+const IDLE_SERVER: &str = include_str!("../idle_server.py");
 
 /// Room for the clients (this process) and the workers (they inherit it).
 fn raise_fd_limit(needed: u64) {

@@ -32,41 +32,9 @@ const SOURCES: u8 = 64;
 /// `status --json` runs timed per load.
 const STATUS_RUNS: usize = 20;
 
-/// Greets each connection with its pid, then holds it until the client closes.
-const IDLE_SERVER: &str = r#"import os, selectors, socket
-port = int(os.environ["PORT"])
-s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("127.0.0.1", port))
-s.listen(4096)
-s.setblocking(False)
-sel = selectors.DefaultSelector()
-sel.register(s, selectors.EVENT_READ)
-greeting = ("pid=%d\n" % os.getpid()).encode()
-while True:
-    for key, _ in sel.select():
-        if key.fileobj is s:
-            for _ in range(256):
-                try:
-                    c, _ = s.accept()
-                except BlockingIOError:
-                    break
-                c.setblocking(False)
-                try:
-                    c.send(greeting)
-                except OSError:
-                    pass
-                sel.register(c, selectors.EVENT_READ)
-        else:
-            c = key.fileobj
-            try:
-                data = c.recv(4096)
-            except OSError:
-                data = b""
-            if not data:
-                sel.unregister(c)
-                c.close()
-"#;
+/// Greets each connection with its pid, then holds it until the client
+/// closes (the root test master_connections runs the same file).
+const IDLE_SERVER: &str = include_str!("../../../tests/idle_server.py");
 
 /// One client process: opens `count` connections to 127.0.0.1:`port` from
 /// the 64 client addresses (connection `i` from 127.0.0.(2 + i % 64)), says
