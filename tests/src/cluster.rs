@@ -54,14 +54,7 @@ pub fn ipcluster_bin() -> PathBuf {
 
 /// Run `ipcluster ARGS` to completion (with a timeout) and return its output.
 pub fn ipcluster(args: &[&str], timeout: Duration) -> Output {
-    let child = Command::new(ipcluster_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ipcluster");
-    wait_output(child, timeout, &format!("ipcluster {}", args.join(" ")))
+    crate::invoke::finish(crate::invoke::command(args), timeout)
 }
 
 fn wait_output(child: Child, timeout: Duration, what: &str) -> Output {
@@ -73,7 +66,7 @@ fn wait_output(child: Child, timeout: Duration, what: &str) -> Output {
 
 /// The output of `child`, or (after killing it) its stderr when it outlives `timeout`.
 /// Pipes are drained by threads, so a chatty child cannot block on a full pipe.
-fn try_wait_output(mut child: Child, timeout: Duration) -> Result<Output, String> {
+pub(crate) fn try_wait_output(mut child: Child, timeout: Duration) -> Result<Output, String> {
     let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
         std::thread::spawn(move || {
             let mut buf = Vec::new();

@@ -13,6 +13,8 @@
 //!   each connection with its port, then echoes lines.
 //! - [`bpf_objects`]: a cluster's eBPF maps, programs and links, from the kernel.
 //! - [`guard`]: run cleanup on drop, even when the test panics.
+//! - [`invoke`]: run the binary to completion (with a timeout), check a run
+//!   that must fail, and poll until something shows up (a log line).
 //! - [`reload`]: load during a reload, every answer kept and checked per band.
 //! - [`netns`]: network namespaces (test hosts) joined by veth pairs, removed on drop.
 //! - [`multihost`]: clients, a router and two hosts each running a master, in
@@ -27,6 +29,7 @@ pub mod client;
 pub mod cluster;
 pub mod conformance;
 pub mod guard;
+pub mod invoke;
 pub mod multihost;
 pub mod netns;
 pub mod netns_guard;

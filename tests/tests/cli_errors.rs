@@ -3,44 +3,27 @@
 //! stack dump, with `RUST_BACKTRACE=1` and `RUST_LIB_BACKTRACE=1` set.
 //! Root, one test thread: `cargo test -p ipcluster-tests --test cli_errors -- --test-threads=1`
 
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use ipcluster_tests::cluster::{ipcluster_bin, leftovers};
+use ipcluster_tests::cluster::leftovers;
+use ipcluster_tests::invoke::{self, run_words};
 use ipcluster_tests::unique::{Ports, cluster_name};
 
 /// Run `ipcluster ARGS` with backtraces asked for; returns (exit code, stderr).
 fn failing(args: &[&str]) -> (i32, String) {
-    let mut child = Command::new(ipcluster_bin())
-        .args(args)
-        .env("RUST_BACKTRACE", "1")
-        .env("RUST_LIB_BACKTRACE", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start ipcluster");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait for ipcluster") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("`ipcluster {}` did not finish within 60s", args.join(" "));
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("piped stderr"), &mut stderr)
-        .expect("read stderr");
-    (status.code().unwrap_or(-1), stderr)
+    let mut cmd = invoke::command(args);
+    cmd.env("RUST_BACKTRACE", "1")
+        .env("RUST_LIB_BACKTRACE", "1");
+    let out = invoke::finish(cmd, Duration::from_secs(60));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.code().unwrap_or(-1), stderr)
 }
 
 /// The error is clean: non-zero exit, exactly one `error:` line that contains
 /// every `needles`, at most `max_lines` lines from it on, no stack dump.
-fn assert_clean_error(args: &[&str], needles: &[&str], max_lines: usize) {
-    let (code, stderr) = failing(args);
+fn assert_clean_error<S: AsRef<str>>(args: &[S], needles: &[&str], max_lines: usize) {
+    let args: Vec<&str> = args.iter().map(AsRef::as_ref).collect();
+    let (code, stderr) = failing(&args);
     let what = format!("`ipcluster {}`", args.join(" "));
     assert_ne!(code, 0, "{what} succeeded:\n{stderr}");
     let lower = stderr.to_lowercase();
@@ -97,53 +80,34 @@ fn status_of_a_missing_cluster() {
     );
 }
 
+/// `run` of a new iptables cluster on a free port, with `more` after its
+/// `--listen`, fails with a clean error naming `needles` and leaves nothing.
+fn run_fails_cleanly(prefix: &str, more: &[&str], needles: &[&str]) {
+    let name = cluster_name(prefix);
+    let ports = Ports::reserve(1);
+    let listen = format!("127.0.0.1:{}", ports.get(0));
+    assert_clean_error(&run_words(&name, "iptables", &listen, more), needles, 3);
+    assert_eq!(leftovers(&name), Vec::<String>::new());
+}
+
 #[test]
 fn worker_program_that_does_not_exist() {
     let _netns = ipcluster_tests::NetNsGuard::enter();
-    let name = cluster_name("noprog");
-    let ports = Ports::reserve(1);
-    let listen = format!("127.0.0.1:{}", ports.get(0));
-    assert_clean_error(
-        &[
-            "run",
-            "--name",
-            &name,
-            "--backend",
-            "iptables",
-            "--listen",
-            &listen,
-            "--",
-            "/nonexistent/ipcluster-test-server",
-            "{port}",
-        ],
+    run_fails_cleanly(
+        "noprog",
+        &["--", "/nonexistent/ipcluster-test-server", "{port}"],
         &["\"/nonexistent/ipcluster-test-server\" not found", "PATH"],
-        3,
     );
-    assert_eq!(leftovers(&name), Vec::<String>::new());
 }
 
 #[test]
 fn unknown_user() {
     let _netns = ipcluster_tests::NetNsGuard::enter();
-    let name = cluster_name("nouser");
-    let ports = Ports::reserve(1);
-    let listen = format!("127.0.0.1:{}", ports.get(0));
-    assert_clean_error(
-        &[
-            "run",
-            "--name",
-            &name,
-            "--backend",
-            "iptables",
-            "--listen",
-            &listen,
-            "--user",
-            "no-such-user-ipcluster",
-        ],
+    run_fails_cleanly(
+        "nouser",
+        &["--user", "no-such-user-ipcluster"],
         &["\"no-such-user-ipcluster\" does not exist", "--user"],
-        3,
     );
-    assert_eq!(leftovers(&name), Vec::<String>::new());
 }
 
 #[test]

@@ -14,9 +14,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ipcluster_tests::cluster::{
-    Cluster, ClusterSpec, demo_get, ipcluster, leftovers, live_workers,
-};
+use ipcluster_tests::cluster::{Cluster, ClusterSpec, demo_get, ipcluster, live_workers};
+use ipcluster_tests::invoke::{self, assert_failed_cleanly, poll, run_words};
 use ipcluster_tests::loopback_client;
 use ipcluster_tests::unique::{Ports, cluster_name};
 
@@ -199,20 +198,17 @@ fn scrape_through_a_reload() {
     };
     // The first scrape must reach the old master before the new one starts:
     // once the hand-over has begun, the old master answers 503.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !seen
-        .lock()
-        .expect("scrapes")
-        .iter()
-        .any(|r| r.as_ref().ok() == Some(&1.0))
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no scrape answered before the reload: {:?}",
-            seen.lock().expect("scrapes")
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let answered = poll(Duration::from_secs(10), Duration::from_millis(10), || {
+        let seen = seen.lock().expect("scrapes");
+        seen.iter()
+            .any(|r| r.as_ref().ok() == Some(&1.0))
+            .then_some(())
+    });
+    assert!(
+        answered.is_some(),
+        "no scrape answered before the reload: {:?}",
+        seen.lock().expect("scrapes")
+    );
     cluster.start_master();
     cluster.wait_generation_live(2, Duration::from_secs(30));
     std::thread::sleep(Duration::from_millis(300));
@@ -304,29 +300,11 @@ fn metrics_port_in_use_is_a_clean_error() {
     let listen = format!("127.0.0.1:{}", ports.get(0));
     let busy = std::net::TcpListener::bind(("127.0.0.1", ports.get(1))).expect("hold a port");
     let metrics = busy.local_addr().expect("addr").to_string();
-    let out = ipcluster(
-        &[
-            "run",
-            "--name",
-            &name,
-            "--backend",
-            "iptables",
-            "--listen",
-            &listen,
-            "--metrics-listen",
-            &metrics,
-        ],
-        Duration::from_secs(30),
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains(&format!("cannot listen on --metrics-listen {metrics}")),
-        "{stderr}"
-    );
-    assert!(
-        leftovers(&name).is_empty(),
-        "{:?}\n{stderr}",
-        leftovers(&name)
+    let words = run_words(&name, "iptables", &listen, &["--metrics-listen", &metrics]);
+    let out = invoke::finish(invoke::command(&words), Duration::from_secs(30));
+    assert_failed_cleanly(
+        &out,
+        &name,
+        &[&format!("cannot listen on --metrics-listen {metrics}")],
     );
 }

@@ -12,12 +12,12 @@
 use std::io::IoSliceMut;
 use std::os::fd::AsRawFd as _;
 use std::os::unix::net::UnixDatagram;
-use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ipcluster_tests::cluster::{Cluster, ClusterSpec, ipcluster, ipcluster_bin};
+use ipcluster_tests::cluster::{Cluster, ClusterSpec, ipcluster};
 use ipcluster_tests::guard::defer;
+use ipcluster_tests::invoke::{self, assert_failed_cleanly, poll, run_words};
 use ipcluster_tests::unique::{Ports, cluster_name};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
 
@@ -100,17 +100,15 @@ impl FakeSystemd {
 
     /// Wait for a message from `pid` with `line`; returns its index.
     fn wait_for(&self, pid: i32, line: &str, timeout: Duration) -> usize {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Some(i) = self.all().iter().position(|n| n.pid == pid && n.has(line)) {
-                return i;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        panic!(
-            "no {line:?} from pid {pid} within {timeout:?}; received:\n{}",
-            self.describe()
-        );
+        poll(timeout, Duration::from_millis(20), || {
+            self.all().iter().position(|n| n.pid == pid && n.has(line))
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "no {line:?} from pid {pid} within {timeout:?}; received:\n{}",
+                self.describe()
+            )
+        })
     }
 
     fn describe(&self) -> String {
@@ -128,6 +126,24 @@ impl Drop for FakeSystemd {
     }
 }
 
+/// An iptables cluster of two demo workers whose master is told to notify
+/// `systemd` (with `env` besides `NOTIFY_SOCKET`); the pid of that master.
+fn start_notifying(
+    name: &str,
+    systemd: &FakeSystemd,
+    env: &[(&str, &str)],
+) -> (Cluster, i32, Ports) {
+    let ports = Ports::reserve(1);
+    let listen = format!("127.0.0.1:{}", ports.get(0))
+        .parse()
+        .expect("listen address");
+    let mut vars = vec![("NOTIFY_SOCKET".into(), systemd.path.display().to_string())];
+    vars.extend(env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())));
+    let cluster = Cluster::start_with_env(name, ClusterSpec::demo("iptables", 2, listen), vars);
+    let first = i32::try_from(cluster.masters[0].id()).expect("pid");
+    (cluster, first, ports)
+}
+
 fn watchdogs_from(n: &[Notification], pid: i32) -> usize {
     n.iter()
         .filter(|m| m.pid == pid && m.has("WATCHDOG=1"))
@@ -139,20 +155,9 @@ fn start_reload_stop() {
     let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("notify");
     let systemd = FakeSystemd::bind(&name);
-    let ports = Ports::reserve(1);
-    let listen = format!("127.0.0.1:{}", ports.get(0))
-        .parse()
-        .expect("listen address");
-    let mut cluster = Cluster::start_with_env(
-        &name,
-        ClusterSpec::demo("iptables", 2, listen),
-        vec![
-            ("NOTIFY_SOCKET".into(), systemd.path.display().to_string()),
-            // 400 ms: a WATCHDOG=1 every 200 ms.
-            ("WATCHDOG_USEC".into(), "400000".into()),
-        ],
-    );
-    let first = i32::try_from(cluster.masters[0].id()).expect("pid");
+    // 400 ms: a WATCHDOG=1 every 200 ms.
+    let (mut cluster, first, _ports) =
+        start_notifying(&name, &systemd, &[("WATCHDOG_USEC", "400000")]);
 
     // Start: READY=1 from the master, naming itself and generation 1.
     let ready1 = systemd.wait_for(first, "READY=1", Duration::from_secs(10));
@@ -185,15 +190,13 @@ fn start_reload_stop() {
     let log = std::fs::File::create(cluster.log_file("master-detached.log")).expect("log file");
     let mut args = cluster.run_args();
     args.push("--detach".into());
-    let started = Instant::now();
-    let out = Command::new(ipcluster_bin())
-        .args(&args)
+    let mut detach = invoke::command(&args);
+    detach
         .env("RUST_LOG", "info")
         .env("NOTIFY_SOCKET", &systemd.path)
-        .stdin(Stdio::null())
-        .stderr(log)
-        .output()
-        .expect("run --detach");
+        .stderr(log);
+    let started = Instant::now();
+    let out = invoke::finish(detach, Duration::from_secs(60));
     let detach_took = started.elapsed();
     let detached_log =
         std::fs::read_to_string(cluster.log_file("master-detached.log")).unwrap_or_default();
@@ -315,34 +318,14 @@ fn detach_reports_a_master_that_fails() {
     let name = cluster_name("detach-fail");
     let ports = Ports::reserve(1);
     let listen = format!("127.0.0.1:{}", ports.get(0));
-    let out = Command::new(ipcluster_bin())
-        .args([
-            "run",
-            "--detach",
-            "--name",
-            &name,
-            "--backend",
-            "iptables",
-            "--listen",
-            &listen,
-            "--connect-timeout",
-            "300ms",
-            "--",
-            "/bin/false",
-        ])
-        .stdin(Stdio::null())
-        .output()
-        .expect("run --detach");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
-    assert!(
-        stderr.contains("exited (exit status: 1) before it served"),
-        "{stderr}"
+    let words = run_words(
+        &name,
+        "iptables",
+        &listen,
+        &["--detach", "--connect-timeout", "300ms", "--", "/bin/false"],
     );
-    assert!(
-        ipcluster_tests::cluster::leftovers(&name).is_empty(),
-        "{stderr}"
-    );
+    let out = invoke::finish(invoke::command(&words), Duration::from_secs(60));
+    assert_failed_cleanly(&out, &name, &["exited (exit status: 1) before it served"]);
 }
 
 /// A new master started without `NOTIFY_SOCKET` (by hand, outside the unit)
@@ -354,16 +337,7 @@ fn old_master_names_a_successor_that_cannot_notify() {
     let _netns = ipcluster_tests::NetNsGuard::enter();
     let name = cluster_name("notify-handover");
     let systemd = FakeSystemd::bind(&name);
-    let ports = Ports::reserve(1);
-    let listen = format!("127.0.0.1:{}", ports.get(0))
-        .parse()
-        .expect("listen address");
-    let mut cluster = Cluster::start_with_env(
-        &name,
-        ClusterSpec::demo("iptables", 2, listen),
-        vec![("NOTIFY_SOCKET".into(), systemd.path.display().to_string())],
-    );
-    let first = i32::try_from(cluster.masters[0].id()).expect("pid");
+    let (mut cluster, first, _ports) = start_notifying(&name, &systemd, &[]);
     systemd.wait_for(first, "READY=1", Duration::from_secs(10));
     cluster.master_env.clear();
     let second = i32::try_from(cluster.start_master()).expect("pid");
