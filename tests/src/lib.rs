@@ -20,6 +20,8 @@
 //! - [`multihost`]: clients, a router and two hosts each running a master, in
 //!   network namespaces (ECMP or a low-bit split in front).
 //! - [`tun`]: an L3 point-to-point link of two tun devices between namespaces.
+//! - [`topology`]: small topologies of test hosts (a routed line, a bridge
+//!   with guests, a tun pair) built in one call.
 //! - [`raw`]: hand-made TCP segments (forged SYNs) sent through a raw socket.
 //! - [`conformance`]: the backend-agnostic steering suite, run by
 //!   `tests/conformance_<backend>.rs`.
@@ -35,6 +37,7 @@ pub mod netns;
 pub mod netns_guard;
 pub mod raw;
 pub mod reload;
+pub mod topology;
 pub mod tun;
 pub mod unique;
 pub mod worker;

@@ -16,38 +16,64 @@ use ipcluster_tests::client::{Conversation, connect_from};
 use ipcluster_tests::cluster::{Cluster, ClusterSpec};
 use ipcluster_tests::conformance::{assert_none_wrong, teardown_guard, test_config};
 use ipcluster_tests::guard::defer;
-use ipcluster_tests::netns::{NetNs, bridge, veth};
+use ipcluster_tests::invoke::wait_for_text;
+use ipcluster_tests::netns::NetNs;
 use ipcluster_tests::raw::{self, FIN, RST, SYN};
-use ipcluster_tests::tun::TunLink;
+use ipcluster_tests::topology::{BridgedHost, Guest, LineSpec, RoutedLine, TunPair};
 use ipcluster_tests::unique::{Ports, cluster_name};
 use ipcluster_tests::worker::Worker;
 use ipcluster_tests::{loopback_clients, require_root};
 
-/// In `ns`: install `steering` (panicking with `what.0`), publish `table`
-/// and start one worker on `any`:port for each of `band_ports` (panicking
-/// with `what.1`).
-fn steer_to_band_workers(
-    ns: &NetNs,
-    steering: &mut dyn Steering,
-    table: &SteeringTable,
-    band_ports: Vec<u16>,
-    any: IpAddr,
-    what: (&str, &str),
-) -> Vec<Worker> {
-    let (install, worker) = what;
-    ns.run(|| {
-        steering
-            .install()
-            .unwrap_or_else(|e| panic!("{install}: {e:?}"));
-        steering.publish(table).expect("publish");
-        band_ports
-            .into_iter()
-            .map(|p| {
-                Worker::start_on(SocketAddr::new(any, p))
-                    .unwrap_or_else(|e| panic!("{worker}: {e:?}"))
-            })
-            .collect()
-    })
+/// A wildcard service `any`:P of a new cluster, steered (on `interfaces`)
+/// to four band workers on the four ports after P (one band each).
+struct BandService {
+    ports: Ports,
+    public: SocketAddr,
+    config: SteeringConfig,
+    table: SteeringTable,
+}
+
+impl BandService {
+    fn new(prefix: &str, any: IpAddr, interfaces: &[&str]) -> BandService {
+        let ports = Ports::reserve(5);
+        let public = SocketAddr::new(any, ports.get(0));
+        let config = SteeringConfig {
+            interfaces: interfaces.iter().map(|&i| i.to_owned()).collect(),
+            ..test_config(&cluster_name(prefix), vec![public])
+        };
+        let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
+        BandService {
+            ports,
+            public,
+            config,
+            table,
+        }
+    }
+
+    /// In `ns`: install `steering` (panicking with `what.0`), publish the
+    /// table and start the band workers (panicking with `what.1`).
+    fn steer(&self, ns: &NetNs, steering: &mut dyn Steering, what: (&str, &str)) -> Vec<Worker> {
+        let (install, worker) = what;
+        ns.run(|| {
+            steering
+                .install()
+                .unwrap_or_else(|e| panic!("{install}: {e:?}"));
+            steering.publish(&self.table).expect("publish");
+            self.ports
+                .slice(1..5)
+                .into_iter()
+                .map(|p| {
+                    Worker::start_on(SocketAddr::new(self.public.ip(), p))
+                        .unwrap_or_else(|e| panic!("{worker}: {e:?}"))
+                })
+                .collect()
+        })
+    }
+
+    /// The band worker's port for connections from `client`.
+    fn band_port(&self, client: IpAddr) -> Option<u16> {
+        self.table.worker_port_for(0, client)
+    }
 }
 
 /// Forge, for every open connection, a SYN with its client address and port
@@ -129,72 +155,64 @@ fn forged_syns_do_not_take_over_live_connections() {
     assert_eq!(refused, 64, "refused take-overs: {after:?}");
 }
 
-/// A three-host topology: client (10.211.1.2) — host (10.211.1.1 | 10.211.2.1,
-/// forwarding) — remote (10.211.2.2).
-struct Topology {
-    client: NetNs,
-    host: NetNs,
-    remote: NetNs,
+/// The forwarding topology: client (10.211.1.2) — host (10.211.1.1 |
+/// 10.211.2.1, forwarding) — remote (10.211.2.2), or its IPv6 version
+/// (fd00:211:1::/64 and fd00:211:2::/64, same host numbers).
+fn forwarding_line(ipv6: bool) -> RoutedLine {
+    if ipv6 {
+        RoutedLine::new(LineSpec {
+            roles: ["client6", "fwdhost6", "remote6"],
+            interfaces: ["c0", "h0", "h1", "r0"],
+            addresses: [
+                "fd00:211:1::2/64",
+                "fd00:211:1::1/64",
+                "fd00:211:2::1/64",
+                "fd00:211:2::2/64",
+            ],
+        })
+    } else {
+        RoutedLine::new(LineSpec {
+            roles: ["client", "fwdhost", "remote"],
+            interfaces: ["c0", "h0", "h1", "r0"],
+            addresses: [
+                "10.211.1.2/24",
+                "10.211.1.1/24",
+                "10.211.2.1/24",
+                "10.211.2.2/24",
+            ],
+        })
+    }
 }
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 211, 1, 2);
 const HOST_IP: Ipv4Addr = Ipv4Addr::new(10, 211, 1, 1);
 const REMOTE_IP: Ipv4Addr = Ipv4Addr::new(10, 211, 2, 2);
 
-impl Topology {
-    fn new() -> Topology {
-        let client = NetNs::new("client");
-        let host = NetNs::new("fwdhost");
-        let remote = NetNs::new("remote");
-        veth(&client, "c0", &host, "h0");
-        veth(&host, "h1", &remote, "r0");
-        client.ip(&["addr", "add", "10.211.1.2/24", "dev", "c0"]);
-        client.ip(&["route", "add", "default", "via", "10.211.1.1"]);
-        host.ip(&["addr", "add", "10.211.1.1/24", "dev", "h0"]);
-        host.ip(&["addr", "add", "10.211.2.1/24", "dev", "h1"]);
-        host.sysctl("net.ipv4.ip_forward", "1");
-        remote.ip(&["addr", "add", "10.211.2.2/24", "dev", "r0"]);
-        remote.ip(&["route", "add", "default", "via", "10.211.2.1"]);
-        Topology {
-            client,
-            host,
-            remote,
-        }
-    }
-}
-
 fn forwarded_traffic_is_never_steered(kind: BackendKind) {
     require_root();
-    let net = Topology::new();
-    let ports = Ports::reserve(5);
-    let public_port = ports.get(0);
-    let wildcard = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public_port);
-    let config = SteeringConfig {
-        interfaces: Vec::new(),
-        ..test_config(&cluster_name("forwarding"), vec![wildcard])
-    };
-    let table = SteeringTable::uniform(&[wildcard], 0, &[ports.slice(1..5)]);
+    let line = forwarding_line(false);
+    let (client_ns, host_ns, remote_ns) = (&line.left, &line.middle, &line.right);
+    let service = BandService::new("forwarding", IpAddr::V4(Ipv4Addr::UNSPECIFIED), &[]);
+    let public_port = service.public.port();
+    let config = service.config.clone();
     let mut steering: Box<dyn Steering> = backend(kind, config.clone()).expect("backend");
     // Torn down inside the host namespace (iptables rules live there).
     let _teardown = defer(|| {
-        net.host.run(|| {
+        host_ns.run(|| {
             if let Err(e) = backend(kind, config.clone()).and_then(|mut b| b.teardown()) {
                 eprintln!("cleanup of {}: {e}", config.cluster);
             }
         })
     });
-    let workers = steer_to_band_workers(
-        &net.host,
+    let workers = service.steer(
+        host_ns,
         steering.as_mut(),
-        &table,
-        ports.slice(1..5),
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         (
             "install in the host namespace",
             "worker in the host namespace",
         ),
     );
-    let remote_server = net.remote.run(|| {
+    let remote_server = remote_ns.run(|| {
         Worker::start_on(SocketAddr::new(
             IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             public_port,
@@ -202,7 +220,7 @@ fn forwarded_traffic_is_never_steered(kind: BackendKind) {
         .expect("the remote's own server")
     });
 
-    let (to_remote, to_host) = net.client.run(|| {
+    let (to_remote, to_host) = client_ns.run(|| {
         let client = IpAddr::V4(CLIENT_IP);
         let mut to_remote = Vec::new();
         let mut to_host = Vec::new();
@@ -218,7 +236,7 @@ fn forwarded_traffic_is_never_steered(kind: BackendKind) {
         }
         (to_remote, to_host)
     });
-    let band_port = table.worker_port_for(0, IpAddr::V4(CLIENT_IP));
+    let band_port = service.band_port(IpAddr::V4(CLIENT_IP));
     let mut wrong = Vec::new();
     for (i, got) in to_remote.iter().enumerate() {
         match got {
@@ -240,13 +258,13 @@ fn forwarded_traffic_is_never_steered(kind: BackendKind) {
     }
     if kind == BackendKind::Ebpf {
         let steering = &mut steering;
-        let counters = net.host.run(move || steering.counters().expect("counters"));
+        let counters = host_ns.run(move || steering.counters().expect("counters"));
         if counters.forwarded == 0 {
             wrong.push(format!("no packet counted as forwarded: {counters:?}"));
         }
     }
-    net.remote.run(|| drop(remote_server));
-    net.host.run(|| drop(workers));
+    remote_ns.run(|| drop(remote_server));
+    host_ns.run(|| drop(workers));
     assert_none_wrong("client -> forwarding host -> remote", &wrong);
 }
 
@@ -270,32 +288,31 @@ fn iptables_forwarded_traffic_is_never_steered() {
 #[test]
 fn stacked_hooks_on_a_bridge_steer_once() {
     let _netns = ipcluster_tests::NetNsGuard::enter();
-    let client = NetNs::new("brclient");
-    let host = NetNs::new("brhost");
-    veth(&client, "c0", &host, "h0");
-    bridge(&host, "br0", &["h0"]);
-    client.ip(&["addr", "add", "10.212.0.2/24", "dev", "c0"]);
-    host.ip(&["addr", "add", "10.212.0.1/24", "dev", "br0"]);
-    let ports = Ports::reserve(5);
-    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
-    let config = SteeringConfig {
-        interfaces: vec!["lo".into(), "h0".into(), "br0".into()],
-        ..test_config(&cluster_name("bridge"), vec![public])
-    };
-    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
-    let _teardown = teardown_guard(&ebpf, &config);
-    let mut steering = ebpf(config.clone());
-    let workers = steer_to_band_workers(
-        &host,
-        steering.as_mut(),
-        &table,
-        ports.slice(1..5),
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        ("install on h0 and br0", "worker"),
+    let net = BridgedHost::new(
+        "brhost",
+        "10.212.0.1/24",
+        &[Guest {
+            role: "brclient",
+            interface: "c0",
+            port: "h0",
+            address: "10.212.0.2/24",
+        }],
     );
-    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 212, 0, 1)), public.port());
+    let (host, client) = (&net.host, &net.guests[0]);
+    let service = BandService::new(
+        "bridge",
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        &["lo", "h0", "br0"],
+    );
+    let _teardown = teardown_guard(&ebpf, &service.config);
+    let mut steering = ebpf(service.config.clone());
+    let workers = service.steer(host, steering.as_mut(), ("install on h0 and br0", "worker"));
+    let target = SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(10, 212, 0, 1)),
+        service.public.port(),
+    );
     let source = IpAddr::V4(Ipv4Addr::new(10, 212, 0, 2));
-    let expected = table.worker_port_for(0, source);
+    let expected = service.band_port(source);
     let errors = client.run(|| {
         let mut errors = Vec::new();
         let mut open = Vec::new();
@@ -390,29 +407,22 @@ fn evicted_flows_find_every_running_generation() {
 #[test]
 fn l3_devices_are_steered() {
     let _netns = ipcluster_tests::NetNsGuard::enter();
-    let client = NetNs::new("tunclient");
-    let host = NetNs::new("tunhost");
-    let _link = TunLink::new(&client, "tun0", "10.213.0.2", &host, "tun1", "10.213.0.1");
-    let ports = Ports::reserve(5);
-    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
-    let config = SteeringConfig {
-        interfaces: vec!["lo".into(), "tun1".into()],
-        ..test_config(&cluster_name("tun"), vec![public])
-    };
-    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
-    let _teardown = teardown_guard(&ebpf, &config);
-    let mut steering = ebpf(config.clone());
-    let workers = steer_to_band_workers(
-        &host,
-        steering.as_mut(),
-        &table,
-        ports.slice(1..5),
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        ("install on tun1", "worker"),
+    let net = TunPair::new(
+        ("tunclient", "tunhost"),
+        ("tun0", "10.213.0.2"),
+        ("tun1", "10.213.0.1"),
     );
+    let (client, host) = (&net.client, &net.host);
+    let service = BandService::new("tun", IpAddr::V4(Ipv4Addr::UNSPECIFIED), &["lo", "tun1"]);
+    let _teardown = teardown_guard(&ebpf, &service.config);
+    let mut steering = ebpf(service.config.clone());
+    let workers = service.steer(host, steering.as_mut(), ("install on tun1", "worker"));
     let source = IpAddr::V4(Ipv4Addr::new(10, 213, 0, 2));
-    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 213, 0, 1)), public.port());
-    let expected = table.worker_port_for(0, source);
+    let target = SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(10, 213, 0, 1)),
+        service.public.port(),
+    );
+    let expected = service.band_port(source);
     let errors = client.run(|| {
         let mut errors = Vec::new();
         for i in 0..4 {
@@ -446,38 +456,27 @@ fn l3_devices_are_steered() {
 #[test]
 fn icmp_fragmentation_needed_reaches_the_worker() {
     let _netns = ipcluster_tests::NetNsGuard::enter();
-    let client = NetNs::new("mtuclient");
-    let router = NetNs::new("mturouter");
-    let host = NetNs::new("mtuhost");
-    veth(&client, "c0", &router, "r0");
-    veth(&router, "r1", &host, "h0");
+    let line = RoutedLine::new(LineSpec {
+        roles: ["mtuclient", "mturouter", "mtuhost"],
+        interfaces: ["c0", "r0", "r1", "h0"],
+        addresses: [
+            "10.214.1.2/24",
+            "10.214.1.1/24",
+            "10.214.2.1/24",
+            "10.214.2.2/24",
+        ],
+    });
+    let (client, router, host) = (&line.left, &line.middle, &line.right);
     router.ip(&["link", "set", "r0", "mtu", "1280"]);
-    client.ip(&["addr", "add", "10.214.1.2/24", "dev", "c0"]);
-    client.ip(&["route", "add", "default", "via", "10.214.1.1"]);
-    router.ip(&["addr", "add", "10.214.1.1/24", "dev", "r0"]);
-    router.ip(&["addr", "add", "10.214.2.1/24", "dev", "r1"]);
-    router.sysctl("net.ipv4.ip_forward", "1");
-    host.ip(&["addr", "add", "10.214.2.2/24", "dev", "h0"]);
-    host.ip(&["route", "add", "default", "via", "10.214.2.1"]);
-    let ports = Ports::reserve(5);
-    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
-    let config = SteeringConfig {
-        interfaces: vec!["lo".into(), "h0".into()],
-        ..test_config(&cluster_name("pmtu"), vec![public])
-    };
-    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
-    let _teardown = teardown_guard(&ebpf, &config);
-    let mut steering = ebpf(config.clone());
-    let workers = steer_to_band_workers(
-        &host,
-        steering.as_mut(),
-        &table,
-        ports.slice(1..5),
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        ("install on h0", "worker"),
-    );
+    let service = BandService::new("pmtu", IpAddr::V4(Ipv4Addr::UNSPECIFIED), &["lo", "h0"]);
+    let _teardown = teardown_guard(&ebpf, &service.config);
+    let mut steering = ebpf(service.config.clone());
+    let workers = service.steer(host, steering.as_mut(), ("install on h0", "worker"));
     let source = IpAddr::V4(Ipv4Addr::new(10, 214, 1, 2));
-    let target = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 214, 2, 2)), public.port());
+    let target = SocketAddr::new(
+        IpAddr::V4(Ipv4Addr::new(10, 214, 2, 2)),
+        service.public.port(),
+    );
     let big = "x".repeat(65_536);
     let result = client.run(|| {
         let mut conv = Conversation::open(source, target)?;
@@ -487,7 +486,7 @@ fn icmp_fragmentation_needed_reaches_the_worker() {
     let counters = host.run(move || steering.counters().expect("counters"));
     host.run(|| drop(workers));
     match result {
-        Ok(port) => assert_eq!(Some(port), table.worker_port_for(0, source)),
+        Ok(port) => assert_eq!(Some(port), service.band_port(source)),
         Err(e) => panic!("a 64 KiB echo through a 1280-byte hop failed: {e} ({counters:?})"),
     }
     assert!(
@@ -512,21 +511,12 @@ fn ebpf_log_reaches_the_master_log() {
     let stream = connect_from(source, public).expect("connect");
     let client = stream.local_addr().expect("client address");
     raw::send_tcp(client, public, SYN, 0x0bad_0001).expect("forge a SYN");
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
     let expected = format!("refused a SYN from {}:{}", client.ip(), client.port());
-    let mut log = String::new();
-    while std::time::Instant::now() < deadline {
-        log = cluster.master_log(1);
-        if log.contains(&expected) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let logged = wait_for_text(Duration::from_secs(5), &expected, || cluster.master_log(1));
     drop(stream);
-    assert!(
-        log.contains(&expected),
-        "the master log does not say {expected:?}:\n{log}"
-    );
+    if let Err(log) = logged {
+        panic!("the master log does not say {expected:?}:\n{log}");
+    }
 }
 
 /// The IPv6 version of the forwarding topology (ebpf): a cluster on `[::]:P`
@@ -535,38 +525,19 @@ fn ebpf_log_reaches_the_master_log() {
 #[test]
 fn ebpf_forwarded_ipv6_traffic_is_never_steered() {
     let _netns = ipcluster_tests::NetNsGuard::enter();
-    let client = NetNs::new("client6");
-    let host = NetNs::new("fwdhost6");
-    let remote = NetNs::new("remote6");
-    veth(&client, "c0", &host, "h0");
-    veth(&host, "h1", &remote, "r0");
-    for (ns, dev, addr) in [
-        (&client, "c0", "fd00:211:1::2/64"),
-        (&host, "h0", "fd00:211:1::1/64"),
-        (&host, "h1", "fd00:211:2::1/64"),
-        (&remote, "r0", "fd00:211:2::2/64"),
-    ] {
-        ns.ip(&["-6", "addr", "add", addr, "dev", dev, "nodad"]);
-    }
-    client.ip(&["-6", "route", "add", "default", "via", "fd00:211:1::1"]);
-    remote.ip(&["-6", "route", "add", "default", "via", "fd00:211:2::1"]);
-    host.sysctl("net.ipv6.conf.all.forwarding", "1");
-    let ports = Ports::reserve(5);
-    let public_port = ports.get(0);
-    let wildcard = SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), public_port);
-    let config = SteeringConfig {
-        interfaces: vec!["lo".into(), "h0".into(), "h1".into()],
-        ..test_config(&cluster_name("forwarding6"), vec![wildcard])
-    };
-    let table = SteeringTable::uniform(&[wildcard], 0, &[ports.slice(1..5)]);
-    let _teardown = teardown_guard(&ebpf, &config);
-    let mut steering = ebpf(config.clone());
-    let workers = steer_to_band_workers(
-        &host,
-        steering.as_mut(),
-        &table,
-        ports.slice(1..5),
+    let line = forwarding_line(true);
+    let (client, host, remote) = (&line.left, &line.middle, &line.right);
+    let service = BandService::new(
+        "forwarding6",
         IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
+        &["lo", "h0", "h1"],
+    );
+    let public_port = service.public.port();
+    let _teardown = teardown_guard(&ebpf, &service.config);
+    let mut steering = ebpf(service.config.clone());
+    let workers = service.steer(
+        host,
+        steering.as_mut(),
         (
             "install in the host namespace",
             "worker in the host namespace",
@@ -597,7 +568,7 @@ fn ebpf_forwarded_ipv6_traffic_is_never_steered() {
     let counters = host.run(move || steering.counters().expect("counters"));
     remote.run(|| drop(remote_server));
     host.run(|| drop(workers));
-    let band_port = table.worker_port_for(0, source);
+    let band_port = service.band_port(source);
     let mut wrong = Vec::new();
     for (what, i, got) in results {
         let expected = if what == "remote" {
@@ -627,31 +598,33 @@ fn ebpf_forwarded_ipv6_traffic_is_never_steered() {
 #[test]
 fn bridged_traffic_between_guests_is_never_steered() {
     let _netns = ipcluster_tests::NetNsGuard::enter();
-    let host = NetNs::new("kvmhost");
-    let guest1 = NetNs::new("guest1");
-    let guest2 = NetNs::new("guest2");
-    veth(&guest1, "g1", &host, "p1");
-    veth(&guest2, "g2", &host, "p2");
-    bridge(&host, "br0", &["p1", "p2"]);
-    host.ip(&["addr", "add", "10.215.0.1/24", "dev", "br0"]);
+    let net = BridgedHost::new(
+        "kvmhost",
+        "10.215.0.1/24",
+        &[
+            Guest {
+                role: "guest1",
+                interface: "g1",
+                port: "p1",
+                address: "10.215.0.2/24",
+            },
+            Guest {
+                role: "guest2",
+                interface: "g2",
+                port: "p2",
+                address: "10.215.0.3/24",
+            },
+        ],
+    );
+    let (host, guest1, guest2) = (&net.host, &net.guests[0], &net.guests[1]);
     host.sysctl("net.ipv4.ip_forward", "0");
-    guest1.ip(&["addr", "add", "10.215.0.2/24", "dev", "g1"]);
-    guest2.ip(&["addr", "add", "10.215.0.3/24", "dev", "g2"]);
-    let ports = Ports::reserve(5);
-    let public = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), ports.get(0));
-    let config = SteeringConfig {
-        interfaces: Vec::new(),
-        ..test_config(&cluster_name("kvmbridge"), vec![public])
-    };
-    let table = SteeringTable::uniform(&[public], 0, &[ports.slice(1..5)]);
-    let _teardown = teardown_guard(&ebpf, &config);
-    let mut steering = ebpf(config.clone());
-    let workers = steer_to_band_workers(
-        &host,
+    let service = BandService::new("kvmbridge", IpAddr::V4(Ipv4Addr::UNSPECIFIED), &[]);
+    let public = service.public;
+    let _teardown = teardown_guard(&ebpf, &service.config);
+    let mut steering = ebpf(service.config.clone());
+    let workers = service.steer(
+        host,
         steering.as_mut(),
-        &table,
-        ports.slice(1..5),
-        IpAddr::V4(Ipv4Addr::UNSPECIFIED),
         ("install on every up interface", "worker"),
     );
     let guest_server = guest2.run(|| {
@@ -677,7 +650,7 @@ fn bridged_traffic_between_guests_is_never_steered() {
     });
     guest2.run(|| drop(guest_server));
     host.run(|| drop(workers));
-    let band_port = table.worker_port_for(0, source);
+    let band_port = service.band_port(source);
     let mut wrong = Vec::new();
     for (what, i, got) in results {
         let expected = if what == "host" {
