@@ -76,6 +76,47 @@ impl BandService {
     }
 }
 
+/// From `source`, inside `ns`: four connections to each of `targets`
+/// (what, address), each echoing one line: (what, number, the port that
+/// answered).
+fn four_to_each<'a>(
+    ns: &NetNs,
+    source: IpAddr,
+    targets: &[(&'a str, SocketAddr)],
+) -> Vec<(&'a str, usize, std::io::Result<u16>)> {
+    ns.run(|| {
+        let mut results = Vec::new();
+        for &(what, target) in targets {
+            for i in 0..4 {
+                let got = Conversation::open(source, target)
+                    .and_then(|mut c| c.echo(&format!("{what} {i}")).map(|()| c.worker_port()));
+                results.push((what, i, got));
+            }
+        }
+        results
+    })
+}
+
+/// The results of [`four_to_each`] that did not reach port `expected(what)`,
+/// described.
+fn wrong_ports(
+    results: Vec<(&str, usize, std::io::Result<u16>)>,
+    expected: impl Fn(&str) -> Option<u16>,
+) -> Vec<String> {
+    let mut wrong = Vec::new();
+    for (what, i, got) in results {
+        let expected = expected(what);
+        match got {
+            Ok(port) if Some(port) == expected => {}
+            Ok(port) => wrong.push(format!(
+                "connection {i} to {what} reached port {port}, expected {expected:?}"
+            )),
+            Err(e) => wrong.push(format!("connection {i} to {what}: {e}")),
+        }
+    }
+    wrong
+}
+
 /// Forge, for every open connection, a SYN with its client address and port
 /// to the public port and to the worker port it lives on (plus SYN|RST and
 /// SYN|FIN to the public port); then every connection must still echo on its
@@ -553,37 +594,26 @@ fn ebpf_forwarded_ipv6_traffic_is_never_steered() {
     let source: IpAddr = "fd00:211:1::2".parse().expect("address");
     let remote_ip: IpAddr = "fd00:211:2::2".parse().expect("address");
     let host_ip: IpAddr = "fd00:211:1::1".parse().expect("address");
-    let results = client.run(|| {
-        let mut results = Vec::new();
-        for (what, ip) in [("remote", remote_ip), ("host", host_ip)] {
-            for i in 0..4 {
-                let got = Conversation::open(source, SocketAddr::new(ip, public_port))
-                    .and_then(|mut c| c.echo(&format!("{what} {i}")).map(|()| c.worker_port()));
-                results.push((what, i, got));
-            }
-        }
-        results
-    });
+    let results = four_to_each(
+        client,
+        source,
+        &[
+            ("the remote", SocketAddr::new(remote_ip, public_port)),
+            ("the host", SocketAddr::new(host_ip, public_port)),
+        ],
+    );
     let steering = &mut steering;
     let counters = host.run(move || steering.counters().expect("counters"));
     remote.run(|| drop(remote_server));
     host.run(|| drop(workers));
     let band_port = service.band_port(source);
-    let mut wrong = Vec::new();
-    for (what, i, got) in results {
-        let expected = if what == "remote" {
+    let mut wrong = wrong_ports(results, |what| {
+        if what == "the remote" {
             Some(public_port)
         } else {
             band_port
-        };
-        match got {
-            Ok(port) if Some(port) == expected => {}
-            Ok(port) => wrong.push(format!(
-                "connection {i} to the {what} reached port {port}, expected {expected:?}"
-            )),
-            Err(e) => wrong.push(format!("connection {i} to the {what}: {e}")),
         }
-    }
+    });
     if counters.forwarded == 0 {
         wrong.push(format!("no packet counted as forwarded: {counters:?}"));
     }
@@ -635,36 +665,17 @@ fn bridged_traffic_between_guests_is_never_steered() {
         .expect("guest 2's own server")
     });
     let source = IpAddr::V4(Ipv4Addr::new(10, 215, 0, 2));
-    let results = guest1.run(|| {
-        let mut results = Vec::new();
-        for (what, last) in [("guest 2", 3u8), ("host", 1u8)] {
-            let target =
-                SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 215, 0, last)), public.port());
-            for i in 0..4 {
-                let got = Conversation::open(source, target)
-                    .and_then(|mut c| c.echo(&format!("{what} {i}")).map(|()| c.worker_port()));
-                results.push((what, i, got));
-            }
-        }
-        results
-    });
+    let at = |last: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 215, 0, last)), public.port());
+    let results = four_to_each(guest1, source, &[("guest 2", at(3)), ("the host", at(1))]);
     guest2.run(|| drop(guest_server));
     host.run(|| drop(workers));
     let band_port = service.band_port(source);
-    let mut wrong = Vec::new();
-    for (what, i, got) in results {
-        let expected = if what == "host" {
+    let wrong = wrong_ports(results, |what| {
+        if what == "the host" {
             band_port
         } else {
             Some(public.port())
-        };
-        match got {
-            Ok(port) if Some(port) == expected => {}
-            Ok(port) => wrong.push(format!(
-                "connection {i} to {what} reached port {port}, expected {expected:?}"
-            )),
-            Err(e) => wrong.push(format!("connection {i} to {what}: {e}")),
         }
-    }
+    });
     assert_none_wrong("guests on a bridge of a non-forwarding host", &wrong);
 }
