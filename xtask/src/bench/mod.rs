@@ -571,6 +571,12 @@ fn all_cases(
     crash_figures(opts, figures)
 }
 
+/// What the load of one measurement reported.
+enum Outcome {
+    Many(load::LoadResult),
+    Wrk(WrkResult),
+}
+
 /// One measurement of one path: wrk with one worker (case 1), the own load
 /// generator from 64 addresses with four (case 2).
 fn measure_once(
@@ -586,7 +592,8 @@ fn measure_once(
     let programs_before = stand.cluster.as_deref().map(bpf_stats::sample);
     let path_before = PathCpu::sample(&stand.ns);
     let before = cpu_sample()?;
-    if many {
+    // The load: the own generator from 64 addresses (many), or wrk.
+    let mut outcome = if many {
         let spec = LoadSpec {
             target: SocketAddr::from(([127, 0, 0, 1], stand.port)),
             mode: if new_conn {
@@ -600,44 +607,23 @@ fn measure_once(
             pace: None,
             band_ports: (kind == PathKind::Direct).then(|| backend_ports(workers)),
         };
-        let mut r = stand.ns.enter(move || load::run(&spec))?;
-        let after = cpu_sample()?;
-        let path_after = PathCpu::sample(&stand.ns);
-        let requests = r.requests.max(1) as f64;
-        let by_role = path_before.breakdown_until(&path_after);
-        let cpu: f64 = by_role.values().sum();
-        figures.add_many(
-            kind,
-            new_conn,
-            &mut r,
-            cpu / requests,
-            before.busy_us_until(&after) / requests,
-            before.steal_pct_until(&after),
-        );
-        figures.add_breakdown(kind, new_conn, true, &by_role, requests);
-        figures.add_counters(kind, many, &counters_before, &stand.counters());
-        add_program_cost(
-            figures,
-            stand,
-            kind,
-            many,
-            new_conn,
-            &programs_before,
-            requests,
-        );
-        figures.add_background(
-            before.busy_us_until(&after),
-            cpu,
-            before.total_us_until(&after),
-        );
+        Outcome::Many(stand.ns.enter(move || load::run(&spec))?)
     } else {
-        let w = wrk(&stand.ns, stand.port, new_conn, duration)?;
-        let after = cpu_sample()?;
-        let path_after = PathCpu::sample(&stand.ns);
-        let requests = w.requests.max(1.0);
-        let by_role = path_before.breakdown_until(&path_after);
-        let cpu: f64 = by_role.values().sum();
-        figures.add_single(
+        Outcome::Wrk(wrk(&stand.ns, stand.port, new_conn, duration)?)
+    };
+    let after = cpu_sample()?;
+    let path_after = PathCpu::sample(&stand.ns);
+    let requests = match &outcome {
+        Outcome::Many(r) => r.requests.max(1) as f64,
+        Outcome::Wrk(w) => w.requests.max(1.0),
+    };
+    let by_role = path_before.breakdown_until(&path_after);
+    let cpu: f64 = by_role.values().sum();
+    let machine_us = before.busy_us_until(&after) / requests;
+    let steal = before.steal_pct_until(&after);
+    match &mut outcome {
+        Outcome::Many(r) => figures.add_many(kind, new_conn, r, cpu / requests, machine_us, steal),
+        Outcome::Wrk(w) => figures.add_single(
             kind,
             new_conn,
             report::Sample {
@@ -645,28 +631,28 @@ fn measure_once(
                 p50: w.p50,
                 p99: w.p99,
                 cpu_us: cpu / requests,
-                machine_us: before.busy_us_until(&after) / requests,
-                steal: before.steal_pct_until(&after),
+                machine_us,
+                steal,
                 errors: w.errors,
             },
-        );
-        figures.add_breakdown(kind, new_conn, false, &by_role, requests);
-        figures.add_counters(kind, many, &counters_before, &stand.counters());
-        add_program_cost(
-            figures,
-            stand,
-            kind,
-            many,
-            new_conn,
-            &programs_before,
-            requests,
-        );
-        figures.add_background(
-            before.busy_us_until(&after),
-            cpu,
-            before.total_us_until(&after),
-        );
+        ),
     }
+    figures.add_breakdown(kind, new_conn, many, &by_role, requests);
+    figures.add_counters(kind, many, &counters_before, &stand.counters());
+    add_program_cost(
+        figures,
+        stand,
+        kind,
+        many,
+        new_conn,
+        &programs_before,
+        requests,
+    );
+    figures.add_background(
+        before.busy_us_until(&after),
+        cpu,
+        before.total_us_until(&after),
+    );
     Ok(())
 }
 
