@@ -106,3 +106,59 @@ pub fn wait_for_text(
     })
     .ok_or(last)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_words_put_the_cluster_flags_first() {
+        assert_eq!(
+            run_words("c1", "ebpf", "127.0.0.1:80", &["--", "srv", "{port}"]),
+            [
+                "run",
+                "--name",
+                "c1",
+                "--backend",
+                "ebpf",
+                "--listen",
+                "127.0.0.1:80",
+                "--",
+                "srv",
+                "{port}"
+            ]
+        );
+    }
+
+    #[test]
+    fn poll_returns_the_first_answer() {
+        let mut calls = 0;
+        let got = poll(Duration::from_secs(5), Duration::from_millis(1), || {
+            calls += 1;
+            (calls == 3).then_some(calls)
+        });
+        assert_eq!(got, Some(3));
+    }
+
+    #[test]
+    fn poll_gives_up_after_the_timeout() {
+        let started = Instant::now();
+        let got: Option<()> = poll(Duration::from_millis(50), Duration::from_millis(5), || None);
+        assert_eq!(got, None);
+        assert!(started.elapsed() >= Duration::from_millis(50));
+    }
+
+    #[test]
+    fn wait_for_text_returns_the_last_text_read() {
+        let mut n = 0;
+        let found = wait_for_text(Duration::from_secs(5), "line 2", || {
+            n += 1;
+            format!("line {n}")
+        });
+        assert_eq!(found, Ok("line 2".to_owned()));
+        let missing = wait_for_text(Duration::from_millis(60), "never", || {
+            "only this".to_owned()
+        });
+        assert_eq!(missing, Err("only this".to_owned()));
+    }
+}

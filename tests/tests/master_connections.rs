@@ -10,10 +10,11 @@
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ipcluster_tests::client::connect_from;
 use ipcluster_tests::cluster::{Cluster, ClusterSpec, live_workers};
+use ipcluster_tests::invoke::poll;
 use ipcluster_tests::loopback_clients;
 use ipcluster_tests::unique::{Ports, cluster_name};
 use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -63,18 +64,15 @@ fn counted(cluster: &Cluster) -> BTreeMap<u64, u64> {
 
 /// Wait (a few monitor passes) until status counts `expected` per worker.
 fn wait_counts(cluster: &Cluster, expected: &BTreeMap<u64, u64>, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let got = counted(cluster);
-        if &got == expected {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: status counts {got:?}, the workers greeted {expected:?}"
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    let mut got = BTreeMap::new();
+    let settled = poll(Duration::from_secs(15), Duration::from_millis(200), || {
+        got = counted(cluster);
+        (&got == expected).then_some(())
+    });
+    assert!(
+        settled.is_some(),
+        "{what}: status counts {got:?}, the workers greeted {expected:?}"
+    );
 }
 
 fn thousands_of_idle_connections(backend: &str) {
