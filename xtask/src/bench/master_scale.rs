@@ -129,6 +129,7 @@ fn counted(ns: &Netns, bin: &Path, name: &str) -> Result<u64> {
     }))
 }
 
+/// A process's CPU time so far (user + system), in ticks of 10 ms.
 fn cpu_ticks(pid: i32) -> Result<u64> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("reading /proc/{pid}/stat"))?;
@@ -143,12 +144,26 @@ fn cpu_ticks(pid: i32) -> Result<u64> {
 }
 
 /// The master's CPU over `watch`, percent of one CPU (USER_HZ is 100).
-fn master_cpu(pid: i32, watch: Duration) -> Result<f64> {
+pub(super) fn master_cpu(pid: i32, watch: Duration) -> Result<f64> {
     let t0 = cpu_ticks(pid)?;
     let start = Instant::now();
     std::thread::sleep(watch);
     let t1 = cpu_ticks(pid)?;
     Ok(t1.saturating_sub(t0) as f64 * 1000.0 / start.elapsed().as_millis().max(1) as f64)
+}
+
+/// A memory figure of `/proc/<pid>/status` (`key` is e.g. `VmRSS:`), MiB;
+/// 0 when the process or the line is gone.
+pub(super) fn status_mib(pid: i32, key: &str) -> f64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(key))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
 }
 
 /// Wall time of `status --json` runs: median and max, milliseconds.
@@ -228,15 +243,7 @@ pub fn run(opts: &BenchOptions, backend: &str, watch: Duration) -> Result<Vec<St
             std::thread::sleep(Duration::from_millis(1500));
             let cpu = master_cpu(pid, watch)?;
             let (p50, max_ms) = status_latency(&ns, &opts.bin, &name)?;
-            let rss = fs::read_to_string(format!("/proc/{pid}/status"))
-                .ok()
-                .and_then(|s| {
-                    s.lines()
-                        .find_map(|l| l.strip_prefix("VmRSS:"))
-                        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
-                })
-                .unwrap_or(0.0)
-                / 1024.0;
+            let rss = status_mib(pid, "VmRSS:");
             lines.push(format!(
                 "master_idle_connections backend={backend} connections={load} workers={WORKERS} \
                  counted={seen} cpu_pct={cpu:.2} status_p50_ms={p50:.1} status_max_ms={max_ms:.1} \

@@ -1133,36 +1133,16 @@ fn master_cost(opts: &BenchOptions, watch: Duration) -> Result<String> {
             .as_i64()
             .and_then(|p| i32::try_from(p).ok())
             .context("no master_pid in status")?;
-        let ticks = |pid: i32| -> Result<u64> {
-            let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-            let after = stat.rsplit_once(')').map(|(_, r)| r).context("bad stat")?;
-            let f: Vec<&str> = after.split_whitespace().collect();
-            Ok(f.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-                + f.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0))
-        };
         // Let the start-up settle, then watch the steady state.
         std::thread::sleep(Duration::from_secs(1));
-        let t0 = ticks(pid)?;
-        let start = Instant::now();
-        std::thread::sleep(watch);
-        let t1 = ticks(pid)?;
-        // USER_HZ is 100: one tick is 10 ms of CPU.
-        let cpu_pct = (t1 - t0) as f64 * 1000.0 / start.elapsed().as_millis().max(1) as f64;
-        let proc_status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let kib = |key: &str| -> u64 {
-            proc_status
-                .lines()
-                .find_map(|l| l.strip_prefix(key))
-                .and_then(|v| v.split_whitespace().next()?.parse().ok())
-                .unwrap_or(0)
-        };
+        let cpu_pct = master_scale::master_cpu(pid, watch)?;
+        let rss = master_scale::status_mib(pid, "VmRSS:");
+        let rss_peak = master_scale::status_mib(pid, "VmHWM:");
         let after = status_json(&ns, &opts.bin, &name)?;
         let live = live_workers(&after, None);
         Ok(format!(
-            "master_64_workers cpu_pct={cpu_pct:.2} rss_mib={:.1} rss_peak_mib={:.1} \
+            "master_64_workers cpu_pct={cpu_pct:.2} rss_mib={rss:.1} rss_peak_mib={rss_peak:.1} \
              cluster_rss_mib={:.0} live_after={live} startup_s={:.1} watch_s={}",
-            kib("VmRSS:") as f64 / 1024.0,
-            kib("VmHWM:") as f64 / 1024.0,
             after["cluster_rss"].as_f64().unwrap_or(0.0) / (1024.0 * 1024.0),
             startup.as_secs_f64(),
             watch.as_secs()
