@@ -76,6 +76,12 @@ impl BandService {
     }
 }
 
+/// A server that `ns` runs itself on `addr` (another host's own service on
+/// the public port, which steering must leave alone).
+fn own_server(ns: &NetNs, addr: SocketAddr, what: &str) -> Worker {
+    ns.run(|| Worker::start_on(addr).unwrap_or_else(|e| panic!("{what}: {e:?}")))
+}
+
 /// From `source`, inside `ns`: four connections to each of `targets`
 /// (what, address), each echoing one line: (what, number, the port that
 /// answered).
@@ -253,13 +259,11 @@ fn forwarded_traffic_is_never_steered(kind: BackendKind) {
             "worker in the host namespace",
         ),
     );
-    let remote_server = remote_ns.run(|| {
-        Worker::start_on(SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            public_port,
-        ))
-        .expect("the remote's own server")
-    });
+    let remote_server = own_server(
+        remote_ns,
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public_port),
+        "the remote's own server",
+    );
 
     let (to_remote, to_host) = client_ns.run(|| {
         let client = IpAddr::V4(CLIENT_IP);
@@ -584,13 +588,11 @@ fn ebpf_forwarded_ipv6_traffic_is_never_steered() {
             "worker in the host namespace",
         ),
     );
-    let remote_server = remote.run(|| {
-        Worker::start_on(SocketAddr::new(
-            IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED),
-            public_port,
-        ))
-        .expect("the remote's own server")
-    });
+    let remote_server = own_server(
+        remote,
+        SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), public_port),
+        "the remote's own server",
+    );
     let source: IpAddr = "fd00:211:1::2".parse().expect("address");
     let remote_ip: IpAddr = "fd00:211:2::2".parse().expect("address");
     let host_ip: IpAddr = "fd00:211:1::1".parse().expect("address");
@@ -657,13 +659,11 @@ fn bridged_traffic_between_guests_is_never_steered() {
         steering.as_mut(),
         ("install on every up interface", "worker"),
     );
-    let guest_server = guest2.run(|| {
-        Worker::start_on(SocketAddr::new(
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            public.port(),
-        ))
-        .expect("guest 2's own server")
-    });
+    let guest_server = own_server(
+        guest2,
+        SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), public.port()),
+        "guest 2's own server",
+    );
     let source = IpAddr::V4(Ipv4Addr::new(10, 215, 0, 2));
     let at = |last: u8| SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 215, 0, last)), public.port());
     let results = four_to_each(guest1, source, &[("guest 2", at(3)), ("the host", at(1))]);
