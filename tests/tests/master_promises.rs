@@ -97,11 +97,17 @@ fn reload_to(cluster: &mut Cluster, listen: SocketAddr, workers: u32) -> Generat
         .collect();
     let clients: Vec<IpAddr> = (2..66).map(loopback_client).collect();
     let load = Load::start(&clients, 4, listen);
+    // Load on the old shape before the reload: 300 ms, and at least a request
+    // per address, however slow the machine.
     std::thread::sleep(Duration::from_millis(300));
+    load.wait_for_requests(64, Duration::from_secs(20));
     cluster.spec.workers = workers;
     cluster.start_master();
     let after = cluster.wait_generation_live(old_number + 1, Duration::from_secs(30));
+    // Half a second more, and at least 64 requests after the switch (at most
+    // 4 of them were already in flight).
     std::thread::sleep(Duration::from_millis(500));
+    load.wait_for_requests(64, Duration::from_secs(20));
     let samples = load.finish();
     let new = Generation::from_status(&after, old_number + 1, workers);
     assert_eq!(new.pid_by_band.len(), workers as usize, "{after}");
