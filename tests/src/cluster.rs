@@ -403,11 +403,11 @@ impl Cluster {
         self.assert_nothing_left_after_stop();
     }
 
-    /// What of this cluster is left, waiting up to 3 s for the kernel to free
-    /// programs and maps (freed after an RCU grace period) and for the last
-    /// signalled processes to be gone.
+    /// What of this cluster is left, waiting up to 10 s (a busy machine) for
+    /// the kernel to free programs and maps (freed after an RCU grace period)
+    /// and for the last signalled processes to be gone.
     fn leftovers_after_stop(&self) -> Vec<String> {
-        let deadline = Instant::now() + Duration::from_secs(3);
+        let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let left = self.leftovers();
             if left.is_empty() || Instant::now() >= deadline {

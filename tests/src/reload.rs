@@ -11,7 +11,7 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -52,19 +52,22 @@ impl Generation {
 }
 
 /// Continuous `GET /` from `clients`, spread over `threads` threads, until
-/// [`Load::finish`] (or 120 s).
+/// [`Load::finish`] (or 120 s, or the value is dropped).
 pub struct Load {
     stop: Arc<AtomicBool>,
+    /// Requests finished so far, answered or failed (the samples say which).
+    finished: Arc<AtomicU64>,
     threads: Vec<JoinHandle<Vec<Sample>>>,
 }
 
 impl Load {
     pub fn start(clients: &[IpAddr], threads: usize, target: SocketAddr) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicU64::new(0));
         let threads = (0..threads)
             .map(|t| {
                 let mine: Vec<IpAddr> = clients.iter().copied().skip(t).step_by(threads).collect();
-                let stop = stop.clone();
+                let (stop, finished) = (stop.clone(), finished.clone());
                 std::thread::spawn(move || {
                     let mut samples = Vec::new();
                     let deadline = Instant::now() + Duration::from_secs(120);
@@ -74,6 +77,7 @@ impl Load {
                         i += 1;
                         let started = Instant::now();
                         let reply = demo_get(client, target).map_err(|e| e.to_string());
+                        finished.fetch_add(1, Ordering::Relaxed);
                         samples.push(Sample {
                             client,
                             started,
@@ -85,16 +89,50 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, threads }
+        Load {
+            stop,
+            finished,
+            threads,
+        }
+    }
+
+    /// Wait until `more` requests have finished from now on (answered or
+    /// not: [`check_samples`] judges them): the load is seen running (and,
+    /// after a switch, meeting what it switched to), however slow the
+    /// machine, instead of a fixed sleep. Panics after `timeout` (the load
+    /// stops with the value).
+    pub fn wait_for_requests(&self, more: u64, timeout: Duration) {
+        let from = self.finished.load(Ordering::Relaxed);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let now = self.finished.load(Ordering::Relaxed);
+            if now >= from + more {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the load finished {} requests in {timeout:?}, {more} were awaited",
+                now - from
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 
     /// Stop the load and return every sample, in no particular order.
-    pub fn finish(self) -> Vec<Sample> {
+    pub fn finish(mut self) -> Vec<Sample> {
         self.stop.store(true, Ordering::Relaxed);
-        self.threads
+        std::mem::take(&mut self.threads)
             .into_iter()
             .flat_map(|t| t.join().unwrap_or_default())
             .collect()
+    }
+}
+
+impl Drop for Load {
+    /// A test that failed before [`Load::finish`] does not leave the load
+    /// running against whatever comes next.
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 

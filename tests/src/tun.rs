@@ -67,6 +67,7 @@ fn pump(mut from: File, mut to: File, stop: &AtomicBool) {
             Ok(n) => {
                 let _ = to.write(&buf[..n]);
             }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return,
         }
     }

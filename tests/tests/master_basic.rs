@@ -5,7 +5,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ipcluster::steering::band_of;
 use ipcluster_tests::cluster::{Cluster, ClusterSpec, demo_get, http_get, live_workers};
@@ -110,8 +110,11 @@ fn sticky_64_clients(backend: &str) {
         })
         .collect();
     let band = band_of(loopback_client(2), 0, 4);
+    // Counted by a monitor pass; `status` itself may take long on a busy
+    // machine, so wait by the clock, not by a number of polls.
     let mut counted = 0;
-    for _ in 0..40 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
         let status = cluster.status();
         counted = live_workers(&status, Some(1))
@@ -183,7 +186,8 @@ fn workers_run_as_another_user(backend: &str) {
     demo_get(loopback_client(2), listen(&ports)).expect("GET / from a worker running as nobody");
     // The demo worker, running as nobody, reached the control socket.
     let mut aware = false;
-    for _ in 0..40 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
         let status = cluster.status();
         if live_workers(&status, Some(1))[0]["aware"] == true {
             aware = true;

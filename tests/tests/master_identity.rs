@@ -168,10 +168,13 @@ fn nginx_workers_are_adopted_retired_and_stopped_across_a_reload() {
             "worker {pid} still shows its environment; this nginx does not set its title"
         );
     }
-    let nginx_before = nginx_processes(&sessions.borrow(), &dir);
-    assert!(
-        nginx_before.len() >= 2 * WORKERS as usize,
-        "expected an nginx master and worker per band: {nginx_before:?}"
+    // Ready means listening: the nginx master listens before it forks its
+    // worker process, which may not exist yet.
+    wait_until(
+        "expected an nginx master and worker per band",
+        Duration::from_secs(10),
+        || nginx_processes(&sessions.borrow(), &dir).len() >= 2 * WORKERS as usize,
+        &|| format!("{:?}", nginx_processes(&sessions.borrow(), &dir)),
     );
     let (code, body) = http_get(loopback_client(2), listen, "/").expect("GET through the steering");
     assert_eq!(code, 200, "{body}");
@@ -216,10 +219,17 @@ fn nginx_workers_are_adopted_retired_and_stopped_across_a_reload() {
         },
         &|| cluster.logs(),
     );
-    let status = cluster.status();
-    assert!(
-        workers_in(&status, "retired", None).is_empty(),
-        "retired workers still reported: {status}"
+    // Gone from /proc (zombies are skipped) is not yet reaped by the master:
+    // wait for it to notice the exits.
+    let mut status = cluster.status();
+    wait_until(
+        "retired workers still reported",
+        Duration::from_secs(10),
+        || {
+            status = cluster.status();
+            workers_in(&status, "retired", None).is_empty()
+        },
+        &|| cluster.logs(),
     );
     assert_eq!(
         pids_of(&workers_in(&status, "live", Some(2))),
@@ -285,7 +295,6 @@ fn a_crashed_workers_band_is_served_by_a_stand_in_until_its_replacement_is_ready
     let _cleanup = defer(|| {
         let _ = std::fs::remove_dir_all(&dir);
     });
-    let bin = ipcluster_tests::cluster::ipcluster_bin();
     let ports = Ports::reserve(1);
     let listen = SocketAddr::from(([127, 0, 0, 1], ports.get(0)));
     let spec = ClusterSpec {
@@ -293,16 +302,8 @@ fn a_crashed_workers_band_is_served_by_a_stand_in_until_its_replacement_is_ready
         workers: WORKERS,
         listens: vec![listen],
         flags: Vec::new(),
-        // While `slow` exists, a new worker takes 4 s to start listening.
-        command: vec![
-            "sh".into(),
-            "-c".into(),
-            format!(
-                "if [ -e {} ]; then sleep 4; fi; exec {} demo-worker",
-                slow.display(),
-                bin.display()
-            ),
-        ],
+        // While `slow` exists, a new worker does not start listening.
+        command: slow_demo_command(&slow),
     };
     let mut cluster = Cluster::start(&name, spec);
     cluster.start_master();
@@ -317,9 +318,11 @@ fn a_crashed_workers_band_is_served_by_a_stand_in_until_its_replacement_is_ready
     let killed_at = Instant::now();
     ipcluster_tests::cluster::signal(new0, libc::SIGKILL);
     let logs = || cluster.logs();
+    // The replacement waits for `slow` to go: nothing but the stand-in can
+    // take band 0 meanwhile, however long the machine takes to get there.
     wait_until(
         "band 0 was not steered to the retired worker of band 0",
-        Duration::from_secs(2),
+        Duration::from_secs(10),
         || {
             cluster
                 .try_status()
@@ -339,7 +342,7 @@ fn a_crashed_workers_band_is_served_by_a_stand_in_until_its_replacement_is_ready
     ipcluster_tests::cluster::signal(old0, libc::SIGKILL);
     wait_until(
         "band 0 was not steered to the live worker of band 1",
-        Duration::from_secs(2),
+        Duration::from_secs(10),
         || {
             cluster
                 .try_status()
@@ -362,6 +365,31 @@ fn a_crashed_workers_band_is_served_by_a_stand_in_until_its_replacement_is_ready
         "{status}"
     );
     cluster.stop();
+}
+
+/// Wait until `pid` (started as `setsid sleep …`) runs `sleep` as the leader
+/// of its own session, which setsid makes it before it execs sleep.
+fn wait_until_sleeping(pid: i64, logs: &dyn Fn() -> String) {
+    wait_until(
+        &format!("process {pid} did not become a session leader running sleep"),
+        Duration::from_secs(10),
+        || {
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            let session = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|stat| {
+                    // After the command name: state ppid pgrp session …
+                    stat.rsplit(')')
+                        .next()?
+                        .split_whitespace()
+                        .nth(3)?
+                        .parse::<i64>()
+                        .ok()
+                });
+            comm.trim_end() == "sleep" && session == Some(pid)
+        },
+        logs,
+    );
 }
 
 /// A session leader with forged variables of the cluster.
@@ -402,13 +430,16 @@ fn forged_workers_are_ignored_and_logged() {
             let _ = child.wait();
         }
     });
-    // Let both exec `sleep` (setsid runs first).
-    std::thread::sleep(Duration::from_millis(300));
     let forged: BTreeSet<i64> = children
         .borrow()
         .iter()
         .map(|c| i64::from(c.id()))
         .collect();
+    // Both must be session leaders running `sleep` before the master looks
+    // (setsid runs first, then execs sleep).
+    for &pid in &forged {
+        wait_until_sleeping(pid, &|| cluster.logs());
+    }
 
     cluster.start_master();
     let status = cluster.wait_generation_live(2, Duration::from_secs(30));
@@ -586,7 +617,9 @@ fn a_connection_flood_neither_locks_root_out_nor_lasts() {
     let cluster = Cluster::start(&name, spec);
     let socket = ipcluster::paths::control_socket(&name);
     // As nobody: 300 silent connections; count the ones the master closed at
-    // once, then the ones still open 12 s later.
+    // once (once at least 44 are closed, or 8 s passed, and 1 s more for any
+    // further ones: a busy master takes a while to get through 300 accepts),
+    // then the ones still open 12 s later.
     let script = format!(
         "import socket, time\n\
          conns = []\n\
@@ -594,13 +627,16 @@ fn a_connection_flood_neither_locks_root_out_nor_lasts() {
          \x20   s = socket.socket(socket.AF_UNIX)\n\
          \x20   s.connect({socket:?})\n\
          \x20   conns.append(s)\n\
-         time.sleep(1.5)\n\
          def closed(s):\n\
          \x20   s.setblocking(False)\n\
          \x20   try:\n\
          \x20       return s.recv(1) == b''\n\
          \x20   except BlockingIOError:\n\
          \x20       return False\n\
+         deadline = time.monotonic() + 8\n\
+         while sum(closed(s) for s in conns) < 44 and time.monotonic() < deadline:\n\
+         \x20   time.sleep(0.1)\n\
+         time.sleep(1)\n\
          print('refused', sum(closed(s) for s in conns), flush=True)\n\
          time.sleep(12)\n\
          print('open', sum(not closed(s) for s in conns), flush=True)\n",
@@ -690,13 +726,16 @@ fn a_state_directory_open_to_others_is_refused() {
     );
 }
 
-/// `sh -c` that starts the demo worker, 4 s late while `slow` exists.
+/// `sh -c` that starts the demo worker once `slow` does not exist (or after
+/// 60 s): the test decides when a new worker may start listening, instead of
+/// racing a fixed delay on a busy machine.
 fn slow_demo_command(slow: &Path) -> Vec<String> {
     vec![
         "sh".into(),
         "-c".into(),
         format!(
-            "if [ -e {} ]; then sleep 4; fi; exec {} demo-worker",
+            "i=0; while [ -e {} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+             exec {} demo-worker",
             slow.display(),
             ipcluster_tests::cluster::ipcluster_bin().display()
         ),
@@ -740,6 +779,8 @@ fn a_reload_to_fewer_workers_publishes_although_an_old_high_band_crashes() {
         &|| cluster.logs(),
     );
     ipcluster_tests::cluster::signal(old3, libc::SIGKILL);
+    // Only now may generation 2 start listening: the crash comes first.
+    let _ = std::fs::remove_file(&slow);
     let status = cluster.wait_generation_live(2, Duration::from_secs(30));
     assert_eq!(table_ports(&status).len(), 2, "{status}");
     let high: Vec<_> = status["workers"]
@@ -889,8 +930,9 @@ fn a_registry_in_a_directory_open_to_others_is_not_trusted() {
         let _ = victim.borrow_mut().kill();
         let _ = victim.borrow_mut().wait();
     });
-    std::thread::sleep(Duration::from_millis(300));
     let victim_pid = victim.borrow().id();
+    // The planted entry names its session: it must be the one setsid made.
+    wait_until_sleeping(i64::from(victim_pid), &|| cluster.logs());
 
     // No master: SIGKILL it (workers and steering stay).
     let _ = cluster.masters[0].kill();

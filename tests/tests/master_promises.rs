@@ -50,6 +50,18 @@ fn running(pid: i64) -> bool {
     })
 }
 
+/// One `read`, again when it is interrupted: a read with a timeout may end
+/// with EINTR when the test process is stopped and continued (signal(7)),
+/// which is no news about the stream.
+fn read_some(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        match stream.read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            other => return other,
+        }
+    }
+}
+
 /// The worker with this pid in a status report.
 fn worker(status: &Value, pid: i64) -> Option<Value> {
     status["workers"]
@@ -85,11 +97,17 @@ fn reload_to(cluster: &mut Cluster, listen: SocketAddr, workers: u32) -> Generat
         .collect();
     let clients: Vec<IpAddr> = (2..66).map(loopback_client).collect();
     let load = Load::start(&clients, 4, listen);
+    // Load on the old shape before the reload: 300 ms, and at least a request
+    // per address, however slow the machine.
     std::thread::sleep(Duration::from_millis(300));
+    load.wait_for_requests(64, Duration::from_secs(20));
     cluster.spec.workers = workers;
     cluster.start_master();
     let after = cluster.wait_generation_live(old_number + 1, Duration::from_secs(30));
+    // Half a second more, and at least 64 requests after the switch (at most
+    // 4 of them were already in flight).
     std::thread::sleep(Duration::from_millis(500));
+    load.wait_for_requests(64, Duration::from_secs(20));
     let samples = load.finish();
     let new = Generation::from_status(&after, old_number + 1, workers);
     assert_eq!(new.pid_by_band.len(), workers as usize, "{after}");
@@ -439,7 +457,7 @@ fn retired_idle_exit_and_retire_message() {
         let mut s = ipcluster_tests::client::connect_from(client, listen).expect("connect");
         write!(s, "GET /stream HTTP/1.1\r\nHost: test\r\n\r\n").expect("request");
         let mut first = [0u8; 256];
-        let n = s.read(&mut first).expect("first bytes of the stream");
+        let n = read_some(&mut s, &mut first).expect("first bytes of the stream");
         assert!(n > 0);
         let who = get_json(client, listen, "/").expect("GET /");
         (s, who["pid"].as_i64().unwrap_or(0))
@@ -480,14 +498,7 @@ fn retired_idle_exit_and_retire_message() {
     );
     while gone_at.elapsed() < Duration::from_millis(1500) {
         let mut buf = [0u8; 4096];
-        // A read with a timeout may end with EINTR when the test process is
-        // stopped and continued (signal(7)); that is no news about the stream.
-        let n = loop {
-            match stream.read(&mut buf) {
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                other => break other.expect("the held stream keeps flowing"),
-            }
-        };
+        let n = read_some(&mut stream, &mut buf).expect("the held stream keeps flowing");
         assert!(n > 0, "the held stream ended while open");
     }
     assert!(running(held), "the worker with an open stream was ended");
@@ -875,7 +886,7 @@ fn who_is_asked_to_die(strategy: Option<&str>) -> (bool, bool) {
         .expect("connect to the older retired worker");
     write!(held, "GET /stream HTTP/1.1\r\nHost: test\r\n\r\n").expect("request");
     let mut buf = [0u8; 256];
-    assert!(held.read(&mut buf).expect("the stream starts") > 0);
+    assert!(read_some(&mut held, &mut buf).expect("the stream starts") > 0);
     wait_for(
         &cluster,
         Duration::from_secs(5),
@@ -883,13 +894,19 @@ fn who_is_asked_to_die(strategy: Option<&str>) -> (bool, bool) {
         || (worker(&cluster.status(), older.0)?["connections"] == 1).then_some(()),
     );
     // 100 MiB in each retired worker: above the low watermark (80 %), below the high one.
-    // The idle one first: the watermark is crossed during the second request, and a
-    // monitor pass in that moment must not see the idle worker serving one (its own
-    // /alloc request would count as a connection and tie it with the older one).
+    // With the master stopped meanwhile, so that no monitor pass sees the cluster
+    // over the watermark while an /alloc is still being served: it would count as a
+    // connection of the worker serving it (tying the idle one with the older one),
+    // and the worker asked to die may exit before it answers (seen with `time`,
+    // where the older one, allocated second, is the one asked).
+    let master = i32::try_from(cluster.masters[0].id()).unwrap_or(0);
+    signal(master, libc::SIGSTOP);
+    let thaw = ipcluster_tests::guard::defer(move || signal(master, libc::SIGCONT));
     for (_, port) in [younger, older] {
         let v = get_json(loopback_client(1), direct(port), "/alloc?mb=100").expect("GET /alloc");
         assert_eq!(v["allocated_mib"], 100, "{v}");
     }
+    drop(thaw);
     let asked = wait_for(
         &cluster,
         Duration::from_secs(10),

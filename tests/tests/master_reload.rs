@@ -49,13 +49,19 @@ fn reload_under_load(backend: &str) {
     // answer is kept.
     let clients: Vec<_> = (2..34).map(loopback_client).collect();
     let load = Load::start(&clients, 4, listen);
+    // Half a second of load on generation 1 before the reload, and at least a
+    // request per address, however slow the machine.
     std::thread::sleep(Duration::from_millis(500));
+    load.wait_for_requests(32, Duration::from_secs(20));
 
     let reload_started = Instant::now();
     cluster.start_master();
     let after = cluster.wait_generation_live(2, Duration::from_secs(30));
     let reload_time = reload_started.elapsed();
+    // A second more, and at least 64 requests after the switch (at most 4 of
+    // them were already in flight).
     std::thread::sleep(Duration::from_millis(1000));
+    load.wait_for_requests(64, Duration::from_secs(20));
     let samples = load.finish();
     let new = Generation::from_status(&after, 2, WORKERS);
     assert_eq!(new.pid_by_band.len(), WORKERS as usize, "{after}");
