@@ -35,26 +35,13 @@ pub struct ProcessTable {
 
 impl ProcessTable {
     pub fn read() -> Result<ProcessTable, ProcError> {
-        let page = procfs::page_size();
-        let all = procfs::process::all_processes().map_err(|source| ProcError::Read {
-            what: "the process list",
-            source,
-        })?;
-        let mut procs = HashMap::new();
-        // Processes come and go while we read: skip the ones that vanished.
-        for process in all.flatten() {
-            if let Ok(stat) = process.stat() {
-                procs.insert(
-                    stat.pid,
-                    ProcInfo {
-                        ppid: stat.ppid,
-                        session: stat.session,
-                        rss: stat.rss.saturating_mul(page),
-                        nice: stat.nice,
-                    },
-                );
-            }
-        }
+        let mut reader = StatReader::default();
+        let procs = list_pids()
+            .map_err(list_error)?
+            .into_iter()
+            // Processes come and go while we read: skip the ones that vanished.
+            .filter_map(|pid| Some((pid, reader.read(pid)?)))
+            .collect();
         Ok(ProcessTable::from_procs(procs))
     }
 
@@ -144,6 +131,7 @@ pub struct ProcessCache {
     table: ProcessTable,
     members: HashSet<i32>,
     passes: u32,
+    reader: StatReader,
 }
 
 /// A full /proc read every this many passes.
@@ -155,17 +143,14 @@ impl ProcessCache {
         if self.passes.is_multiple_of(FULL_EVERY) {
             self.table = ProcessTable::read()?;
         } else {
-            let listed = list_pids().map_err(|source| ProcError::Read {
-                what: "the process list",
-                source: procfs::ProcError::Io(source, Some("/proc".into())),
-            })?;
+            let listed = list_pids().map_err(list_error)?;
             let mut procs = std::mem::take(&mut self.table.procs);
             procs.retain(|pid, _| listed.contains(pid));
             for pid in listed {
                 if procs.contains_key(&pid) && !self.members.contains(&pid) {
                     continue;
                 }
-                match read_info(pid) {
+                match self.reader.read(pid) {
                     Some(info) => procs.insert(pid, info),
                     // Gone while we read.
                     None => procs.remove(&pid),
@@ -194,18 +179,43 @@ fn list_pids() -> std::io::Result<HashSet<i32>> {
     Ok(pids)
 }
 
-/// One process's stat: a single open and read of /proc/<pid>/stat (no
-/// directory handle, no ownership check), as every monitor pass reads it for
-/// every member of every worker's tree.
-fn read_info(pid: i32) -> Option<ProcInfo> {
-    use procfs::FromRead as _;
-    let stat = procfs::process::Stat::from_file(format!("/proc/{pid}/stat")).ok()?;
-    Some(ProcInfo {
-        ppid: stat.ppid,
-        session: stat.session,
-        rss: stat.rss.saturating_mul(procfs::page_size()),
-        nice: stat.nice,
-    })
+fn list_error(source: std::io::Error) -> ProcError {
+    ProcError::Read {
+        what: "the process list",
+        source: procfs::ProcError::Io(source, Some("/proc".into())),
+    }
+}
+
+/// Reads processes' /proc/<pid>/stat, as every monitor pass does for every
+/// member of every worker's tree: open, read into a buffer kept between
+/// reads, close (no directory handle, no ownership check, no size probe:
+/// `fs::read` would add a statx and an lseek to each file), then procfs's parser.
+#[derive(Debug, Default)]
+struct StatReader {
+    buf: Vec<u8>,
+    path: String,
+}
+
+impl StatReader {
+    fn read(&mut self, pid: i32) -> Option<ProcInfo> {
+        use procfs::FromRead as _;
+        use std::fmt::Write as _;
+        use std::io::Read as _;
+        self.path.clear();
+        write!(self.path, "/proc/{pid}/stat").ok()?;
+        let file = std::fs::File::open(&self.path).ok()?;
+        self.buf.clear();
+        // A stat line is under 1 KiB: one read, and one more that finds its end.
+        self.buf.reserve(1024);
+        file.take(u64::MAX).read_to_end(&mut self.buf).ok()?;
+        let stat = procfs::process::Stat::from_read(self.buf.as_slice()).ok()?;
+        Some(ProcInfo {
+            ppid: stat.ppid,
+            session: stat.session,
+            rss: stat.rss.saturating_mul(procfs::page_size()),
+            nice: stat.nice,
+        })
+    }
 }
 
 /// One TCP socket of /proc/net/tcp{,6}.
