@@ -35,12 +35,16 @@ pub struct ProcessTable {
 
 impl ProcessTable {
     pub fn read() -> Result<ProcessTable, ProcError> {
-        let mut reader = StatReader::default();
+        ProcessTable::read_with(&mut StatReader::default(), &HashSet::new())
+    }
+
+    /// Every process, through `reader`, which keeps the stat files of `keep` open.
+    fn read_with(reader: &mut StatReader, keep: &HashSet<i32>) -> Result<ProcessTable, ProcError> {
         let procs = list_pids()
             .map_err(list_error)?
             .into_iter()
             // Processes come and go while we read: skip the ones that vanished.
-            .filter_map(|pid| Some((pid, reader.read(pid)?)))
+            .filter_map(|pid| Some((pid, reader.read(pid, keep.contains(&pid))?)))
             .collect();
         Ok(ProcessTable::from_procs(procs))
     }
@@ -126,6 +130,8 @@ impl ProcessTable {
 /// process outside every tree cannot join one except by being forked into it
 /// (then it is new), so the trees stay right; every [`FULL_EVERY`] passes the
 /// whole table is read again all the same (a pid reused between two passes).
+/// The members' stat files stay open between passes and are read again in
+/// place (one pread each, see [`StatReader`]).
 #[derive(Debug, Default)]
 pub struct ProcessCache {
     table: ProcessTable,
@@ -141,7 +147,7 @@ impl ProcessCache {
     /// The table, brought up to date (a copy: the caller keeps it for the pass).
     pub fn refresh(&mut self) -> Result<ProcessTable, ProcError> {
         if self.passes.is_multiple_of(FULL_EVERY) {
-            self.table = ProcessTable::read()?;
+            self.table = ProcessTable::read_with(&mut self.reader, &self.members)?;
         } else {
             let listed = list_pids().map_err(list_error)?;
             let mut procs = std::mem::take(&mut self.table.procs);
@@ -150,7 +156,7 @@ impl ProcessCache {
                 if procs.contains_key(&pid) && !self.members.contains(&pid) {
                     continue;
                 }
-                match self.reader.read(pid) {
+                match self.reader.read(pid, self.members.contains(&pid)) {
                     Some(info) => procs.insert(pid, info),
                     // Gone while we read.
                     None => procs.remove(&pid),
@@ -165,6 +171,7 @@ impl ProcessCache {
     /// The processes to read again on every pass (the workers' trees).
     pub fn set_members(&mut self, members: impl IntoIterator<Item = i32>) {
         self.members = members.into_iter().collect();
+        self.reader.keep_only(&self.members);
     }
 }
 
@@ -187,35 +194,70 @@ fn list_error(source: std::io::Error) -> ProcError {
 }
 
 /// Reads processes' /proc/<pid>/stat, as every monitor pass does for every
-/// member of every worker's tree: open, read into a buffer kept between
-/// reads, close (no directory handle, no ownership check, no size probe:
-/// `fs::read` would add a statx and an lseek to each file), then procfs's parser.
+/// member of every worker's tree, into a buffer kept between reads, then
+/// through procfs's parser. The stat file of a process read on every pass
+/// stays open: reading it again from offset 0 makes the kernel write it anew
+/// (one pread, instead of open, read and close), and an open stat file stays
+/// bound to its process, so once that process is gone it reads nothing (a new
+/// process with the same pid is opened afresh).
 #[derive(Debug, Default)]
 struct StatReader {
     buf: Vec<u8>,
     path: String,
+    open: HashMap<i32, std::fs::File>,
+    /// Stat files opened so far.
+    opens: u64,
 }
 
 impl StatReader {
-    fn read(&mut self, pid: i32) -> Option<ProcInfo> {
-        use procfs::FromRead as _;
+    /// Process `pid`'s stat; its file stays open for the next read if `keep`.
+    fn read(&mut self, pid: i32, keep: bool) -> Option<ProcInfo> {
+        if let Some(file) = self.open.get(&pid) {
+            if let Some(info) = read_stat(file, &mut self.buf) {
+                return Some(info);
+            }
+            self.open.remove(&pid);
+        }
         use std::fmt::Write as _;
-        use std::io::Read as _;
         self.path.clear();
         write!(self.path, "/proc/{pid}/stat").ok()?;
         let file = std::fs::File::open(&self.path).ok()?;
-        self.buf.clear();
-        // A stat line is under 1 KiB: one read, and one more that finds its end.
-        self.buf.reserve(1024);
-        file.take(u64::MAX).read_to_end(&mut self.buf).ok()?;
-        let stat = procfs::process::Stat::from_read(self.buf.as_slice()).ok()?;
-        Some(ProcInfo {
-            ppid: stat.ppid,
-            session: stat.session,
-            rss: stat.rss.saturating_mul(procfs::page_size()),
-            nice: stat.nice,
-        })
+        self.opens += 1;
+        let info = read_stat(&file, &mut self.buf)?;
+        if keep {
+            self.open.insert(pid, file);
+        }
+        Some(info)
     }
+
+    /// Close the stat files of every process not in `pids`.
+    fn keep_only(&mut self, pids: &HashSet<i32>) {
+        self.open.retain(|pid, _| pids.contains(pid));
+    }
+}
+
+/// Read a stat file from its start into `buf` and parse it. The line ends
+/// with a newline: a read that ends with one is the whole file.
+fn read_stat(file: &std::fs::File, buf: &mut Vec<u8>) -> Option<ProcInfo> {
+    use procfs::FromRead as _;
+    use std::os::unix::fs::FileExt as _;
+    buf.clear();
+    loop {
+        let at = buf.len();
+        buf.resize(at + 1024, 0);
+        let n = file.read_at(&mut buf[at..], at as u64).ok()?;
+        buf.truncate(at + n);
+        if n == 0 || buf.ends_with(b"\n") {
+            break;
+        }
+    }
+    let stat = procfs::process::Stat::from_read(buf.as_slice()).ok()?;
+    Some(ProcInfo {
+        ppid: stat.ppid,
+        session: stat.session,
+        rss: stat.rss.saturating_mul(procfs::page_size()),
+        nice: stat.nice,
+    })
 }
 
 /// One TCP socket of /proc/net/tcp{,6}.
@@ -474,6 +516,41 @@ mod tests {
         let table = cache.refresh().expect("incremental read");
         assert!(!table.contains(pid), "a reaped process leaves the table");
         assert!(table.contains(me));
+    }
+
+    #[test]
+    fn a_kept_stat_file_reads_fresh_values_and_nothing_once_its_process_is_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let who = rustix::process::Pid::from_raw(pid).expect("pid");
+        let mut reader = StatReader::default();
+        let first = reader.read(pid, true).expect("first read");
+        assert_eq!(first.ppid, i32::try_from(std::process::id()).expect("pid"));
+        // Changed behind the open file: the next read sees it, from the same file.
+        let nicer = i32::try_from(first.nice).expect("nice") + 3;
+        rustix::process::setpriority_process(Some(who), nicer).expect("renice sleep");
+        let second = reader.read(pid, true).expect("second read");
+        assert_eq!(second.nice, i64::from(nicer.min(19)));
+        assert_eq!(reader.opens, 1, "the second read reused the open file");
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
+        assert_eq!(
+            reader.read(pid, true),
+            None,
+            "a reaped process reads nothing"
+        );
+        assert!(reader.open.is_empty());
+        // Not kept: every read opens the file.
+        let me = i32::try_from(std::process::id()).expect("pid");
+        assert!(reader.read(me, false).is_some() && reader.read(me, false).is_some());
+        assert_eq!(reader.opens, 3);
+        assert!(reader.open.is_empty());
+        reader.read(me, true).expect("own stat");
+        reader.keep_only(&HashSet::new());
+        assert!(reader.open.is_empty());
     }
 
     #[test]
