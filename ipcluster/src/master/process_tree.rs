@@ -253,14 +253,33 @@ fn list_error(source: std::io::Error) -> ProcError {
 /// stays open: reading it again from offset 0 makes the kernel write it anew
 /// (one pread, instead of open, read and close), and an open stat file stays
 /// bound to its process, so once that process is gone it reads nothing (a new
-/// process with the same pid is opened afresh).
-#[derive(Debug, Default)]
+/// process with the same pid is opened afresh). At most [`MAX_KEPT_OPEN`]
+/// files are kept: the master's descriptors are for its peers first.
+#[derive(Debug)]
 struct StatReader {
     buf: Vec<u8>,
     path: String,
     open: HashMap<i32, std::fs::File>,
     /// Stat files opened so far.
     opens: u64,
+    /// Files kept open at most.
+    keep_at_most: usize,
+}
+
+/// Stat files kept open at most (64 workers of four processes each); the
+/// processes beyond are read with an open and a close each time.
+const MAX_KEPT_OPEN: usize = 256;
+
+impl Default for StatReader {
+    fn default() -> Self {
+        StatReader {
+            buf: Vec::new(),
+            path: String::new(),
+            open: HashMap::new(),
+            opens: 0,
+            keep_at_most: MAX_KEPT_OPEN,
+        }
+    }
 }
 
 impl StatReader {
@@ -278,7 +297,7 @@ impl StatReader {
         let file = std::fs::File::open(&self.path).ok()?;
         self.opens += 1;
         let info = read_stat(&file, &mut self.buf)?;
-        if keep {
+        if keep && self.open.len() < self.keep_at_most {
             self.open.insert(pid, file);
         }
         Some(info)
@@ -674,6 +693,28 @@ mod tests {
         reader.read(me, true).expect("own stat");
         reader.keep_only(&HashSet::new());
         assert!(reader.open.is_empty());
+    }
+
+    #[test]
+    fn no_more_stat_files_are_kept_open_than_allowed() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let mut reader = StatReader {
+            keep_at_most: 1,
+            ..StatReader::default()
+        };
+        for _ in 0..3 {
+            assert!(reader.read(me, true).is_some() && reader.read(pid, true).is_some());
+        }
+        assert_eq!(reader.open.len(), 1);
+        // The one kept is read in place, the other opened every time.
+        assert_eq!(reader.opens, 4);
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
     }
 
     #[test]
