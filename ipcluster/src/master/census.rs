@@ -80,16 +80,51 @@ pub fn attribute(
     Attribution { counts, unknown }
 }
 
-/// The TCP counters of this network namespace (the values line of `Tcp:` in
+/// Reads the TCP counters of this network namespace (the values line of `Tcp:` in
 /// /proc/net/snmp: opens, resets, established, segments in and out…). No
 /// socket enters or leaves ESTABLISHED, and none is half-closed by its peer,
 /// without one of them moving.
-pub fn tcp_counters() -> Option<String> {
-    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
-    snmp.lines()
-        .filter(|l| l.starts_with("Tcp:"))
-        .nth(1)
-        .map(str::to_owned)
+///
+/// /proc/net/snmp is kept open between passes and read again from its start
+/// (the kernel writes it anew): one or two preads a pass instead of open,
+/// size probe, reads and close.
+#[derive(Debug, Default)]
+struct SnmpReader {
+    file: Option<std::fs::File>,
+    buf: Vec<u8>,
+    /// Times the file was opened.
+    opens: u64,
+}
+
+impl SnmpReader {
+    /// The values line of `Tcp:`, if /proc/net/snmp can be read.
+    fn tcp_counters(&mut self) -> Option<String> {
+        use std::os::unix::fs::FileExt as _;
+        if self.file.is_none() {
+            self.file = std::fs::File::open("/proc/net/snmp").ok();
+            self.opens += 1;
+        }
+        let file = self.file.as_ref()?;
+        self.buf.clear();
+        loop {
+            let at = self.buf.len();
+            self.buf.resize(at + 4096, 0);
+            let Ok(n) = file.read_at(&mut self.buf[at..], at as u64) else {
+                self.file = None;
+                return None;
+            };
+            self.buf.truncate(at + n);
+            if n == 0 {
+                break;
+            }
+        }
+        std::str::from_utf8(&self.buf)
+            .ok()?
+            .lines()
+            .filter(|l| l.starts_with("Tcp:"))
+            .nth(1)
+            .map(str::to_owned)
+    }
 }
 
 /// The last dump, and the counters and ports it was taken with.
@@ -117,6 +152,7 @@ pub struct Census {
     last_rebuild: Option<Instant>,
     /// Rebuilds so far (each reads the fds of every worker tree).
     pub rebuilds: u64,
+    snmp: SnmpReader,
 }
 
 impl Census {
@@ -128,7 +164,7 @@ impl Census {
         let mut ports = ports.to_vec();
         ports.sort_unstable();
         ports.dedup();
-        let counters = tcp_counters();
+        let counters = self.snmp.tcp_counters();
         if let (Some(last), Some(now)) = (&self.last_dump, &counters)
             && &last.counters == now
             && last.ports == ports
@@ -257,9 +293,19 @@ mod tests {
                 .any(|s| s.listening && s.local_port == port)
         );
         assert_eq!(first.sockets().iter().filter(|s| s.established).count(), 0);
-        assert!(tcp_counters().is_some_and(|c| c.starts_with("Tcp:")));
+        assert!(
+            census
+                .snmp
+                .tcp_counters()
+                .is_some_and(|c| c.starts_with("Tcp:"))
+        );
+        let before = census.snmp.tcp_counters().expect("counters");
         let _client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
         let (server, _) = listener.accept().expect("accept");
+        // The kept file reads the counters anew (ActiveOpens moved).
+        let after = census.snmp.tcp_counters().expect("counters read again");
+        assert_ne!(after, before);
+        assert_eq!(census.snmp.opens, 1, "one open for every read");
         let after = census.sockets(&[port]).expect("dump");
         let established = |t: &SocketTable| t.sockets().iter().filter(|s| s.established).count();
         assert_eq!(established(&after), 1, "{:?}", after.sockets());

@@ -225,6 +225,8 @@ struct Peer {
     uid: u32,
     outgoing: mpsc::UnboundedSender<String>,
     worker: Option<i32>,
+    /// Its last ping line, applied (see `requests::take_ping`).
+    last_ping: Option<requests::LastPing>,
 }
 
 /// The steering backend, shared by the loop and the steering writer.
@@ -794,6 +796,7 @@ impl Master {
                         uid,
                         outgoing,
                         worker: None,
+                        last_ping: None,
                     },
                 );
             }

@@ -35,26 +35,17 @@ pub struct ProcessTable {
 
 impl ProcessTable {
     pub fn read() -> Result<ProcessTable, ProcError> {
-        let page = procfs::page_size();
-        let all = procfs::process::all_processes().map_err(|source| ProcError::Read {
-            what: "the process list",
-            source,
-        })?;
-        let mut procs = HashMap::new();
-        // Processes come and go while we read: skip the ones that vanished.
-        for process in all.flatten() {
-            if let Ok(stat) = process.stat() {
-                procs.insert(
-                    stat.pid,
-                    ProcInfo {
-                        ppid: stat.ppid,
-                        session: stat.session,
-                        rss: stat.rss.saturating_mul(page),
-                        nice: stat.nice,
-                    },
-                );
-            }
-        }
+        ProcessTable::read_with(&mut StatReader::default(), &HashSet::new())
+    }
+
+    /// Every process, through `reader`, which keeps the stat files of `keep` open.
+    fn read_with(reader: &mut StatReader, keep: &HashSet<i32>) -> Result<ProcessTable, ProcError> {
+        let procs = list_pids()
+            .map_err(list_error)?
+            .into_iter()
+            // Processes come and go while we read: skip the ones that vanished.
+            .filter_map(|pid| Some((pid, reader.read(pid, keep.contains(&pid))?)))
+            .collect();
         Ok(ProcessTable::from_procs(procs))
     }
 
@@ -133,17 +124,33 @@ impl ProcessTable {
 }
 
 /// The process table kept between monitor passes and refreshed
-/// incrementally: each pass lists /proc (one directory read) and reads the
-/// stat of new processes and of the workers' tree members only (memory,
-/// nice, parent); other processes keep what was read when they appeared. A
-/// process outside every tree cannot join one except by being forked into it
-/// (then it is new), so the trees stay right; every [`FULL_EVERY`] passes the
-/// whole table is read again all the same (a pid reused between two passes).
+/// incrementally: a pass lists /proc (one directory read) and reads the stat
+/// of new processes and of the workers' tree members only (memory, nice,
+/// parent); other processes keep what was read when they appeared. A process
+/// outside every tree cannot join one except by being forked into it (then
+/// it is new), so the trees stay right; every [`FULL_EVERY`] passes the whole
+/// table is read again all the same (a pid reused between two passes).
+///
+/// No process can be new, nor reuse a pid, unless a pid was allocated: when
+/// the newest pid of our pid namespace (/proc/loadavg) is the one seen at the
+/// last listing, a pass only reads the members again (a member that is gone
+/// leaves the table), and no full read is due either unless a listing came
+/// after the last one. The members' stat files stay open between passes and
+/// are read again in place (one pread each, see [`StatReader`]).
 #[derive(Debug, Default)]
 pub struct ProcessCache {
     table: ProcessTable,
     members: HashSet<i32>,
-    passes: u32,
+    reader: StatReader,
+    /// Passes since the last full read.
+    since_full: u32,
+    /// The newest pid when /proc was last listed.
+    listed_at: Option<u64>,
+    /// /proc was listed since the last full read.
+    listed_since_full: bool,
+    loadavg: Option<std::fs::File>,
+    /// Passes that listed /proc (the others read only the members).
+    pub listings: u64,
 }
 
 /// A full /proc read every this many passes.
@@ -152,34 +159,73 @@ pub const FULL_EVERY: u32 = 10;
 impl ProcessCache {
     /// The table, brought up to date (a copy: the caller keeps it for the pass).
     pub fn refresh(&mut self) -> Result<ProcessTable, ProcError> {
-        if self.passes.is_multiple_of(FULL_EVERY) {
-            self.table = ProcessTable::read()?;
+        let newest = self.newest_pid();
+        self.refresh_with(newest)
+    }
+
+    /// [`ProcessCache::refresh`], knowing the newest pid allocated (read
+    /// before anything else: a process created during the pass moves it).
+    fn refresh_with(&mut self, newest: Option<u64>) -> Result<ProcessTable, ProcError> {
+        let quiet = newest.is_some() && newest == self.listed_at;
+        self.since_full = self.since_full.saturating_add(1);
+        let full_due = self.listings == 0
+            || (self.since_full >= FULL_EVERY && (self.listed_since_full || !quiet));
+        if full_due {
+            self.table = ProcessTable::read_with(&mut self.reader, &self.members)?;
+            (self.since_full, self.listed_since_full) = (0, false);
+            self.listed_at = newest;
+            self.listings += 1;
+        } else if quiet {
+            let mut procs = std::mem::take(&mut self.table.procs);
+            for &pid in &self.members {
+                match self.reader.read(pid, true) {
+                    Some(info) => procs.insert(pid, info),
+                    None => procs.remove(&pid),
+                };
+            }
+            self.table = ProcessTable::from_procs(procs);
         } else {
-            let listed = list_pids().map_err(|source| ProcError::Read {
-                what: "the process list",
-                source: procfs::ProcError::Io(source, Some("/proc".into())),
-            })?;
+            let listed = list_pids().map_err(list_error)?;
             let mut procs = std::mem::take(&mut self.table.procs);
             procs.retain(|pid, _| listed.contains(pid));
             for pid in listed {
                 if procs.contains_key(&pid) && !self.members.contains(&pid) {
                     continue;
                 }
-                match read_info(pid) {
+                match self.reader.read(pid, self.members.contains(&pid)) {
                     Some(info) => procs.insert(pid, info),
                     // Gone while we read.
                     None => procs.remove(&pid),
                 };
             }
             self.table = ProcessTable::from_procs(procs);
+            self.listed_since_full = true;
+            self.listed_at = newest;
+            self.listings += 1;
         }
-        self.passes = self.passes.wrapping_add(1);
         Ok(self.table.clone())
     }
 
     /// The processes to read again on every pass (the workers' trees).
     pub fn set_members(&mut self, members: impl IntoIterator<Item = i32>) {
         self.members = members.into_iter().collect();
+        self.reader.keep_only(&self.members);
+    }
+
+    /// The last pid allocated in our pid namespace (the last field of
+    /// /proc/loadavg, kept open), if it can be read.
+    fn newest_pid(&mut self) -> Option<u64> {
+        if self.loadavg.is_none() {
+            self.loadavg = std::fs::File::open("/proc/loadavg").ok();
+        }
+        let file = self.loadavg.as_ref()?;
+        read_from_start(file, &mut self.reader.buf)?;
+        std::str::from_utf8(&self.reader.buf)
+            .ok()?
+            .split_whitespace()
+            .nth(4)?
+            .parse()
+            .ok()
     }
 }
 
@@ -194,12 +240,97 @@ fn list_pids() -> std::io::Result<HashSet<i32>> {
     Ok(pids)
 }
 
-/// One process's stat: a single open and read of /proc/<pid>/stat (no
-/// directory handle, no ownership check), as every monitor pass reads it for
-/// every member of every worker's tree.
-fn read_info(pid: i32) -> Option<ProcInfo> {
+fn list_error(source: std::io::Error) -> ProcError {
+    ProcError::Read {
+        what: "the process list",
+        source: procfs::ProcError::Io(source, Some("/proc".into())),
+    }
+}
+
+/// Reads processes' /proc/<pid>/stat, as every monitor pass does for every
+/// member of every worker's tree, into a buffer kept between reads, then
+/// through procfs's parser. The stat file of a process read on every pass
+/// stays open: reading it again from offset 0 makes the kernel write it anew
+/// (one pread, instead of open, read and close), and an open stat file stays
+/// bound to its process, so once that process is gone it reads nothing (a new
+/// process with the same pid is opened afresh). At most [`MAX_KEPT_OPEN`]
+/// files are kept: the master's descriptors are for its peers first.
+#[derive(Debug)]
+struct StatReader {
+    buf: Vec<u8>,
+    path: String,
+    open: HashMap<i32, std::fs::File>,
+    /// Stat files opened so far.
+    opens: u64,
+    /// Files kept open at most.
+    keep_at_most: usize,
+}
+
+/// Stat files kept open at most (64 workers of four processes each); the
+/// processes beyond are read with an open and a close each time.
+const MAX_KEPT_OPEN: usize = 256;
+
+impl Default for StatReader {
+    fn default() -> Self {
+        StatReader {
+            buf: Vec::new(),
+            path: String::new(),
+            open: HashMap::new(),
+            opens: 0,
+            keep_at_most: MAX_KEPT_OPEN,
+        }
+    }
+}
+
+impl StatReader {
+    /// Process `pid`'s stat; its file stays open for the next read if `keep`.
+    fn read(&mut self, pid: i32, keep: bool) -> Option<ProcInfo> {
+        if let Some(file) = self.open.get(&pid) {
+            if let Some(info) = read_stat(file, &mut self.buf) {
+                return Some(info);
+            }
+            self.open.remove(&pid);
+        }
+        use std::fmt::Write as _;
+        self.path.clear();
+        write!(self.path, "/proc/{pid}/stat").ok()?;
+        let file = std::fs::File::open(&self.path).ok()?;
+        self.opens += 1;
+        let info = read_stat(&file, &mut self.buf)?;
+        if keep && self.open.len() < self.keep_at_most {
+            self.open.insert(pid, file);
+        }
+        Some(info)
+    }
+
+    /// Close the stat files of every process not in `pids`.
+    fn keep_only(&mut self, pids: &HashSet<i32>) {
+        self.open.retain(|pid, _| pids.contains(pid));
+    }
+}
+
+/// Read a one-line /proc file from its start into `buf` (the kernel writes
+/// it anew). The line ends with a newline: a read that ends with one is the
+/// whole file.
+fn read_from_start(file: &std::fs::File, buf: &mut Vec<u8>) -> Option<()> {
+    use std::os::unix::fs::FileExt as _;
+    buf.clear();
+    loop {
+        let at = buf.len();
+        buf.resize(at + 1024, 0);
+        let n = file.read_at(&mut buf[at..], at as u64).ok()?;
+        buf.truncate(at + n);
+        if n == 0 || buf.ends_with(b"\n") {
+            return Some(());
+        }
+    }
+}
+
+/// Read a stat file from its start into `buf` and parse it.
+fn read_stat(file: &std::fs::File, buf: &mut Vec<u8>) -> Option<ProcInfo> {
     use procfs::FromRead as _;
-    let stat = procfs::process::Stat::from_file(format!("/proc/{pid}/stat")).ok()?;
+    read_from_start(file, buf)?;
+    let stat = procfs::process::Stat::from_read(buf.as_slice()).ok()?;
     Some(ProcInfo {
         ppid: stat.ppid,
         session: stat.session,
@@ -455,15 +586,135 @@ mod tests {
             .spawn()
             .expect("spawn sleep");
         let pid = i32::try_from(child.id()).expect("pid");
-        // An incremental pass (not the full read of pass 0) finds the new child.
+        // An incremental pass (not the full read of pass 0) finds the new
+        // child: its pid moved the newest pid, so /proc is listed again.
         let table = cache.refresh().expect("incremental read");
+        assert_eq!(cache.listings, 2);
         assert_eq!(table.get(pid).map(|p| p.ppid), Some(me));
         assert!(table.tree(me).contains(&pid));
+        // As the monitor pass does: the trees' processes are the members.
+        cache.set_members(table.tree(me));
         child.kill().expect("kill sleep");
         child.wait().expect("reap sleep");
         let table = cache.refresh().expect("incremental read");
         assert!(!table.contains(pid), "a reaped process leaves the table");
         assert!(table.contains(me));
+    }
+
+    #[test]
+    fn the_newest_pid_moves_with_every_new_process() {
+        let mut cache = ProcessCache::default();
+        let before = cache.newest_pid().expect("/proc/loadavg");
+        let mut child = std::process::Command::new("true")
+            .spawn()
+            .expect("spawn true");
+        let child_pid = u64::from(child.id());
+        child.wait().expect("reap true");
+        let after = cache.newest_pid().expect("/proc/loadavg");
+        assert_ne!(before, after);
+        // Other processes may have started since, never none.
+        assert!(
+            after >= child_pid || after < before,
+            "{before} {child_pid} {after}"
+        );
+    }
+
+    #[test]
+    fn a_pass_without_a_new_pid_reads_only_the_members() {
+        let mut cache = ProcessCache::default();
+        let me = i32::try_from(std::process::id()).expect("pid");
+        cache.refresh_with(Some(7)).expect("full read");
+        cache.set_members([me]);
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        // Told that no pid was allocated: /proc is not listed (the child is
+        // not seen), the members are read again.
+        let table = cache.refresh_with(Some(7)).expect("quiet pass");
+        assert_eq!(cache.listings, 1);
+        assert!(table.contains(me) && !table.contains(pid));
+        // A new newest pid: listed again, the child is found.
+        let table = cache.refresh_with(Some(8)).expect("listing pass");
+        assert_eq!(cache.listings, 2);
+        assert!(table.tree(me).contains(&pid));
+        cache.set_members(table.tree(me));
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
+        // A member that is gone leaves the table on a quiet pass too.
+        let table = cache.refresh_with(Some(8)).expect("quiet pass");
+        assert!(!table.contains(pid) && table.contains(me));
+        // The full read after that listing is still due, and then no more
+        // while no pid is allocated.
+        for _ in 0..FULL_EVERY {
+            cache.refresh_with(Some(8)).expect("quiet pass");
+        }
+        assert_eq!(cache.listings, 3, "one full read after the listing");
+        for _ in 0..2 * FULL_EVERY {
+            cache.refresh_with(Some(8)).expect("quiet pass");
+        }
+        assert_eq!(cache.listings, 3);
+        // Without the newest pid, every pass lists.
+        cache.refresh_with(None).expect("listing pass");
+        assert_eq!(cache.listings, 4);
+    }
+
+    #[test]
+    fn a_kept_stat_file_reads_fresh_values_and_nothing_once_its_process_is_gone() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let who = rustix::process::Pid::from_raw(pid).expect("pid");
+        let mut reader = StatReader::default();
+        let first = reader.read(pid, true).expect("first read");
+        assert_eq!(first.ppid, i32::try_from(std::process::id()).expect("pid"));
+        // Changed behind the open file: the next read sees it, from the same file.
+        let nicer = i32::try_from(first.nice).expect("nice") + 3;
+        rustix::process::setpriority_process(Some(who), nicer).expect("renice sleep");
+        let second = reader.read(pid, true).expect("second read");
+        assert_eq!(second.nice, i64::from(nicer.min(19)));
+        assert_eq!(reader.opens, 1, "the second read reused the open file");
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
+        assert_eq!(
+            reader.read(pid, true),
+            None,
+            "a reaped process reads nothing"
+        );
+        assert!(reader.open.is_empty());
+        // Not kept: every read opens the file.
+        let me = i32::try_from(std::process::id()).expect("pid");
+        assert!(reader.read(me, false).is_some() && reader.read(me, false).is_some());
+        assert_eq!(reader.opens, 3);
+        assert!(reader.open.is_empty());
+        reader.read(me, true).expect("own stat");
+        reader.keep_only(&HashSet::new());
+        assert!(reader.open.is_empty());
+    }
+
+    #[test]
+    fn no_more_stat_files_are_kept_open_than_allowed() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .expect("spawn sleep");
+        let pid = i32::try_from(child.id()).expect("pid");
+        let me = i32::try_from(std::process::id()).expect("pid");
+        let mut reader = StatReader {
+            keep_at_most: 1,
+            ..StatReader::default()
+        };
+        for _ in 0..3 {
+            assert!(reader.read(me, true).is_some() && reader.read(pid, true).is_some());
+        }
+        assert_eq!(reader.open.len(), 1);
+        // The one kept is read in place, the other opened every time.
+        assert_eq!(reader.opens, 4);
+        child.kill().expect("kill sleep");
+        child.wait().expect("reap sleep");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result};
 
 use super::process_tree::ProcessTable;
+use super::supervisor::Worker;
 use super::{Event, Exit, Master, adopt, identity, kill, own_rss};
 use crate::paths;
 use crate::policy::WorkerState;
@@ -36,23 +37,34 @@ impl Master {
     }
 
     pub(super) fn on_line(&mut self, conn: u64, line: &str) {
+        // The common case first: a ping of a worker already identified.
+        if let Some(peer) = self.peers.get_mut(&conn)
+            && let Some(pid) = peer.worker
+            && let Some(w) = self.core.workers.get_mut(&pid)
+            && take_ping(&mut peer.last_ping, w, line, Instant::now())
+        {
+            w.conn = Some(conn);
+            return;
+        }
         let Some(peer) = self.peers.get(&conn) else {
             return;
         };
-        let who = format!(
-            "pid {} uid {}",
-            peer.pid.map_or("?".into(), |p| p.to_string()),
-            peer.uid
-        );
+        let who = || {
+            format!(
+                "pid {} uid {}",
+                peer.pid.map_or("?".into(), |p| p.to_string()),
+                peer.uid
+            )
+        };
         match Incoming::parse(line) {
             Err(e) => {
                 let shown: String = line.chars().take(120).collect();
-                log::warn!("control socket ({who}): {e}; dropped: {shown:?}");
+                log::warn!("control socket ({}): {e}; dropped: {shown:?}", who());
             }
             Ok(Incoming::Admin(request)) => {
                 let euid = rustix::process::geteuid().as_raw();
                 if peer.uid != 0 && peer.uid != euid {
-                    log::warn!("control socket ({who}): {request:?} refused: not root");
+                    log::warn!("control socket ({}): {request:?} refused: not root", who());
                     self.send(
                         conn,
                         &AdminReply::Error {
@@ -70,7 +82,8 @@ impl Master {
                 };
                 let Some(pid) = worker else {
                     log::warn!(
-                        "control socket ({who}): not a process of a worker of cluster {:?}; closing the connection",
+                        "control socket ({}): not a process of a worker of cluster {:?}; closing the connection",
+                        who(),
                         self.cfg.name
                     );
                     self.peers.remove(&conn);
@@ -142,14 +155,7 @@ impl Master {
                     WorkerState::Live => {}
                 }
             }
-            WorkerMessage::Ping { busy, stats, app } => {
-                w.last_ping = Some(now);
-                (w.stats, w.app) = (protocol::reported(stats), protocol::reported(app));
-                if busy && !w.busy {
-                    log::info!("worker {pid} (band {}) says it is busy", w.band);
-                }
-                w.busy = busy;
-            }
+            WorkerMessage::Ping { busy, stats, app } => apply_ping(w, now, stats, busy, app),
             WorkerMessage::RequestRetire { reason } => {
                 log::info!(
                     "worker {pid} (band {}) asks to be retired: {}",
@@ -352,5 +358,117 @@ impl StopPlan {
         );
         log::info!("{message}");
         Ok(message)
+    }
+}
+
+/// The ping line a peer last sent, as applied to its worker. An idle worker
+/// sends the same line every time, and the same line can only set the same
+/// `stats`, `app` and `busy` again (nothing else writes them): a repeat moves
+/// the worker's last ping without being parsed.
+#[derive(Debug)]
+pub(super) struct LastPing {
+    pid: i32,
+    line: String,
+}
+
+/// A line from the peer of worker `w`: a ping is applied (without parsing
+/// when it repeats the last one applied) and `true` returned; for anything
+/// else the memo is forgotten and `false` returned (the caller parses the line).
+fn take_ping(memo: &mut Option<LastPing>, w: &mut Worker, line: &str, now: Instant) -> bool {
+    if memo
+        .as_ref()
+        .is_some_and(|m| m.pid == w.pid && m.line == line)
+    {
+        w.last_ping = Some(now);
+        return true;
+    }
+    *memo = None;
+    let Ok(Incoming::Worker(WorkerMessage::Ping { stats, busy, app })) = Incoming::parse(line)
+    else {
+        return false;
+    };
+    apply_ping(w, now, stats, busy, app);
+    *memo = Some(LastPing {
+        pid: w.pid,
+        line: line.to_owned(),
+    });
+    true
+}
+
+fn apply_ping(
+    w: &mut Worker,
+    now: Instant,
+    stats: serde_json::Value,
+    busy: bool,
+    app: serde_json::Value,
+) {
+    w.last_ping = Some(now);
+    (w.stats, w.app) = (protocol::reported(stats), protocol::reported(app));
+    if busy && !w.busy {
+        log::info!("worker {} (band {}) says it is busy", w.pid, w.band);
+    }
+    w.busy = busy;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IDLE: &str = r#"{"type":"ping","stats":{"requests":0},"busy":false,"app":{"v":"1"}}"#;
+    const BUSY: &str = r#"{"type":"ping","stats":{"requests":7},"busy":true,"app":{"v":"1"}}"#;
+
+    #[test]
+    fn a_repeated_ping_only_moves_the_last_ping_and_a_changed_one_is_applied() {
+        let t0 = Instant::now();
+        let mut w = Worker::new(100, 0, 1, WorkerState::Live, vec![20000], t0);
+        let mut memo = None;
+        assert!(take_ping(&mut memo, &mut w, IDLE, t0));
+        assert_eq!(w.stats, serde_json::json!({"requests": 0}));
+        assert_eq!(w.app, serde_json::json!({"v": "1"}));
+        assert!(!w.busy);
+
+        // The same line again is not parsed: a value set behind the memo's back stays.
+        w.stats = serde_json::json!("sentinel");
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(take_ping(&mut memo, &mut w, IDLE, t1));
+        assert_eq!(w.last_ping, Some(t1));
+        assert_eq!(w.stats, serde_json::json!("sentinel"));
+        w.stats = serde_json::json!({"requests": 0});
+
+        // A changed line is applied, and becomes the one remembered.
+        let t2 = t1 + Duration::from_millis(500);
+        assert!(take_ping(&mut memo, &mut w, BUSY, t2));
+        assert_eq!(w.stats, serde_json::json!({"requests": 7}));
+        assert!(w.busy);
+        assert_eq!(w.last_ping, Some(t2));
+
+        // Back to the first line: applied again (not mistaken for a repeat).
+        let t3 = t2 + Duration::from_millis(500);
+        assert!(take_ping(&mut memo, &mut w, IDLE, t3));
+        assert_eq!(w.stats, serde_json::json!({"requests": 0}));
+        assert!(!w.busy);
+        assert_eq!(w.last_ping, Some(t3));
+    }
+
+    #[test]
+    fn the_memo_belongs_to_one_worker_and_other_lines_forget_it() {
+        let t0 = Instant::now();
+        let mut first = Worker::new(100, 0, 1, WorkerState::Live, vec![20000], t0);
+        let mut other = Worker::new(200, 1, 1, WorkerState::Live, vec![20001], t0);
+        let mut memo = None;
+        assert!(take_ping(&mut memo, &mut first, BUSY, t0));
+        // The same line for another worker is applied to it, not skipped.
+        assert!(take_ping(&mut memo, &mut other, BUSY, t0));
+        assert!(other.busy);
+        assert_eq!(other.stats, serde_json::json!({"requests": 7}));
+
+        // A line that is not a ping is left to the caller and forgets the memo.
+        let hello = r#"{"type":"hello","band":1,"generation":1}"#;
+        assert!(!take_ping(&mut memo, &mut other, hello, t0));
+        assert!(memo.is_none());
+        assert!(!take_ping(&mut memo, &mut other, "not json", t0));
+        other.stats = serde_json::Value::Null;
+        assert!(take_ping(&mut memo, &mut other, BUSY, t0));
+        assert_eq!(other.stats, serde_json::json!({"requests": 7}));
     }
 }
