@@ -570,7 +570,8 @@ impl Master {
             bands: cfg.bands,
         };
         let usable_previous = previous_table.clone().filter(|t| shape.fits(t));
-        let core = Supervisor::new(now, cfg.spawn_delay, cfg.soft_kill_timeout);
+        let core = Supervisor::new(now, cfg.spawn_delay, cfg.soft_kill_timeout)
+            .for_generation(generation, cfg.bands);
         let steering: SharedSteering = Arc::new(std::sync::Mutex::new(steering));
         let mut master = Master {
             ports: PortAllocator::new(
@@ -820,12 +821,11 @@ impl Master {
             steering.poll_kernel_log();
         }
         let now = Instant::now();
-        self.spawn_due(now);
-        self.check_starting(now);
-        self.try_publish(now);
-        // The soft-kill deadlines, then the kill-retired queue.
+        // The due spawn, the soft-kill deadlines, then the kill-retired queue.
         let effects = self.core.handle(now, supervisor::Event::Tick);
         self.carry_out_effects(effects);
+        self.check_starting(now);
+        self.try_publish(now);
         if now >= self.core.schedule.next_monitor {
             self.core.schedule.next_monitor = now + self.cfg.monitor_interval;
             self.monitor(now);
@@ -847,42 +847,21 @@ impl Master {
         )
     }
 
-    fn spawn_due(&mut self, now: Instant) {
-        let Some(band) = self.core.due_spawn(now) else {
-            return;
+    /// Spawn a worker for `band` ([`Effect::Spawn`]) and tell the core how it went.
+    fn spawn(&mut self, band: u32) {
+        let event = match self.spawn_worker(band) {
+            Ok(spawned) => spawned,
+            Err(e) => supervisor::Event::SpawnFailed {
+                band,
+                error: format!("{e:#}"),
+                may_give_up: self.may_give_up(),
+            },
         };
-        // An old worker of a band this generation no longer has (a reload that
-        // lowered --workers) crashed or was retired: nothing to replace.
-        if band >= self.cfg.bands {
-            log::info!(
-                "band {band} is not part of generation {} ({} bands): not replaced",
-                self.generation,
-                self.cfg.bands
-            );
-            return;
-        }
-        match self.spawn(band) {
-            Ok(pid) => log::info!(
-                "spawned worker {pid} for band {band} (generation {}, port {})",
-                self.generation,
-                self.core.workers.get(&pid).map_or(0, |w| w.ports[0])
-            ),
-            Err(e) => {
-                let effects = self.core.handle(
-                    now,
-                    supervisor::Event::SpawnFailed {
-                        band,
-                        error: format!("{e:#}"),
-                        may_give_up: self.may_give_up(),
-                    },
-                );
-                self.carry_out_effects(effects);
-            }
-        }
-        self.core.spawned_at(now);
+        let effects = self.core.handle(Instant::now(), event);
+        self.carry_out_effects(effects);
     }
 
-    fn spawn(&mut self, band: u32) -> Result<i32> {
+    fn spawn_worker(&mut self, band: u32) -> Result<supervisor::Event> {
         let mut taken: HashSet<u16> = self
             .core
             .workers
@@ -919,24 +898,15 @@ impl Master {
         };
         let spawned = spawn::spawn_worker(&self.cfg.command, &spec, self.cfg.run_as.as_ref())?;
         let pid = spawned.pid;
-        let worker = Worker {
-            start_time: spawned.start_time,
-            uid: identity::worker_uid(self.cfg.run_as.as_ref()),
-            own_child: true,
-            ..Worker::new(
-                pid,
-                band,
-                self.generation,
-                WorkerState::Starting,
-                ports,
-                Instant::now(),
-            )
-        };
-        self.core.workers.insert(pid, worker);
         self.pidfds.insert(pid, Arc::new(spawned.pidfd));
         self.watch(pid);
-        self.save_registry();
-        Ok(pid)
+        Ok(supervisor::Event::Spawned {
+            band,
+            pid,
+            ports,
+            start_time: spawned.start_time,
+            uid: identity::worker_uid(self.cfg.run_as.as_ref()),
+        })
     }
 
     /// Readiness (a LISTEN socket on every port of the worker, owned by its
@@ -1407,6 +1377,7 @@ impl Master {
     fn carry_out_effects(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
+                Effect::Spawn { band } => self.spawn(band),
                 Effect::Signal { pid, signal, .. } => self.signal(pid, signal),
                 Effect::Send { pid, message } => {
                     if let Some(conn) = self.core.workers.get(&pid).and_then(|w| w.conn) {

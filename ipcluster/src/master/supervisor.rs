@@ -255,6 +255,10 @@ pub struct Supervisor {
     pub spawn_delay: Duration,
     /// `--soft-kill-timeout`: from `die`/SIGTERM to SIGKILL.
     pub soft_kill_timeout: Duration,
+    /// The generation this master spawns, and its number of bands (a band
+    /// of an older generation at or above it is not replaced).
+    pub generation: u64,
+    pub bands: u32,
 }
 
 impl Supervisor {
@@ -273,7 +277,15 @@ impl Supervisor {
             },
             spawn_delay,
             soft_kill_timeout,
+            generation: 0,
+            bands: u32::MAX,
         }
+    }
+
+    /// This master spawns `generation`, of `bands` bands.
+    pub fn for_generation(mut self, generation: u64, bands: u32) -> Supervisor {
+        (self.generation, self.bands) = (generation, bands);
+        self
     }
 
     /// The worker of this generation starting for `band`, if any.
@@ -304,7 +316,7 @@ impl Supervisor {
     /// `None` also when the due band already has a worker starting (it is
     /// dropped from the schedule). A band whose starting worker was killed (its
     /// connect timeout) waits for that worker's exit instead: it stays
-    /// scheduled. The caller spawns, then calls [`Supervisor::spawned_at`].
+    /// scheduled. [`Event::Tick`] spawns it ([`Effect::Spawn`]).
     pub fn due_spawn(&mut self, now: Instant) -> Option<u32> {
         if now < self.schedule.next_spawn_at {
             return None;
@@ -537,6 +549,11 @@ pub fn state_name(state: WorkerState) -> &'static str {
 /// What the runtime does on the core's behalf ([`Supervisor::handle`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
+    /// Spawn a worker of this generation for `band` now, and report it as
+    /// [`Event::Spawned`] (or [`Event::SpawnFailed`]).
+    Spawn {
+        band: u32,
+    },
     /// Send `signal` to the worker (through its pidfd), for `reason`.
     Signal {
         pid: i32,
@@ -588,8 +605,18 @@ pub enum Effect {
 /// What happens to the core ([`Supervisor::handle`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// Time passed: the soft-kill deadlines, then the kill-retired queue.
+    /// Time passed: the due spawn (one per tick, the spawn delay apart), the
+    /// soft-kill deadlines, then the kill-retired queue.
     Tick,
+    /// The worker asked for by [`Effect::Spawn`] runs: `pid`, one port per
+    /// public port, its /proc `starttime` and its real uid. It is starting.
+    Spawned {
+        band: u32,
+        pid: i32,
+        ports: Vec<u16>,
+        start_time: u64,
+        uid: u32,
+    },
     /// Worker `pid` is to exit: `die` if it speaks the protocol, SIGTERM
     /// otherwise; SIGKILL after the soft-kill timeout.
     AskToDie { pid: i32, reason: String },
@@ -627,6 +654,7 @@ impl Supervisor {
         let mut effects = Vec::new();
         match event {
             Event::Tick => {
+                self.spawn_due_effects(now, &mut effects);
                 self.enforce_soft_kill(now, &mut effects);
                 if let Some((pid, why)) = self.next_kill(now) {
                     self.ask_to_die_effects(pid, now, why, &mut effects);
@@ -634,6 +662,37 @@ impl Supervisor {
             }
             Event::AskToDie { pid, reason } => {
                 self.ask_to_die_effects(pid, now, &reason, &mut effects);
+            }
+            Event::Spawned {
+                band,
+                pid,
+                ports,
+                start_time,
+                uid,
+            } => {
+                let port = ports.first().copied().unwrap_or(0);
+                let worker = Worker {
+                    start_time,
+                    uid,
+                    own_child: true,
+                    ..Worker::new(
+                        pid,
+                        band,
+                        self.generation,
+                        WorkerState::Starting,
+                        ports,
+                        now,
+                    )
+                };
+                self.workers.insert(pid, worker);
+                effects.push(Effect::SaveRegistry);
+                effects.push(Effect::Log {
+                    level: log::Level::Info,
+                    text: format!(
+                        "spawned worker {pid} for band {band} (generation {}, port {port})",
+                        self.generation
+                    ),
+                });
             }
             Event::Exited {
                 pid,
@@ -660,6 +719,27 @@ impl Supervisor {
             }
         }
         effects
+    }
+
+    /// The band due now, if any, is spawned (the next spawn waits for the
+    /// spawn delay); a band this generation does not have (a reload that
+    /// lowered `--workers`, an old worker of it gone) is not replaced.
+    fn spawn_due_effects(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let Some(band) = self.due_spawn(now) else {
+            return;
+        };
+        if band >= self.bands {
+            out.push(Effect::Log {
+                level: log::Level::Info,
+                text: format!(
+                    "band {band} is not part of generation {} ({} bands): not replaced",
+                    self.generation, self.bands
+                ),
+            });
+            return;
+        }
+        self.spawned_at(now);
+        out.push(Effect::Spawn { band });
     }
 
     /// A promotion: logged (with how long the band went without its own
@@ -1260,7 +1340,7 @@ mod host_tests {
     impl Host {
         fn new() -> Host {
             let zero = Instant::now();
-            let mut core = Supervisor::new(zero, SPAWN_DELAY, SOFT_KILL);
+            let mut core = Supervisor::new(zero, SPAWN_DELAY, SOFT_KILL).for_generation(2, 4);
             core.schedule.next_monitor = zero + Duration::from_secs(3600);
             Host {
                 core,
@@ -1313,6 +1393,7 @@ mod host_tests {
             // Processes end after the effects are carried out, as on a real
             // host, where the exit is an event of its own.
             let mut exits = Vec::new();
+            let mut spawns = Vec::new();
             for effect in self.core.handle(now, event) {
                 match effect {
                     Effect::Signal { pid, signal, .. } => {
@@ -1335,12 +1416,35 @@ mod host_tests {
                         self.core.retire(pid, now, &reason);
                         self.done.push((ms, pid, format!("retired: {reason}")));
                     }
+                    Effect::Spawn { band } => spawns.push(band),
                     other => self.other.push(format!("{other:?}")),
                 }
+            }
+            for band in spawns {
+                self.spawn(ms, band);
             }
             for pid in exits {
                 self.exit(ms, pid);
             }
+        }
+
+        /// The runtime's spawn: a process runs, and the core hears of it.
+        fn spawn(&mut self, ms: u64, band: u32) {
+            let pid = self.next_pid;
+            self.next_pid += 1;
+            self.alive.insert(pid);
+            self.done
+                .push((ms, pid, format!("spawned for band {band}")));
+            self.at(
+                ms,
+                Event::Spawned {
+                    band,
+                    pid,
+                    ports: vec![21000 + band as u16],
+                    start_time: 0,
+                    uid: 0,
+                },
+            );
         }
 
         /// Worker `pid` exits (as it was: live, retired …).
@@ -1387,28 +1491,6 @@ mod host_tests {
             }
         }
 
-        /// The runtime's spawn step: a due band gets a starting worker.
-        fn spawn_due(&mut self, ms: u64) {
-            let now = self.t(ms);
-            if let Some(band) = self.core.due_spawn(now) {
-                let pid = self.next_pid;
-                self.next_pid += 1;
-                let w = Worker::new(
-                    pid,
-                    band,
-                    2,
-                    WorkerState::Starting,
-                    vec![21000 + band as u16],
-                    now,
-                );
-                self.core.workers.insert(pid, w);
-                self.alive.insert(pid);
-                self.core.spawned_at(now);
-                self.done
-                    .push((ms, pid, format!("spawned for band {band}")));
-            }
-        }
-
         /// Tick at every deadline the core names, up to `until` ms.
         fn run_until(&mut self, until: u64) {
             let mut now = self.t(0);
@@ -1425,9 +1507,8 @@ mod host_tests {
                     return;
                 }
                 let ms = u64::try_from(next.duration_since(self.zero).as_millis()).unwrap_or(0);
-                self.spawn_due(ms);
-                self.check_starting(ms);
                 self.at(ms, Event::Tick);
+                self.check_starting(ms);
                 (now, last) = (next, Some(next));
             }
         }
@@ -1541,7 +1622,7 @@ mod host_tests {
         h.worker_of(2, 1, 1, WorkerState::Retired, true);
         h.worker_of(11, 0, 2, WorkerState::Live, true);
         h.worker_of(12, 1, 2, WorkerState::Live, false);
-        h.spawn_due(0);
+        h.at(0, Event::Tick);
         h.exit(500, 11);
         assert_eq!(
             h.logs,
@@ -1613,12 +1694,15 @@ mod host_tests {
         assert_eq!(
             h.logs,
             [
+                "spawned worker 100 for band 0 (generation 2, port 21000)",
                 "worker 100 (band 0) is not listening on port 21000 after 1s (not ready in time): killing it",
                 "band 0: attempt 1 failed (not ready in time); next attempt in 200ms",
                 "starting worker 100 (band 0) exited before it was ready",
+                "spawned worker 101 for band 0 (generation 2, port 21000)",
                 "worker 101 (band 0) is not listening on port 21000 after 1s (not ready in time): killing it",
                 "band 0: attempt 2 failed (not ready in time); next attempt in 400ms",
                 "starting worker 101 (band 0) exited before it was ready",
+                "spawned worker 102 for band 0 (generation 2, port 21000)",
                 "worker 102 (band 0) is not listening on port 21000 after 1s (not ready in time): killing it",
                 "starting worker 102 (band 0) exited before it was ready",
             ]
@@ -1670,7 +1754,7 @@ mod host_tests {
         // Band 0's live worker crashes; its replacement is ready and steered
         // to 300 ms later.
         h.exit(100, 11);
-        h.spawn_due(100);
+        h.at(100, Event::Tick);
         h.at(
             400,
             Event::Promoted {
@@ -1709,6 +1793,7 @@ mod host_tests {
             h.logs,
             [
                 "live worker 11 (band 0, generation 2) exited: replacing it",
+                "spawned worker 100 for band 0 (generation 2, port 21000)",
                 "band 0 now served by worker 100 on port 21000 (300ms after the crash)",
                 "band 1 now served by worker 13 on port 20001",
             ]
@@ -1739,6 +1824,52 @@ mod host_tests {
         assert_eq!(
             h.core.workers[&1].retired_at, None,
             "the old generation is untouched"
+        );
+    }
+
+    #[test]
+    fn spawns_are_effects_one_spawn_delay_apart_and_a_band_the_generation_lacks_is_not_replaced() {
+        let mut h = Host::new();
+        // A reload lowered --workers to 4: an old live worker of band 5 crashes.
+        h.worker_of(1, 5, 1, WorkerState::Live, false);
+        for band in 0..3 {
+            h.core.schedule_spawn(band, h.t(0));
+        }
+        h.exit(0, 1);
+        h.run_until(1_000);
+        assert_eq!(
+            what(&h.done),
+            [
+                (0, 1, "exited (live)"),
+                (0, 100, "spawned for band 0"),
+                (50, 101, "spawned for band 1"),
+                (100, 102, "spawned for band 2"),
+            ]
+        );
+        assert!(
+            h.logs
+                .contains(&"band 5 is not part of generation 2 (4 bands): not replaced".to_owned()),
+            "{:?}",
+            h.logs
+        );
+        assert!(
+            h.logs
+                .contains(&"spawned worker 101 for band 1 (generation 2, port 21001)".to_owned()),
+            "{:?}",
+            h.logs
+        );
+        // Each spawned worker is known as a starting worker of this
+        // generation, the master's own child, and the registry is saved.
+        let w = &h.core.workers[&102];
+        assert_eq!(
+            (w.band, w.generation, w.state, w.own_child, w.ports.clone()),
+            (2, 2, WorkerState::Starting, true, vec![21002])
+        );
+        assert_eq!(
+            h.other.iter().filter(|o| *o == "SaveRegistry").count(),
+            1 + 3,
+            "{:?}",
+            h.other
         );
     }
 }
