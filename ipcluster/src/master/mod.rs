@@ -354,8 +354,6 @@ struct Master {
     table: Option<SteeringTable>,
     /// The table found at install, if it fits this generation's shape.
     previous_table: Option<SteeringTable>,
-    /// This generation's table has been published.
-    published: bool,
     next_publish_try: Instant,
     ports: PortAllocator,
     /// The policy's last `Log` (its shape, digits left out) and when it was
@@ -571,7 +569,8 @@ impl Master {
         };
         let usable_previous = previous_table.clone().filter(|t| shape.fits(t));
         let core = Supervisor::new(now, cfg.spawn_delay, cfg.soft_kill_timeout)
-            .for_generation(generation, cfg.bands);
+            .for_generation(generation, cfg.bands)
+            .with_connect_timeout(cfg.connect_timeout);
         let steering: SharedSteering = Arc::new(std::sync::Mutex::new(steering));
         let mut master = Master {
             ports: PortAllocator::new(
@@ -591,7 +590,6 @@ impl Master {
             stopping: false,
             table: previous_table.clone(),
             previous_table: usable_previous,
-            published: false,
             next_publish_try: now,
             last_policy_log: None,
             peers: HashMap::new(),
@@ -734,7 +732,9 @@ impl Master {
         // The writes asked for are made before the master exits.
         self.writer.finish();
         match self.exit.take() {
-            Some(Exit::Handover(why)) if self.fresh && !self.published && why == HANDED_OVER => {
+            Some(Exit::Handover(why))
+                if self.fresh && !self.core.published && why == HANDED_OVER =>
+            {
                 // A second `run` while this one was still starting: the state
                 // directory (its lock, its registry) and the steering are the
                 // new master's now. Only the workers that never served go.
@@ -745,7 +745,7 @@ impl Master {
                 self.stop_own_workers();
                 Ok(())
             }
-            Some(Exit::Handover(why)) if self.fresh && !self.published => {
+            Some(Exit::Handover(why)) if self.fresh && !self.core.published => {
                 log::info!(
                     "master exits ({why}) before the cluster ever served: removing what it created"
                 );
@@ -824,7 +824,7 @@ impl Master {
         // The due spawn, the soft-kill deadlines, then the kill-retired queue.
         let effects = self.core.handle(now, supervisor::Event::Tick);
         self.carry_out_effects(effects);
-        self.check_starting(now);
+        self.check_starting();
         self.try_publish(now);
         if now >= self.core.schedule.next_monitor {
             self.core.schedule.next_monitor = now + self.cfg.monitor_interval;
@@ -840,7 +840,6 @@ impl Master {
         let kernel_log = self.cfg.ebpf_log.then_some(now + supervisor::STARTING_POLL);
         self.core.next_deadline(
             now,
-            self.published,
             [self.notifier.next_deadline(), kernel_log]
                 .into_iter()
                 .flatten(),
@@ -910,25 +909,11 @@ impl Master {
     }
 
     /// Readiness (a LISTEN socket on every port of the worker, owned by its
-    /// process tree) and the connect timeout of starting workers.
-    fn check_starting(&mut self, now: Instant) {
-        let waiting: Vec<i32> = self
-            .core
-            .workers
-            .values()
-            .filter(|w| w.state == WorkerState::Starting && !w.ready && !w.killed)
-            .map(|w| w.pid)
-            .collect();
-        let promotable: Vec<i32> = self
-            .core
-            .workers
-            .values()
-            .filter(|w| w.state == WorkerState::Starting && w.ready && self.published)
-            .map(|w| w.pid)
-            .collect();
-        for pid in promotable {
-            self.promote(pid);
-        }
+    /// process tree, handed to the steering backend) of the starting workers:
+    /// what is seen goes to the core, which decides (ready, the connect
+    /// timeout).
+    fn check_starting(&mut self) {
+        let waiting = self.core.awaiting_readiness();
         if waiting.is_empty() {
             return;
         }
@@ -947,80 +932,49 @@ impl Master {
                 continue;
             };
             let m = process_tree::measure(&processes, &sockets, pid, &w.ports, &self.cfg.publics);
-            let started_at = w.started_at;
-            if m.listening
-                && let Err(e) = self.register_listeners(pid, &processes, &sockets)
-            {
-                // Not ready for steering yet; the connect timeout still applies.
-                // The cause is kept (and logged once) for status and the timeout.
-                let cause = e.to_string();
-                if let Some(w) = self.core.workers.get_mut(&pid)
-                    && w.reason.as_deref() != Some(cause.as_str())
-                {
-                    log::error!("{cause}");
-                    w.reason = Some(cause);
-                }
-            } else if m.listening {
-                if let Some(w) = self.core.workers.get_mut(&pid) {
-                    (w.rss, w.connections, w.nice) = (m.rss, m.connections, m.nice);
-                    w.reason = None;
-                }
-                self.mark_ready(pid, "listening");
-            } else if now.duration_since(started_at) > self.cfg.connect_timeout {
-                let Some(w) = self.core.workers.get(&pid) else {
-                    continue;
-                };
-                // A worker in another network namespace listens where the
-                // master can neither see nor steer to: say so.
-                let why = match process_tree::foreign_netns(&processes.tree(pid)) {
-                    Some(ns) => format!(
-                        "it runs in another network namespace (net:[{ns}]); \
-                         start workers in the master's network namespace"
-                    ),
-                    None => w
-                        .reason
-                        .clone()
-                        .unwrap_or_else(|| "not ready in time".to_owned()),
-                };
-                let effects = self.core.handle(
-                    now,
-                    supervisor::Event::NotReadyInTime {
-                        pid,
-                        timeout: self.cfg.connect_timeout,
-                        why,
-                        may_give_up: self.may_give_up(),
+            let event = if !m.listening {
+                supervisor::Event::NotReady {
+                    pid,
+                    seen: supervisor::NotReady::NotListening {
+                        foreign_netns: process_tree::foreign_netns(&processes.tree(pid)),
                     },
-                );
-                self.carry_out_effects(effects);
-            }
+                    may_give_up: self.may_give_up(),
+                }
+            } else if let Err(e) = self.register_listeners(pid, &processes, &sockets) {
+                supervisor::Event::NotReady {
+                    pid,
+                    seen: supervisor::NotReady::NotSteerable {
+                        cause: e.to_string(),
+                    },
+                    may_give_up: self.may_give_up(),
+                }
+            } else {
+                supervisor::Event::Ready {
+                    pid,
+                    how: supervisor::Readiness::Listening {
+                        rss: m.rss,
+                        connections: m.connections,
+                        nice: m.nice,
+                    },
+                }
+            };
+            let effects = self.core.handle(Instant::now(), event);
+            self.carry_out_effects(effects);
         }
     }
 
-    fn mark_ready(&mut self, pid: i32, how: &str) {
-        let Some(w) = self.core.workers.get_mut(&pid) else {
-            return;
-        };
-        if w.ready || w.state != WorkerState::Starting {
-            return;
-        }
-        w.ready = true;
-        let band = w.band;
-        log::info!(
-            "worker {pid} (band {band}, generation {}) is ready ({how} on port {}) after {:?}",
-            w.generation,
-            w.ports[0],
-            w.started_at.elapsed()
-        );
-        self.core.band_ready(band);
-        if self.published {
-            self.promote(pid);
-        }
+    /// Worker `pid` is ready (`how`).
+    fn ready(&mut self, pid: i32, how: supervisor::Readiness) {
+        let effects = self
+            .core
+            .handle(Instant::now(), supervisor::Event::Ready { pid, how });
+        self.carry_out_effects(effects);
     }
 
     /// The cluster never served (nothing published, no previous table): a
     /// band that keeps failing ends `run`.
     fn may_give_up(&self) -> bool {
-        !self.published && self.previous_table.is_none()
+        !self.core.published && self.previous_table.is_none()
     }
 
     /// A band failed too often before the cluster ever served: `run` fails.
@@ -1038,7 +992,7 @@ impl Master {
     /// previous table of the same shape) when every band is ready or has failed
     /// at least once: those keep their old worker for now.
     fn try_publish(&mut self, now: Instant) {
-        if self.published || self.publishing || now < self.next_publish_try {
+        if self.core.published || self.publishing || now < self.next_publish_try {
             return;
         }
         let ready: BTreeMap<u32, i32> = self
@@ -1169,7 +1123,7 @@ impl Master {
             }
         );
         self.table = Some(table);
-        self.published = true;
+        self.core.published = true;
         // Measure the new generation at once (status shows it).
         self.core.schedule.next_monitor = now;
         for &pid in ready.values() {
@@ -1378,6 +1332,7 @@ impl Master {
         for effect in effects {
             match effect {
                 Effect::Spawn { band } => self.spawn(band),
+                Effect::Promote { pid } => self.promote(pid),
                 Effect::Signal { pid, signal, .. } => self.signal(pid, signal),
                 Effect::Send { pid, message } => {
                     if let Some(conn) = self.core.workers.get(&pid).and_then(|w| w.conn) {

@@ -259,6 +259,11 @@ pub struct Supervisor {
     /// of an older generation at or above it is not replaced).
     pub generation: u64,
     pub bands: u32,
+    /// `--connect-timeout`: a starting worker not listening by then is killed.
+    pub connect_timeout: Duration,
+    /// This generation's table has been published: a ready worker is steered
+    /// to at once ([`Effect::Promote`]).
+    pub published: bool,
 }
 
 impl Supervisor {
@@ -279,7 +284,26 @@ impl Supervisor {
             soft_kill_timeout,
             generation: 0,
             bands: u32::MAX,
+            connect_timeout: Duration::MAX,
+            published: false,
         }
+    }
+
+    /// A starting worker not listening after `timeout` is killed.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Supervisor {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The starting workers whose readiness the runtime is to look at (not
+    /// ready yet, not killed for their connect timeout): it reports each as
+    /// [`Event::Ready`] or [`Event::NotReady`].
+    pub fn awaiting_readiness(&self) -> Vec<i32> {
+        self.workers
+            .values()
+            .filter(|w| w.state == WorkerState::Starting && !w.ready && !w.killed)
+            .map(|w| w.pid)
+            .collect()
     }
 
     /// This master spawns `generation`, of `bands` bands.
@@ -494,17 +518,12 @@ impl Supervisor {
 
     /// When something is due next: the earliest of the monitor pass, the
     /// readiness poll while a worker is starting (and every step before the
-    /// first publish: `published` false), the due spawn, the soft-kill
+    /// first publish), the due spawn, the soft-kill
     /// deadline of a dying worker and the next kill of the queue. `extra` adds
     /// the runtime's own deadlines (the systemd watchdog). The event loop
     /// sleeps until then, or until an event (an exit, a control line, a
     /// signal) wakes it earlier.
-    pub fn next_deadline(
-        &self,
-        now: Instant,
-        published: bool,
-        extra: impl IntoIterator<Item = Instant>,
-    ) -> Instant {
+    pub fn next_deadline(&self, now: Instant, extra: impl IntoIterator<Item = Instant>) -> Instant {
         let s = &self.schedule;
         let poll = now + STARTING_POLL;
         let starting = self.workers.values().any(Worker::needs_poll);
@@ -523,7 +542,7 @@ impl Supervisor {
         let kill = (!s.kill_queue.is_empty()).then_some(s.next_kill_at);
         [
             Some(s.next_monitor),
-            (starting || !published).then_some(poll),
+            (starting || !self.published).then_some(poll),
             spawn,
             soft_kill,
             kill,
@@ -553,6 +572,11 @@ pub enum Effect {
     /// [`Event::Spawned`] (or [`Event::SpawnFailed`]).
     Spawn {
         band: u32,
+    },
+    /// Steer the band of ready worker `pid` to it (unless that write is under
+    /// way), and report it as [`Event::Promoted`].
+    Promote {
+        pid: i32,
     },
     /// Send `signal` to the worker (through its pidfd), for `reason`.
     Signal {
@@ -602,6 +626,42 @@ pub enum Effect {
     },
 }
 
+/// How a starting worker showed it is ready ([`Event::Ready`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// It said hello on the control socket.
+    Hello,
+    /// A LISTEN socket on each of its ports, owned by its process tree (and
+    /// handed to the steering backend), with what its tree measured.
+    Listening {
+        rss: u64,
+        connections: u32,
+        nice: i64,
+    },
+}
+
+impl Readiness {
+    fn how(&self) -> &'static str {
+        match self {
+            Readiness::Hello => "hello",
+            Readiness::Listening { .. } => "listening",
+        }
+    }
+}
+
+/// What a readiness poll saw of a starting worker that is not ready
+/// ([`Event::NotReady`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotReady {
+    /// Listening, but its listeners could not be handed to the steering
+    /// backend (`cause`): not ready for steering yet.
+    NotSteerable { cause: String },
+    /// Not listening on its ports (yet). `foreign_netns`: the inode of a
+    /// network namespace of its tree other than the master's, where it
+    /// would listen unseen.
+    NotListening { foreign_netns: Option<u64> },
+}
+
 /// What happens to the core ([`Supervisor::handle`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
@@ -628,13 +688,15 @@ pub enum Event {
         status: String,
         may_give_up: bool,
     },
-    /// Starting worker `pid` is not listening on its ports after the connect
-    /// timeout (`timeout`), because of `why`: SIGKILL, and its band backs off
-    /// (or, see `Exited`, `run` gives up). Its exit comes as `Exited` later.
-    NotReadyInTime {
+    /// Starting worker `pid` is ready (`how`): its band's failures are
+    /// forgotten, and once the table is published it is steered to.
+    Ready { pid: i32, how: Readiness },
+    /// The readiness poll found starting worker `pid` not ready (`seen`).
+    /// Not listening past the connect timeout: SIGKILL, and its band backs
+    /// off (or, see `Exited`, `run` gives up); its exit comes as `Exited`.
+    NotReady {
         pid: i32,
-        timeout: Duration,
-        why: String,
+        seen: NotReady,
         may_give_up: bool,
     },
     /// Starting worker `pid` is steered to for its band now (on `port`): it
@@ -655,6 +717,16 @@ impl Supervisor {
         match event {
             Event::Tick => {
                 self.spawn_due_effects(now, &mut effects);
+                // A ready worker whose band's write failed (or was lost) is
+                // steered to again.
+                if self.published {
+                    effects.extend(
+                        self.workers
+                            .values()
+                            .filter(|w| w.state == WorkerState::Starting && w.ready)
+                            .map(|w| Effect::Promote { pid: w.pid }),
+                    );
+                }
                 self.enforce_soft_kill(now, &mut effects);
                 if let Some((pid, why)) = self.next_kill(now) {
                     self.ask_to_die_effects(pid, now, why, &mut effects);
@@ -699,12 +771,12 @@ impl Supervisor {
                 status,
                 may_give_up,
             } => self.exited_effects(pid, now, &status, may_give_up, &mut effects),
-            Event::NotReadyInTime {
+            Event::Ready { pid, how } => self.ready_effects(pid, now, &how, &mut effects),
+            Event::NotReady {
                 pid,
-                timeout,
-                why,
+                seen,
                 may_give_up,
-            } => self.not_ready_effects(pid, now, timeout, &why, may_give_up, &mut effects),
+            } => self.not_ready_effects(pid, now, seen, may_give_up, &mut effects),
             Event::Promoted { pid, port } => self.promoted_effects(pid, now, port, &mut effects),
             Event::SpawnFailed {
                 band,
@@ -774,23 +846,89 @@ impl Supervisor {
         );
     }
 
-    /// A starting worker missed its connect timeout: killed once, and its
-    /// band's failure counted now (not again at its exit).
+    /// A starting worker is ready: logged, its band's failures forgotten, and
+    /// steered to once the table is published. Once only.
+    fn ready_effects(&mut self, pid: i32, now: Instant, how: &Readiness, out: &mut Vec<Effect>) {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if w.ready || w.state != WorkerState::Starting {
+            return;
+        }
+        if let &Readiness::Listening {
+            rss,
+            connections,
+            nice,
+        } = how
+        {
+            (w.rss, w.connections, w.nice) = (rss, connections, nice);
+            w.reason = None;
+        }
+        w.ready = true;
+        let band = w.band;
+        out.push(Effect::Log {
+            level: log::Level::Info,
+            text: format!(
+                "worker {pid} (band {band}, generation {}) is ready ({} on port {}) after {:?}",
+                w.generation,
+                how.how(),
+                w.ports.first().copied().unwrap_or(0),
+                now.saturating_duration_since(w.started_at)
+            ),
+        });
+        self.band_ready(band);
+        if self.published {
+            out.push(Effect::Promote { pid });
+        }
+    }
+
+    /// A starting worker not ready at a readiness poll: a listener the
+    /// steering backend refused is its reason (logged once); not listening
+    /// past the connect timeout, it is killed once, and its band's failure
+    /// counted now (not again at its exit).
     fn not_ready_effects(
         &mut self,
         pid: i32,
         now: Instant,
-        timeout: Duration,
-        why: &str,
+        seen: NotReady,
         may_give_up: bool,
         out: &mut Vec<Effect>,
     ) {
+        let timeout = self.connect_timeout;
         let Some(w) = self.workers.get_mut(&pid) else {
             return;
         };
         if w.state != WorkerState::Starting || w.ready || w.killed {
             return;
         }
+        let why = match seen {
+            NotReady::NotSteerable { cause } => {
+                // The connect timeout does not apply while it listens.
+                if w.reason.as_deref() != Some(cause.as_str()) {
+                    out.push(Effect::Log {
+                        level: log::Level::Error,
+                        text: cause.clone(),
+                    });
+                    w.reason = Some(cause);
+                }
+                return;
+            }
+            _ if now.saturating_duration_since(w.started_at) <= timeout => return,
+            // A worker in another network namespace listens where the
+            // master can neither see nor steer to: say so.
+            NotReady::NotListening {
+                foreign_netns: Some(ns),
+            } => format!(
+                "it runs in another network namespace (net:[{ns}]); \
+                 start workers in the master's network namespace"
+            ),
+            NotReady::NotListening {
+                foreign_netns: None,
+            } => w
+                .reason
+                .clone()
+                .unwrap_or_else(|| "not ready in time".to_owned()),
+        };
         let band = w.band;
         out.push(Effect::Log {
             level: log::Level::Warn,
@@ -807,9 +945,9 @@ impl Supervisor {
         out.push(Effect::Signal {
             pid,
             signal: Signal::SIGKILL,
-            reason: why.to_owned(),
+            reason: why.clone(),
         });
-        self.band_failed_effects(band, now, why, may_give_up, out);
+        self.band_failed_effects(band, now, &why, may_give_up, out);
     }
 
     /// A worker's exit: forgotten, the registry saved, its band covered by a
@@ -976,6 +1114,7 @@ mod tests {
     fn supervisor(t: &impl Fn(u64) -> Instant) -> Supervisor {
         let mut s = Supervisor::new(t(0), SPAWN_DELAY, SOFT_KILL);
         s.schedule.next_monitor = t(0) + MONITOR;
+        s.published = true;
         s
     }
 
@@ -994,11 +1133,12 @@ mod tests {
         }
         add(&mut s, 9, 0, WorkerState::Retired, t(0));
         s.schedule.next_monitor = t(1000);
-        assert_eq!(s.next_deadline(t(10), true, []), t(1000));
+        assert_eq!(s.next_deadline(t(10), []), t(1000));
         // The watchdog (or any deadline of the runtime) comes first when earlier.
-        assert_eq!(s.next_deadline(t(10), true, [t(400)]), t(400));
+        assert_eq!(s.next_deadline(t(10), [t(400)]), t(400));
         // Before the first publish, the start-up steps are polled.
-        assert_eq!(s.next_deadline(t(10), false, []), t(10) + STARTING_POLL);
+        s.published = false;
+        assert_eq!(s.next_deadline(t(10), []), t(10) + STARTING_POLL);
     }
 
     #[test]
@@ -1035,7 +1175,7 @@ mod tests {
             let mut s = supervisor(&t);
             (row.setup)(&mut s, &t);
             assert_eq!(
-                s.next_deadline(t(row.now), true, []),
+                s.next_deadline(t(row.now), []),
                 t(row.expect),
                 "{}",
                 row.name
@@ -1053,7 +1193,7 @@ mod tests {
         let mut spawned = Vec::new();
         let mut now = t(0);
         while spawned.len() < 3 {
-            now = s.next_deadline(now, false, []).max(now);
+            now = s.next_deadline(now, []).max(now);
             if let Some(band) = s.due_spawn(now) {
                 add(&mut s, 100 + band as i32, band, WorkerState::Starting, now);
                 s.spawned_at(now);
@@ -1142,10 +1282,10 @@ mod tests {
         // nor dropped, and the loop does not spin on a past deadline.
         assert_eq!(s.due_spawn(t(1300)), None);
         assert_eq!(s.schedule.pending_spawns.get(&0), Some(&t(1200)));
-        assert_eq!(s.next_deadline(t(1300), true, []), t(60_000));
+        assert_eq!(s.next_deadline(t(1300), []), t(60_000));
         // The exit comes: the band is due.
         s.workers.remove(&7);
-        assert_eq!(s.next_deadline(t(1400), true, []), t(1200));
+        assert_eq!(s.next_deadline(t(1400), []), t(1200));
         assert_eq!(s.due_spawn(t(1400)), Some(0));
     }
 
@@ -1242,7 +1382,7 @@ mod tests {
         s.spawned_at(t(1000));
         s.workers.remove(&10);
         s.replace_at_once(0, t(1010));
-        assert_eq!(s.next_deadline(t(1010), true, []), t(1010));
+        assert_eq!(s.next_deadline(t(1010), []), t(1010));
         assert_eq!(s.due_spawn(t(1010)), Some(0));
         assert_eq!(s.schedule.crashed_at.get(&0), Some(&t(1010)));
         // Not when its replacement is starting already.
@@ -1268,7 +1408,7 @@ mod tests {
         let mut ended = Vec::new();
         let mut now = t(0);
         for _ in 0..10 {
-            now = s.next_deadline(now, true, []).max(now);
+            now = s.next_deadline(now, []).max(now);
             if let Some((pid, why)) = s.next_kill(now) {
                 assert_eq!(why, "kill-retired");
                 if let Some(w) = s.workers.get_mut(&pid) {
@@ -1295,7 +1435,7 @@ mod tests {
             s.late_dying(t(5000)).is_empty(),
             "exactly the timeout is not late"
         );
-        let deadline = s.next_deadline(t(100), true, []);
+        let deadline = s.next_deadline(t(100), []);
         assert!(deadline > t(5000) && deadline <= t(5001), "{deadline:?}");
         assert_eq!(s.late_dying(deadline), vec![(1, deadline - t(0))]);
         s.workers.get_mut(&1).unwrap().killed = true;
@@ -1329,12 +1469,13 @@ mod host_tests {
         logs: Vec<String>,
         /// Other effects carried out (`SaveRegistry`, `CountCrash` …), in order.
         other: Vec<String>,
-        /// A table was published (no giving up then).
-        published: bool,
         next_pid: i32,
-        /// The runtime's readiness check: starting workers (which never listen
-        /// here) are reported not ready after this long.
-        connect_timeout: Option<Duration>,
+        /// The latest time an event was fed at (ms): `run_until` goes on from there.
+        now_ms: u64,
+        /// Workers that listen on their ports (the others never do).
+        listening: BTreeSet<i32>,
+        /// Workers that listen but whose listeners the backend refuses.
+        unsteerable: BTreeSet<i32>,
     }
 
     impl Host {
@@ -1342,6 +1483,8 @@ mod host_tests {
             let zero = Instant::now();
             let mut core = Supervisor::new(zero, SPAWN_DELAY, SOFT_KILL).for_generation(2, 4);
             core.schedule.next_monitor = zero + Duration::from_secs(3600);
+            // A table was published (no giving up then).
+            core.published = true;
             Host {
                 core,
                 zero,
@@ -1351,9 +1494,10 @@ mod host_tests {
                 kills_counted: Vec::new(),
                 logs: Vec::new(),
                 other: Vec::new(),
-                published: true,
                 next_pid: 100,
-                connect_timeout: None,
+                now_ms: 0,
+                listening: BTreeSet::new(),
+                unsteerable: BTreeSet::new(),
             }
         }
 
@@ -1389,11 +1533,13 @@ mod host_tests {
 
         /// Feed `event` at `ms`, carry out the effects, feed the exits back.
         fn at(&mut self, ms: u64, event: Event) {
+            self.now_ms = self.now_ms.max(ms);
             let now = self.t(ms);
             // Processes end after the effects are carried out, as on a real
             // host, where the exit is an event of its own.
             let mut exits = Vec::new();
             let mut spawns = Vec::new();
+            let mut promotes = Vec::new();
             for effect in self.core.handle(now, event) {
                 match effect {
                     Effect::Signal { pid, signal, .. } => {
@@ -1417,11 +1563,18 @@ mod host_tests {
                         self.done.push((ms, pid, format!("retired: {reason}")));
                     }
                     Effect::Spawn { band } => spawns.push(band),
+                    Effect::Promote { pid } => promotes.push(pid),
                     other => self.other.push(format!("{other:?}")),
                 }
             }
             for band in spawns {
                 self.spawn(ms, band);
+            }
+            // The band's write succeeds at once.
+            for pid in promotes {
+                let port = self.core.workers.get(&pid).map_or(0, |w| w.ports[0]);
+                self.done.push((ms, pid, "steered to".to_owned()));
+                self.at(ms, Event::Promoted { pid, port });
             }
             for pid in exits {
                 self.exit(ms, pid);
@@ -1458,45 +1611,52 @@ mod host_tests {
                     Event::Exited {
                         pid,
                         status: "exited".into(),
-                        may_give_up: !self.published,
+                        may_give_up: !self.core.published,
                     },
                 );
             }
         }
 
-        /// The runtime's readiness check, for workers that never listen.
+        /// The runtime's readiness poll: what it sees of each starting worker.
         fn check_starting(&mut self, ms: u64) {
-            let Some(timeout) = self.connect_timeout else {
-                return;
-            };
-            let now = self.t(ms);
-            let late: Vec<i32> = self
-                .core
-                .workers
-                .values()
-                .filter(|w| w.state == WorkerState::Starting && !w.ready && !w.killed)
-                .filter(|w| now.duration_since(w.started_at) > timeout)
-                .map(|w| w.pid)
-                .collect();
-            for pid in late {
-                self.at(
-                    ms,
-                    Event::NotReadyInTime {
+            for pid in self.core.awaiting_readiness() {
+                let event = if self.unsteerable.contains(&pid) {
+                    Event::NotReady {
                         pid,
-                        timeout,
-                        why: "not ready in time".into(),
-                        may_give_up: !self.published,
-                    },
-                );
+                        seen: NotReady::NotSteerable {
+                            cause: format!("worker {pid}: the backend refuses its listener"),
+                        },
+                        may_give_up: !self.core.published,
+                    }
+                } else if self.listening.contains(&pid) {
+                    Event::Ready {
+                        pid,
+                        how: Readiness::Listening {
+                            rss: 1 << 20,
+                            connections: 0,
+                            nice: 0,
+                        },
+                    }
+                } else {
+                    Event::NotReady {
+                        pid,
+                        seen: NotReady::NotListening {
+                            foreign_netns: None,
+                        },
+                        may_give_up: !self.core.published,
+                    }
+                };
+                self.at(ms, event);
             }
         }
 
-        /// Tick at every deadline the core names, up to `until` ms.
+        /// Tick at every deadline the core names, from the latest event on
+        /// up to `until` ms (overdue ones at once).
         fn run_until(&mut self, until: u64) {
-            let mut now = self.t(0);
+            let mut now = self.t(self.now_ms);
             let mut last: Option<Instant> = None;
             loop {
-                let mut next = self.core.next_deadline(now, true, []);
+                let mut next = self.core.next_deadline(now, []).max(now);
                 // Something due that a tick does not take (a spawn): move on.
                 if let Some(last) = last
                     && next <= last
@@ -1669,8 +1829,8 @@ mod host_tests {
     #[test]
     fn a_worker_never_ready_is_killed_backs_off_longer_each_time_and_a_fresh_start_gives_up() {
         let mut h = Host::new();
-        h.published = false;
-        h.connect_timeout = Some(Duration::from_millis(1000));
+        h.core.published = false;
+        h.core.connect_timeout = Duration::from_millis(1000);
         h.core.schedule_spawn(0, h.t(0));
         h.run_until(60_000);
         // Killed strictly after the connect timeout (at the next readiness
@@ -1723,7 +1883,7 @@ mod host_tests {
     #[test]
     fn once_the_cluster_served_a_band_never_ready_backs_off_up_to_the_maximum() {
         let mut h = Host::new();
-        h.connect_timeout = Some(Duration::from_millis(100));
+        h.core.connect_timeout = Duration::from_millis(100);
         h.core.schedule_spawn(1, h.t(0));
         h.run_until(120_000);
         let backoffs: Vec<&str> = h
@@ -1871,5 +2031,141 @@ mod host_tests {
             "{:?}",
             h.other
         );
+    }
+
+    #[test]
+    fn a_replacement_is_steered_to_when_it_listens_and_before_the_publish_it_waits() {
+        let mut h = Host::new();
+        h.worker_of(11, 0, 2, WorkerState::Live, false);
+        // Band 0's worker crashes; its replacement (pid 100) listens 300 ms
+        // after the poll at 300 ms, and is steered to at the next one.
+        h.exit(100, 11);
+        h.run_until(300);
+        h.listening.insert(100);
+        h.run_until(1_000);
+        assert_eq!(
+            what(&h.done),
+            [
+                (100, 11, "exited (live)"),
+                (100, 100, "spawned for band 0"),
+                (320, 100, "steered to"),
+            ]
+        );
+        assert_eq!(
+            h.logs[1..],
+            [
+                "spawned worker 100 for band 0 (generation 2, port 21000)",
+                "worker 100 (band 0, generation 2) is ready (listening on port 21000) after 220ms",
+                "band 0 now served by worker 100 on port 21000 (220ms after the crash)",
+            ]
+        );
+        let w = &h.core.workers[&100];
+        assert_eq!(
+            (w.state, w.ready, w.rss),
+            (WorkerState::Live, true, 1 << 20)
+        );
+        // A hello later changes nothing: ready once.
+        assert!(
+            h.core
+                .handle(
+                    h.t(1_000),
+                    Event::Ready {
+                        pid: 100,
+                        how: Readiness::Hello
+                    }
+                )
+                .is_empty()
+        );
+
+        // Before the first publish a ready worker waits for the table (the
+        // runtime publishes it): no band write, not live.
+        let mut h = Host::new();
+        h.core.published = false;
+        h.core.schedule_spawn(0, h.t(0));
+        h.at(0, Event::Tick);
+        h.at(
+            40,
+            Event::Ready {
+                pid: 100,
+                how: Readiness::Hello,
+            },
+        );
+        h.run_until(1_000);
+        assert_eq!(what(&h.done), [(0, 100, "spawned for band 0")]);
+        assert_eq!(
+            h.logs[1],
+            "worker 100 (band 0, generation 2) is ready (hello on port 21000) after 40ms"
+        );
+        assert_eq!(h.core.workers[&100].state, WorkerState::Starting);
+        // Published: the next tick steers to it.
+        h.core.published = true;
+        h.at(1_000, Event::Tick);
+        assert_eq!(h.core.workers[&100].state, WorkerState::Live);
+    }
+
+    #[test]
+    fn a_refused_listener_is_logged_once_and_a_worker_in_another_netns_is_killed_saying_so() {
+        let mut h = Host::new();
+        h.core.connect_timeout = Duration::from_millis(500);
+        h.core.schedule_spawn(0, h.t(0));
+        h.core.schedule_spawn(1, h.t(0));
+        h.unsteerable.insert(100);
+        h.run_until(2_000);
+        // Worker 100 listens but cannot be steered to: one error line, its
+        // reason kept, never killed for the connect timeout.
+        assert_eq!(
+            h.logs
+                .iter()
+                .filter(|l| *l == "worker 100: the backend refuses its listener")
+                .count(),
+            1,
+            "{:?}",
+            h.logs
+        );
+        assert!(h.alive.contains(&100));
+        assert_eq!(
+            h.core.workers[&100].reason.as_deref(),
+            Some("worker 100: the backend refuses its listener")
+        );
+        // Worker 101 (spawned at 50 ms) never listened: killed at the first
+        // poll strictly after 500 ms.
+        assert!(
+            what(&h.done).contains(&(570, 101, "SIGKILL")),
+            "{:?}",
+            h.done
+        );
+        // Seen in another network namespace, the kill says why.
+        let mut h = Host::new();
+        h.core.connect_timeout = Duration::from_millis(500);
+        h.core.schedule_spawn(0, h.t(0));
+        h.at(0, Event::Tick);
+        h.at(
+            400,
+            Event::NotReady {
+                pid: 100,
+                seen: NotReady::NotListening {
+                    foreign_netns: Some(4026532999),
+                },
+                may_give_up: false,
+            },
+        );
+        assert!(h.alive.contains(&100), "not before the timeout");
+        h.at(
+            501,
+            Event::NotReady {
+                pid: 100,
+                seen: NotReady::NotListening {
+                    foreign_netns: Some(4026532999),
+                },
+                may_give_up: false,
+            },
+        );
+        assert_eq!(
+            h.logs[1],
+            "worker 100 (band 0) is not listening on port 21000 after 500ms (it runs in another \
+             network namespace (net:[4026532999]); start workers in the master's network namespace): \
+             killing it"
+        );
+        assert!(!h.alive.contains(&100));
     }
 }
