@@ -1122,24 +1122,26 @@ impl Master {
                 format!(" (bands {kept:?} keep their previous worker for now)")
             }
         );
+        let steered = table
+            .services
+            .iter()
+            .flat_map(|s| s.worker_ports.iter().copied())
+            .collect();
         self.table = Some(table);
-        self.core.published = true;
-        // Measure the new generation at once (status shows it).
-        self.core.schedule.next_monitor = now;
-        for &pid in ready.values() {
-            if let Some(w) = self.core.workers.get_mut(&pid)
-                && w.state == WorkerState::Starting
-            {
-                w.state = WorkerState::Live;
-            }
-        }
-        self.retire_unsteered("a new generation took over");
         if let Err(e) = self.save_state() {
             log::warn!("{e:#}");
         }
-        // A worker of the table that exited while it was written leaves a
-        // band without a worker: a stand-in serves it at once.
-        self.cover_unserved_bands();
+        // The new generation goes live, the workers the table no longer
+        // points at retire, and a worker of the table that exited while it
+        // was written leaves a band to a stand-in.
+        let effects = self.core.handle(
+            now,
+            supervisor::Event::Published {
+                ready: ready.into_values().collect(),
+                steered,
+            },
+        );
+        self.carry_out_effects(effects);
     }
 
     /// A ready worker replaces its band's live worker (crash, health retirement,
@@ -1231,28 +1233,6 @@ impl Master {
             .core
             .handle(Instant::now(), supervisor::Event::Promoted { pid, port });
         self.carry_out_effects(effects);
-    }
-
-    /// Retire every live worker that the table in force no longer points at.
-    fn retire_unsteered(&mut self, reason: &str) {
-        let Some(table) = &self.table else { return };
-        let steered: HashSet<u16> = table
-            .services
-            .iter()
-            .flat_map(|s| s.worker_ports.iter().copied())
-            .collect();
-        let unsteered: Vec<i32> = self
-            .core
-            .workers
-            .values()
-            .filter(|w| {
-                w.state == WorkerState::Live && !w.ports.iter().any(|p| steered.contains(p))
-            })
-            .map(|w| w.pid)
-            .collect();
-        for pid in unsteered {
-            self.retire(pid, reason);
-        }
     }
 
     /// Out of the table already: tell the worker, and renice its tree.

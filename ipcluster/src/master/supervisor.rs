@@ -66,6 +66,8 @@ use crate::protocol::MasterMessage;
 pub const FRESH_START_ATTEMPTS: u32 = 3;
 /// Longest pause between two attempts of a failing band.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Why the live workers a new generation's table no longer points at are retired.
+pub const NEW_GENERATION: &str = "a new generation took over";
 /// How often /proc is polled for the readiness of starting workers (and, before
 /// the first publish, the start-up steps are retried). An idle cluster has no
 /// poll: the loop sleeps until [`Supervisor::next_deadline`].
@@ -699,6 +701,11 @@ pub enum Event {
         seen: NotReady,
         may_give_up: bool,
     },
+    /// This generation's table is in force (the steering writer wrote it):
+    /// `ready`, the starting workers it points at, go live; every live
+    /// worker none of whose ports is among `steered` (the worker ports of
+    /// the table) is retired ([`NEW_GENERATION`]).
+    Published { ready: Vec<i32>, steered: Vec<u16> },
     /// Starting worker `pid` is steered to for its band now (on `port`): it
     /// is live, and the band's previous live worker is retired.
     Promoted { pid: i32, port: u16 },
@@ -772,6 +779,9 @@ impl Supervisor {
                 may_give_up,
             } => self.exited_effects(pid, now, &status, may_give_up, &mut effects),
             Event::Ready { pid, how } => self.ready_effects(pid, now, &how, &mut effects),
+            Event::Published { ready, steered } => {
+                self.published_effects(now, &ready, &steered, &mut effects);
+            }
             Event::NotReady {
                 pid,
                 seen,
@@ -844,6 +854,40 @@ impl Supervisor {
                 .into_iter()
                 .map(|(pid, reason)| Effect::Retire { pid, reason }),
         );
+    }
+
+    /// A generation's table is in force: its workers live, the live workers
+    /// it no longer points at retired, and a band whose worker exited while
+    /// the table was written covered by a stand-in.
+    fn published_effects(
+        &mut self,
+        now: Instant,
+        ready: &[i32],
+        steered: &[u16],
+        out: &mut Vec<Effect>,
+    ) {
+        self.published = true;
+        // Measure the new generation at once (status shows it).
+        self.schedule.next_monitor = now;
+        for pid in ready {
+            if let Some(w) = self.workers.get_mut(pid)
+                && w.state == WorkerState::Starting
+            {
+                w.state = WorkerState::Live;
+            }
+        }
+        out.extend(
+            self.workers
+                .values()
+                .filter(|w| {
+                    w.state == WorkerState::Live && !w.ports.iter().any(|p| steered.contains(p))
+                })
+                .map(|w| Effect::Retire {
+                    pid: w.pid,
+                    reason: NEW_GENERATION.to_owned(),
+                }),
+        );
+        out.push(Effect::CoverUnservedBands);
     }
 
     /// A starting worker is ready: logged, its band's failures forgotten, and
@@ -2167,5 +2211,65 @@ mod host_tests {
              killing it"
         );
         assert!(!h.alive.contains(&100));
+    }
+
+    #[test]
+    fn a_published_table_makes_its_workers_live_and_retires_the_old_generation_it_no_longer_steers_to()
+     {
+        let mut h = Host::new();
+        h.core.published = false;
+        // Generation 1: bands 0-2 live on ports 20000-20002.
+        for band in 0..3 {
+            h.worker_of(1 + band as i32, band, 1, WorkerState::Live, false);
+        }
+        // Generation 2: bands 0 and 1 ready; band 2 failed, so the table
+        // keeps generation 1's worker for it.
+        for band in 0..2 {
+            h.core.schedule_spawn(band, h.t(0));
+        }
+        h.listening.extend([100, 101]);
+        h.run_until(100);
+        assert_eq!(h.core.workers[&100].state, WorkerState::Starting);
+        h.at(
+            200,
+            Event::Published {
+                ready: vec![100, 101],
+                steered: vec![21000, 21001, 20002],
+            },
+        );
+        let state = |h: &Host, pid: i32| h.core.workers[&pid].state;
+        assert_eq!(
+            [1, 2, 3, 100, 101].map(|pid| state(&h, pid)),
+            [
+                WorkerState::Retired,
+                WorkerState::Retired,
+                WorkerState::Live,
+                WorkerState::Live,
+                WorkerState::Live
+            ]
+        );
+        assert_eq!(
+            what(&h.done)[2..],
+            [
+                (200, 1, "retired: a new generation took over"),
+                (200, 2, "retired: a new generation took over"),
+            ]
+        );
+        assert!(h.core.published);
+        assert_eq!(h.core.schedule.next_monitor, h.t(200), "measured at once");
+        assert_eq!(
+            h.other.last().map(String::as_str),
+            Some("CoverUnservedBands")
+        );
+        // Band 2's late worker is promoted later: then the old one retires.
+        h.listening.insert(102);
+        h.worker_of(102, 2, 2, WorkerState::Starting, false);
+        h.core.workers.get_mut(&102).expect("worker 102").ready = false;
+        h.run_until(400);
+        assert_eq!(state(&h, 3), WorkerState::Retired);
+        assert_eq!(
+            h.core.workers[&3].reason.as_deref(),
+            Some("replaced by worker 102")
+        );
     }
 }
