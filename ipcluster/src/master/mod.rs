@@ -86,7 +86,7 @@ use lock::ClusterLock;
 use process_tree::{ProcessTable, SocketTable};
 use spawn::{PortAllocator, RunAs, WorkerCommand, WorkerSpec};
 use state::ClusterState;
-use supervisor::{Effect, Supervisor, Worker, state_name};
+use supervisor::{Effect, Supervisor};
 
 /// A policy note of the same shape is written at most this often.
 const POLICY_LOG_REPEAT: Duration = Duration::from_secs(10);
@@ -640,14 +640,14 @@ impl Master {
             .join(" ")
     }
 
-    /// Take over the previous generations: live if the table in force points at them.
+    /// Take over the previous generations: each worker is watched (its
+    /// pidfd) and the core adopts it, live if the table in force points at it.
     fn adopt(
         &mut self,
         found: Vec<adopt::Adopted>,
         processes: &ProcessTable,
         table: Option<&SteeringTable>,
     ) {
-        let now = Instant::now();
         for adopted in found {
             let w = &adopted.worker;
             let ports: Vec<u16> = self.cfg.publics.iter().map(|&p| w.port_for(p)).collect();
@@ -657,31 +657,22 @@ impl Master {
                 })
             });
             let age = process_tree::age_secs(w.pid).unwrap_or(0.0);
-            let started_at = now.checked_sub(Duration::from_secs_f64(age)).unwrap_or(now);
-            let state = if in_table {
-                WorkerState::Live
-            } else {
-                WorkerState::Retired
-            };
-            log::info!(
-                "adopted worker {} (band {}, generation {}, port {}) as {}",
-                w.pid,
-                w.band,
-                w.generation,
-                w.port,
-                state_name(state)
-            );
-            let worker = Worker {
+            let event = supervisor::Event::Adopted {
+                pid: w.pid,
+                band: w.band,
+                generation: w.generation,
+                port: w.port,
+                ports,
                 start_time: adopted.start_time,
                 uid: adopted.uid,
-                ready: true,
-                retired_at: (!in_table).then_some(now),
                 nice: processes.get(w.pid).map_or(0, |p| p.nice),
-                ..Worker::new(w.pid, w.band, w.generation, state, ports, started_at)
+                age: Duration::try_from_secs_f64(age).unwrap_or_default(),
+                in_table,
             };
-            self.core.workers.insert(w.pid, worker);
             self.pidfds.insert(w.pid, Arc::new(adopted.pidfd));
             self.watch(w.pid);
+            let effects = self.core.handle(Instant::now(), event);
+            self.carry_out_effects(effects);
         }
     }
 

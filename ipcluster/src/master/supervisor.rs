@@ -701,6 +701,22 @@ pub enum Event {
         seen: NotReady,
         may_give_up: bool,
     },
+    /// A worker of an earlier generation found at start-up (a reload), held
+    /// by a pidfd: `port` is its `$PORT`, `ports` one per public port of
+    /// this generation, `age` how long it has run. It is adopted live if the
+    /// table in force points at it for its band (`in_table`), retired if not.
+    Adopted {
+        pid: i32,
+        band: u32,
+        generation: u64,
+        port: u16,
+        ports: Vec<u16>,
+        start_time: u64,
+        uid: u32,
+        nice: i64,
+        age: Duration,
+        in_table: bool,
+    },
     /// This generation's table is in force (the steering writer wrote it):
     /// `ready`, the starting workers it points at, go live; every live
     /// worker none of whose ports is among `steered` (the worker ports of
@@ -779,6 +795,41 @@ impl Supervisor {
                 may_give_up,
             } => self.exited_effects(pid, now, &status, may_give_up, &mut effects),
             Event::Ready { pid, how } => self.ready_effects(pid, now, &how, &mut effects),
+            Event::Adopted {
+                pid,
+                band,
+                generation,
+                port,
+                ports,
+                start_time,
+                uid,
+                nice,
+                age,
+                in_table,
+            } => {
+                let state = if in_table {
+                    WorkerState::Live
+                } else {
+                    WorkerState::Retired
+                };
+                effects.push(Effect::Log {
+                    level: log::Level::Info,
+                    text: format!(
+                        "adopted worker {pid} (band {band}, generation {generation}, port {port}) as {}",
+                        state_name(state)
+                    ),
+                });
+                let started_at = now.checked_sub(age).unwrap_or(now);
+                let worker = Worker {
+                    start_time,
+                    uid,
+                    ready: true,
+                    retired_at: (!in_table).then_some(now),
+                    nice,
+                    ..Worker::new(pid, band, generation, state, ports, started_at)
+                };
+                self.workers.insert(pid, worker);
+            }
             Event::Published { ready, steered } => {
                 self.published_effects(now, &ready, &steered, &mut effects);
             }
@@ -2271,5 +2322,55 @@ mod host_tests {
             h.core.workers[&3].reason.as_deref(),
             Some("replaced by worker 102")
         );
+    }
+
+    #[test]
+    fn a_reloads_workers_are_adopted_live_if_the_table_points_at_them_and_retired_if_not() {
+        let mut h = Host::new();
+        h.core.published = false;
+        let adopted = |pid: i32, band: u32, generation: u64, in_table: bool| Event::Adopted {
+            pid,
+            band,
+            generation,
+            port: 20000 + pid as u16,
+            ports: vec![20000 + pid as u16],
+            start_time: 77,
+            uid: 1000,
+            nice: 5,
+            age: Duration::from_secs(30),
+            in_table,
+        };
+        h.at(1_000_000, adopted(1, 0, 1, true));
+        h.at(1_000_000, adopted(2, 0, 0, false));
+        assert_eq!(
+            h.logs,
+            [
+                "adopted worker 1 (band 0, generation 1, port 20001) as live",
+                "adopted worker 2 (band 0, generation 0, port 20002) as retired",
+            ]
+        );
+        let (live, retired) = (&h.core.workers[&1], &h.core.workers[&2]);
+        assert_eq!(
+            (live.state, live.ready, live.retired_at, live.own_child),
+            (WorkerState::Live, true, None, false)
+        );
+        assert_eq!(
+            (retired.state, retired.retired_at),
+            (WorkerState::Retired, Some(h.t(1_000_000)))
+        );
+        assert_eq!(
+            (live.start_time, live.uid, live.nice, live.started_at),
+            (77, 1000, 5, h.t(1_000_000 - 30_000))
+        );
+        // The new generation's table takes over: the adopted live worker retires.
+        h.at(
+            1_000_100,
+            Event::Published {
+                ready: vec![],
+                steered: vec![21000],
+            },
+        );
+        assert_eq!(h.core.workers[&1].state, WorkerState::Retired);
+        assert_eq!(h.core.workers[&2].retired_at, Some(h.t(1_000_000)));
     }
 }
