@@ -252,6 +252,21 @@ enum Event {
     },
     /// A steering write panicked: whatever it was for may be asked again.
     WriteLost,
+    /// A retired worker's tree was reniced (off the loop).
+    Reniced(Retired),
+}
+
+/// A retirement, and how many threads of the worker's tree were reniced by
+/// `increment`.
+struct Retired {
+    pid: i32,
+    band: u32,
+    generation: u64,
+    reason: String,
+    /// It was told on its control connection.
+    told: bool,
+    increment: i32,
+    threads: usize,
 }
 
 /// Who the backend's counters are read for.
@@ -482,6 +497,7 @@ impl Master {
             Event::Published(publication) => self.on_published(publication),
             Event::BandSet(write) => self.on_band_set(write),
             Event::Stopped { conn, result } => self.on_stopped(conn, result),
+            Event::Reniced(retired) => self.on_reniced(retired),
             Event::WriteLost => {
                 self.publishing = false;
                 self.promoting.clear();
@@ -949,9 +965,6 @@ impl Master {
         };
         self.metrics.retired(reason);
         let (band, generation, conn) = (w.band, w.generation, w.conn);
-        let reniced = ProcessTable::read()
-            .map(|t| process_tree::renice(&t, &t.tree(pid), self.cfg.retire_renice))
-            .unwrap_or(0);
         if let Some(conn) = conn {
             self.send(
                 conn,
@@ -960,15 +973,38 @@ impl Master {
                 },
             );
         }
+        // Reading /proc and renicing every thread of the tree is blocking
+        // work: off the event loop; the outcome comes back as an event.
+        let retired = Retired {
+            pid,
+            band,
+            generation,
+            reason: reason.to_owned(),
+            told: conn.is_some(),
+            increment: self.cfg.retire_renice,
+            threads: 0,
+        };
+        let events = self.events_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let threads = ProcessTable::read()
+                .map(|t| process_tree::renice(&t, &t.tree(pid), retired.increment))
+                .unwrap_or(0);
+            // The loop is gone when the master exits: nobody to tell.
+            let _ = events.send(Event::Reniced(Retired { threads, ..retired }));
+        });
+    }
+
+    /// A retired worker's tree was reniced (`threads` threads).
+    fn on_reniced(&self, r: Retired) {
         log::info!(
-            "retired worker {pid} (band {band}, generation {generation}): {reason}; \
-             reniced +{} ({reniced} threads){}",
-            self.cfg.retire_renice,
-            if conn.is_some() {
-                "; told it to retire"
-            } else {
-                ""
-            }
+            "retired worker {} (band {}, generation {}): {}; reniced +{} ({} threads){}",
+            r.pid,
+            r.band,
+            r.generation,
+            r.reason,
+            r.increment,
+            r.threads,
+            if r.told { "; told it to retire" } else { "" }
         );
     }
 
