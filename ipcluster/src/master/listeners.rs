@@ -5,11 +5,45 @@
 
 use super::process_tree::{self, ProcessTable, SocketTable};
 use super::{Master, WorkerState};
-use crate::steering::{SteeringError, WorkerListener};
+use crate::steering::{Steering, SteeringError, WorkerListener};
+
+/// Register every LISTEN socket of worker `pid` (held by its process tree
+/// `holders`) on those of `ports` not registered yet. Only sk-lookup takes
+/// listeners: for the others `unregistered_ports` is empty and nothing is
+/// read. It reads the tree's fds from /proc and writes the backend's map, so
+/// at readiness it runs on the steering writer thread.
+pub(super) fn register(
+    steering: &mut dyn Steering,
+    pid: i32,
+    holders: &[i32],
+    ports: &[u16],
+    sockets: &SocketTable,
+) -> Result<(), SteeringError> {
+    let ports = steering.unregistered_ports(ports);
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let inodes = process_tree::socket_inodes(holders);
+    for port in ports {
+        let listening = sockets.listening_inodes(&inodes, port);
+        if listening.is_empty() {
+            // Not listening (yet, or any more): readiness decides.
+            continue;
+        }
+        let listener = WorkerListener {
+            pid,
+            holders: holders.to_vec(),
+            port,
+            inodes: listening,
+        };
+        steering.register_listener(&listener)?;
+    }
+    Ok(())
+}
 
 impl Master {
-    /// Register every LISTEN socket of worker `pid` on its ports.
-    pub(super) fn register_listeners(
+    /// Register every LISTEN socket of worker `pid` on its ports, from the loop.
+    fn register_listeners(
         &mut self,
         pid: i32,
         processes: &ProcessTable,
@@ -18,29 +52,14 @@ impl Master {
         let Some(w) = self.core.workers.get(&pid) else {
             return Ok(());
         };
-        // Only sk-lookup takes listeners, and only those not registered yet:
-        // no /proc scan otherwise.
-        let ports = self.steering().unregistered_ports(&w.ports);
-        if ports.is_empty() {
-            return Ok(());
-        }
-        let holders = processes.tree(pid);
-        let inodes = process_tree::socket_inodes(&holders);
-        for port in ports {
-            let listening = sockets.listening_inodes(&inodes, port);
-            if listening.is_empty() {
-                // Not listening (yet, or any more): readiness decides.
-                continue;
-            }
-            let listener = WorkerListener {
-                pid,
-                holders: holders.clone(),
-                port,
-                inodes: listening,
-            };
-            self.steering().register_listener(&listener)?;
-        }
-        Ok(())
+        let ports = w.ports.clone();
+        register(
+            self.steering().as_mut(),
+            pid,
+            &processes.tree(pid),
+            &ports,
+            sockets,
+        )
     }
 
     /// Re-register the listeners of every worker that may be steered to

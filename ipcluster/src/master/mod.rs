@@ -254,6 +254,13 @@ enum Event {
     WriteLost,
     /// A retired worker's tree was reniced (off the loop).
     Reniced(Retired),
+    /// The steering writer handed a listening starting worker's sockets to
+    /// the backend (sk-lookup), or failed to (`Err`: why).
+    Registered {
+        pid: i32,
+        ready: supervisor::Readiness,
+        result: Result<(), String>,
+    },
 }
 
 /// A retirement, and how many threads of the worker's tree were reniced by
@@ -362,6 +369,9 @@ struct Master {
     publishing: bool,
     /// The ready workers whose band is being pointed at them.
     promoting: HashSet<i32>,
+    /// The listening starting workers whose sockets the steering writer is
+    /// handing to the backend (sk-lookup).
+    registering: HashSet<i32>,
     /// The bands (service, band) a stand-in is being steered to.
     covering: HashSet<(usize, u32)>,
     /// `stop` is being carried out by the steering writer: nothing else happens.
@@ -498,8 +508,10 @@ impl Master {
             Event::BandSet(write) => self.on_band_set(write),
             Event::Stopped { conn, result } => self.on_stopped(conn, result),
             Event::Reniced(retired) => self.on_reniced(retired),
+            Event::Registered { pid, ready, result } => self.on_registered(pid, ready, result),
             Event::WriteLost => {
                 self.publishing = false;
+                self.registering.clear();
                 self.promoting.clear();
                 self.covering.clear();
             }
@@ -655,6 +667,11 @@ impl Master {
                 continue;
             };
             let m = process_tree::measure(&processes, &sockets, pid, &w.ports, &self.cfg.publics);
+            let listening = supervisor::Readiness::Listening {
+                rss: m.rss,
+                connections: m.connections,
+                nice: m.nice,
+            };
             let event = if !m.listening {
                 supervisor::Event::NotReady {
                     pid,
@@ -663,27 +680,51 @@ impl Master {
                     },
                     may_give_up: self.may_give_up(),
                 }
-            } else if let Err(e) = self.register_listeners(pid, &processes, &sockets) {
-                supervisor::Event::NotReady {
-                    pid,
-                    seen: supervisor::NotReady::NotSteerable {
-                        cause: e.to_string(),
-                    },
-                    may_give_up: self.may_give_up(),
+            } else if self.cfg.backend == BackendKind::SkLookup {
+                // Ready for steering once its sockets are the backend's: the
+                // steering writer registers them (/proc reads, map writes)
+                // and reports back ([`Master::on_registered`]).
+                if self.registering.insert(pid) {
+                    let (holders, ports) = (processes.tree(pid), w.ports.clone());
+                    let sockets = sockets.clone();
+                    self.write_steering(Box::new(move |steering| Event::Registered {
+                        pid,
+                        result: listeners::register(steering, pid, &holders, &ports, &sockets)
+                            .map_err(|e| e.to_string()),
+                        ready: listening,
+                    }));
                 }
+                continue;
             } else {
                 supervisor::Event::Ready {
                     pid,
-                    how: supervisor::Readiness::Listening {
-                        rss: m.rss,
-                        connections: m.connections,
-                        nice: m.nice,
-                    },
+                    how: listening,
                 }
             };
             let effects = self.core.handle(Instant::now(), event);
             self.carry_out_effects(effects);
         }
+    }
+
+    /// A listening starting worker's sockets were handed to the backend (it
+    /// is ready), or not (not ready for steering yet; the cause is kept).
+    fn on_registered(
+        &mut self,
+        pid: i32,
+        ready: supervisor::Readiness,
+        result: Result<(), String>,
+    ) {
+        self.registering.remove(&pid);
+        let event = match result {
+            Ok(()) => supervisor::Event::Ready { pid, how: ready },
+            Err(cause) => supervisor::Event::NotReady {
+                pid,
+                seen: supervisor::NotReady::NotSteerable { cause },
+                may_give_up: self.may_give_up(),
+            },
+        };
+        let effects = self.core.handle(Instant::now(), event);
+        self.carry_out_effects(effects);
     }
 
     /// Worker `pid` is ready (`how`).

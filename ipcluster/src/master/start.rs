@@ -239,6 +239,7 @@ impl Master {
             steering,
             publishing: false,
             promoting: HashSet::new(),
+            registering: HashSet::new(),
             covering: HashSet::new(),
             stopping: false,
             table: previous_table.clone(),

@@ -947,7 +947,7 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&pid) else {
             return;
         };
-        if w.ready || w.state != WorkerState::Starting {
+        if w.ready || w.killed || w.state != WorkerState::Starting {
             return;
         }
         if let &Readiness::Listening {
@@ -1454,6 +1454,23 @@ mod tests {
         assert_eq!(p.crashed_for, Some(ms(250)));
         assert!(p.retire.is_empty(), "{p:?}");
         assert_eq!(s.promoted(99, t(1300)), None);
+    }
+
+    #[test]
+    fn a_starting_worker_killed_for_its_connect_timeout_never_becomes_ready() {
+        let t = clock();
+        let mut s = supervisor(&t);
+        add(&mut s, 1, 0, WorkerState::Starting, t(0));
+        s.workers.get_mut(&1).unwrap().killed = true;
+        // Its listeners were being registered when it was killed.
+        let how = Readiness::Listening {
+            rss: 1,
+            connections: 0,
+            nice: 0,
+        };
+        assert!(s.handle(t(10), Event::Ready { pid: 1, how }).is_empty());
+        assert!(!s.workers[&1].ready);
+        assert!(s.awaiting_readiness().is_empty());
     }
 
     #[test]
