@@ -254,6 +254,11 @@ enum Event {
     WriteLost,
     /// A retired worker's tree was reniced (off the loop).
     Reniced(Retired),
+    /// The steering writer registered again the listeners missing from the
+    /// backend's map (the errors, if any).
+    Reregistered {
+        errors: Vec<String>,
+    },
     /// The steering writer handed a listening starting worker's sockets to
     /// the backend (sk-lookup), or failed to (`Err`: why).
     Registered {
@@ -372,6 +377,8 @@ struct Master {
     /// The listening starting workers whose sockets the steering writer is
     /// handing to the backend (sk-lookup).
     registering: HashSet<i32>,
+    /// The steering writer is registering missing listeners again.
+    reregistering: bool,
     /// The bands (service, band) a stand-in is being steered to.
     covering: HashSet<(usize, u32)>,
     /// `stop` is being carried out by the steering writer: nothing else happens.
@@ -509,9 +516,16 @@ impl Master {
             Event::Stopped { conn, result } => self.on_stopped(conn, result),
             Event::Reniced(retired) => self.on_reniced(retired),
             Event::Registered { pid, ready, result } => self.on_registered(pid, ready, result),
+            Event::Reregistered { errors } => {
+                self.reregistering = false;
+                for e in errors {
+                    log::warn!("{e}");
+                }
+            }
             Event::WriteLost => {
                 self.publishing = false;
                 self.registering.clear();
+                self.reregistering = false;
                 self.promoting.clear();
                 self.covering.clear();
             }
@@ -1175,7 +1189,7 @@ impl Master {
                 w.idle_since = None;
             }
         }
-        self.reregister_listeners(&processes, &sockets);
+        self.reregister_listeners(&processes);
         // A pidfd that could not be opened never fires: /proc has the last word.
         for pid in gone {
             if self.has_exited(pid) {

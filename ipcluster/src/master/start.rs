@@ -240,6 +240,7 @@ impl Master {
             publishing: false,
             promoting: HashSet::new(),
             registering: HashSet::new(),
+            reregistering: false,
             covering: HashSet::new(),
             stopping: false,
             table: previous_table.clone(),

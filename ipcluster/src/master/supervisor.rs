@@ -1,32 +1,44 @@
 //! The supervisor core, without I/O: every worker the master knows, as the one
 //! [`Worker`] type (the policy decides over it, `status` reports it, the
-//! registry record is computed from it), the transitions of a worker's life
-//! (spawned and adopted workers are added by the runtime; [`Supervisor::promoted`],
-//! [`Supervisor::retire`], [`Supervisor::ask_to_die`], [`Supervisor::exited`]
-//! with a crash replaced at once, [`Supervisor::band_failed`] with its
-//! back-off), and the [`Schedule`] of what is due when (spawns, the
-//! kill-retired queue, soft-kill deadlines, the monitor pass), with
-//! [`Supervisor::next_deadline`] telling the event loop when to wake. Time is
-//! always passed in (`now`), so the unit tests drive it with a fake clock.
+//! registry record is computed from it), the transitions of a worker's life,
+//! and the [`Schedule`] of what is due when (spawns, the kill-retired queue,
+//! soft-kill deadlines, the monitor pass), with [`Supervisor::next_deadline`]
+//! telling the event loop when to wake. Time is always passed in (`now`), so
+//! the unit tests drive it with a fake clock.
 //!
-//! Part of the core already takes events and returns effects:
-//! [`Supervisor::handle`] takes an [`Event`] (a tick: the soft-kill deadlines
-//! and the kill-retired queue; a worker to ask to die; a worker's exit, with
-//! the crash of a live worker replaced at once and a starting worker's exit
-//! counted as a failed attempt of its band; a starting worker that missed its
-//! connect timeout, killed with its band's back-off; a spawn that failed; a
-//! starting worker steered to, promoted with its band's old live worker
-//! retired) and returns the [`Effect`]s (signals, `die` messages, log lines,
-//! kill and crash counts, the registry save, the stand-in for a band left
-//! without a worker, a worker to retire, giving up on a fresh start) for the
-//! runtime to carry out; the `host_tests` run it against an in-memory world of
-//! processes. Still methods the runtime calls directly and whose results it
-//! acts on: spawning (the core says which band is due,
-//! [`Supervisor::due_spawn`]), readiness, the retirements of a publish
-//! ([`Supervisor::retire`]) and adoption. The master's runtime
-//! (`master/mod.rs`) reads /proc, signals through pidfds, has the steering
-//! writer publish tables, and writes files; it asks this module what is due
-//! and records here what happened.
+//! [`Supervisor::handle`] takes an [`Event`] and returns the [`Effect`]s
+//! (spawn, steer a band to a ready worker, retire, signals, `die` messages,
+//! log lines, kill and crash counts, the registry save, the stand-in for a
+//! band left without a worker, giving up on a fresh start) for the runtime to
+//! carry out, in order:
+//!
+//! - a tick: the due band is spawned ([`Effect::Spawn`], one per
+//!   `--spawn-delay`; a band the generation lacks is not replaced), a ready
+//!   worker whose band write failed is steered to again, then the soft-kill
+//!   deadlines and the kill-retired queue;
+//! - `Spawned`: the worker is starting; `SpawnFailed`: its band backs off;
+//! - `Adopted`: a reload's worker of an earlier generation, live if the table
+//!   in force points at it, retired if not;
+//! - `Ready` (listening, or said hello) and `NotReady` (what the readiness
+//!   poll saw): ready once, and steered to ([`Effect::Promote`]) once the
+//!   generation is published; not listening past `--connect-timeout`, killed
+//!   with its band's back-off (or `run` gives up on a fresh start);
+//! - `Published`: the generation's table is in force: its workers live, the
+//!   live workers it no longer points at retired ([`Effect::Retire`]);
+//! - `Promoted`: a band steered to its ready worker: live, and the band's old
+//!   live worker retired;
+//! - `AskToDie`, `Exited`: `die` or SIGTERM, SIGKILL after the soft-kill
+//!   timeout; an exit forgotten, a live worker's crash replaced at once, a
+//!   starting worker's exit a failed attempt of its band.
+//!
+//! The `host_tests` run it against an in-memory world of processes that
+//! carries out the effects and feeds the outcomes back. Still done by the
+//! runtime (`master/mod.rs`) on the core's workers directly, not as events:
+//! the monitor pass's measurements and the policy's actions
+//! ([`crate::policy::decide`]: retire-and-replace, ask to die, kill), and what
+//! a worker says on the control socket (hello, pings). The runtime reads
+//! /proc, signals through pidfds, has the steering writer publish tables and
+//! bands, and writes files.
 //!
 //! # When is a worker retired?
 //!
