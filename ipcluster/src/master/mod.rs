@@ -80,7 +80,7 @@ use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
 use crate::paths;
-use crate::policy::{self, Action, ClusterSnapshot, PolicySettings, WorkerState};
+use crate::policy::{self, ClusterSnapshot, PolicySettings, WorkerState};
 use crate::protocol::MasterMessage;
 use crate::steering::{self, BackendKind, Steering, SteeringConfig, SteeringTable};
 
@@ -1092,19 +1092,6 @@ impl Master {
         self.carry_out_effects(effects);
     }
 
-    /// SIGTERM (or `die` to a worker that speaks the protocol); SIGKILL follows
-    /// after the soft-kill timeout.
-    fn ask_to_die(&mut self, pid: i32, reason: &str) {
-        let effects = self.core.handle(
-            Instant::now(),
-            supervisor::Event::AskToDie {
-                pid,
-                reason: reason.to_owned(),
-            },
-        );
-        self.carry_out_effects(effects);
-    }
-
     /// What the core asks for, in order.
     fn carry_out_effects(&mut self, effects: Vec<Effect>) {
         for effect in effects {
@@ -1119,6 +1106,7 @@ impl Master {
                 }
                 Effect::CountKill { reason, how } => self.metrics.killed(&reason, how),
                 Effect::Log { level, text } => log::log!(level, "{text}"),
+                Effect::PolicyNote { message } => self.policy_log(message, Instant::now()),
                 Effect::CountCrash => self.metrics.crashed(),
                 Effect::SaveRegistry => self.save_registry(),
                 Effect::CoverUnservedBands => self.cover_unserved_bands(),
@@ -1205,53 +1193,8 @@ impl Master {
             recent_retirements: self.core.schedule.recent_retirements.clone(),
         };
         for action in policy::decide(&snapshot, &self.cfg.policy) {
-            self.carry_out(action, now);
-        }
-    }
-
-    fn carry_out(&mut self, action: Action, now: Instant) {
-        match action {
-            Action::RetireAndReplace { pid, band, reason } => {
-                // A replacement already starting, or waiting to (a spawn delay, the
-                // backoff of a failing band), is not a new retirement: it would count
-                // twice against the rate limit and reset the backoff.
-                let replacing = self.core.starting_for(band).is_some()
-                    || self.core.schedule.pending_spawns.contains_key(&band);
-                let Some(w) = self.core.workers.get_mut(&pid) else {
-                    return;
-                };
-                if w.state != WorkerState::Live || replacing {
-                    return;
-                }
-                log::info!(
-                    "retiring worker {pid} ({}): {reason}; starting its replacement",
-                    w.describe()
-                );
-                w.reason = Some(reason);
-                self.core.schedule.recent_retirements.push(now);
-                self.core.schedule.pending_spawns.insert(band, now);
-            }
-            Action::AskToDie { pid, reason } => {
-                self.replace_if_live(pid, now);
-                self.ask_to_die(pid, &reason);
-            }
-            Action::Kill { pid, reason } => {
-                self.replace_if_live(pid, now);
-                let Some(w) = self.core.workers.get_mut(&pid) else {
-                    return;
-                };
-                if w.killed {
-                    return;
-                }
-                log::warn!("killing worker {pid} ({}): {reason}", w.describe());
-                self.metrics.killed(&reason, "SIGKILL");
-                w.killed = true;
-                w.state = WorkerState::Dying;
-                w.dying_since.get_or_insert(now);
-                w.reason = Some(reason);
-                self.signal(pid, Signal::SIGKILL);
-            }
-            Action::Log { message } => self.policy_log(message, now),
+            let effects = self.core.handle(now, supervisor::Event::Policy(action));
+            self.carry_out_effects(effects);
         }
     }
 
@@ -1278,21 +1221,6 @@ impl Master {
         };
         log::warn!("policy: {message}{left_out}");
         self.last_policy_log = Some((shape, now, 0));
-    }
-
-    /// A live worker that is made to exit leaves its band to a replacement.
-    fn replace_if_live(&mut self, pid: i32, now: Instant) {
-        let Some(w) = self.core.workers.get(&pid) else {
-            return;
-        };
-        if w.state == WorkerState::Live && self.core.starting_for(w.band).is_none() {
-            log::warn!(
-                "worker {pid} is live: starting a replacement for band {}",
-                w.band
-            );
-            self.core.schedule.crashed_at.insert(w.band, now);
-            self.core.schedule.pending_spawns.insert(w.band, now);
-        }
     }
 
     fn save_state(&self) -> Result<()> {

@@ -29,14 +29,17 @@
 //!   live worker retired;
 //! - `AskToDie`, `Exited`: `die` or SIGTERM, SIGKILL after the soft-kill
 //!   timeout; an exit forgotten, a live worker's crash replaced at once, a
-//!   starting worker's exit a failed attempt of its band.
+//!   starting worker's exit a failed attempt of its band;
+//! - `Policy`: what [`crate::policy::decide`] decided at a monitor pass (a
+//!   health retirement starts the replacement; a live worker asked to die or
+//!   killed is replaced at once; its notes go to the runtime's log).
 //!
 //! The `host_tests` run it against an in-memory world of processes that
 //! carries out the effects and feeds the outcomes back. Still done by the
 //! runtime (`master/mod.rs`) on the core's workers directly, not as events:
-//! the monitor pass's measurements and the policy's actions
-//! ([`crate::policy::decide`]: retire-and-replace, ask to die, kill), and what
-//! a worker says on the control socket (hello, pings). The runtime reads
+//! the monitor pass's measurements (RSS, connections, idle since), and the
+//! bookkeeping of what a worker says on the control socket (pings, `busy`,
+//! `request_retire`; its hello's readiness is an event). The runtime reads
 //! /proc, signals through pidfds, has the steering writer publish tables and
 //! bands, and writes files.
 //!
@@ -70,7 +73,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use crate::policy::WorkerState;
+use crate::policy::{Action, WorkerState};
 use crate::protocol::MasterMessage;
 
 /// A band whose first workers keep failing before any table was ever
@@ -631,6 +634,10 @@ pub enum Effect {
         pid: i32,
         reason: String,
     },
+    /// A note of the policy for the operator (the runtime leaves out repeats).
+    PolicyNote {
+        message: String,
+    },
     /// `band` failed `attempts` times before the cluster ever served: `run`
     /// gives up (the command is broken, not unlucky).
     GiveUp {
@@ -737,6 +744,8 @@ pub enum Event {
     /// Starting worker `pid` is steered to for its band now (on `port`): it
     /// is live, and the band's previous live worker is retired.
     Promoted { pid: i32, port: u16 },
+    /// The policy decided `action` ([`crate::policy::decide`]) at a monitor pass.
+    Policy(Action),
     /// A worker for `band` could not be spawned (`error`): its band backs off.
     SpawnFailed {
         band: u32,
@@ -807,6 +816,7 @@ impl Supervisor {
                 may_give_up,
             } => self.exited_effects(pid, now, &status, may_give_up, &mut effects),
             Event::Ready { pid, how } => self.ready_effects(pid, now, &how, &mut effects),
+            Event::Policy(action) => self.policy_effects(action, now, &mut effects),
             Event::Adopted {
                 pid,
                 band,
@@ -917,6 +927,84 @@ impl Supervisor {
                 .into_iter()
                 .map(|(pid, reason)| Effect::Retire { pid, reason }),
         );
+    }
+
+    /// What the policy decided: a health retirement starts the replacement
+    /// (its old worker retires when the replacement is promoted); a live
+    /// worker asked to die or killed leaves its band to a replacement.
+    fn policy_effects(&mut self, action: Action, now: Instant, out: &mut Vec<Effect>) {
+        match action {
+            Action::RetireAndReplace { pid, band, reason } => {
+                // A replacement already starting, or waiting to (a spawn delay,
+                // the back-off of a failing band), is not a new retirement: it
+                // would count twice against the rate limit and reset the back-off.
+                let replacing = self.starting_for(band).is_some()
+                    || self.schedule.pending_spawns.contains_key(&band);
+                let Some(w) = self.workers.get_mut(&pid) else {
+                    return;
+                };
+                if w.state != WorkerState::Live || replacing {
+                    return;
+                }
+                out.push(Effect::Log {
+                    level: log::Level::Info,
+                    text: format!(
+                        "retiring worker {pid} ({}): {reason}; starting its replacement",
+                        w.describe()
+                    ),
+                });
+                w.reason = Some(reason);
+                self.schedule.recent_retirements.push(now);
+                self.schedule.pending_spawns.insert(band, now);
+            }
+            Action::AskToDie { pid, reason } => {
+                self.replace_if_live(pid, now, out);
+                self.ask_to_die_effects(pid, now, &reason, out);
+            }
+            Action::Kill { pid, reason } => {
+                self.replace_if_live(pid, now, out);
+                let Some(w) = self.workers.get_mut(&pid) else {
+                    return;
+                };
+                if w.killed {
+                    return;
+                }
+                out.push(Effect::Log {
+                    level: log::Level::Warn,
+                    text: format!("killing worker {pid} ({}): {reason}", w.describe()),
+                });
+                out.push(Effect::CountKill {
+                    reason: reason.clone(),
+                    how: "SIGKILL",
+                });
+                w.killed = true;
+                w.state = WorkerState::Dying;
+                w.dying_since.get_or_insert(now);
+                w.reason = Some(reason.clone());
+                out.push(Effect::Signal {
+                    pid,
+                    signal: Signal::SIGKILL,
+                    reason,
+                });
+            }
+            Action::Log { message } => out.push(Effect::PolicyNote { message }),
+        }
+    }
+
+    /// A live worker that is made to exit leaves its band to a replacement.
+    fn replace_if_live(&mut self, pid: i32, now: Instant, out: &mut Vec<Effect>) {
+        let Some(w) = self.workers.get(&pid) else {
+            return;
+        };
+        if w.state == WorkerState::Live && self.starting_for(w.band).is_none() {
+            let band = w.band;
+            out.push(Effect::Log {
+                level: log::Level::Warn,
+                text: format!("worker {pid} is live: starting a replacement for band {band}"),
+            });
+            self.schedule.crashed_at.insert(band, now);
+            self.schedule.pending_spawns.insert(band, now);
+        }
     }
 
     /// A generation's table is in force: its workers live, the live workers
@@ -2401,5 +2489,112 @@ mod host_tests {
         );
         assert_eq!(h.core.workers[&1].state, WorkerState::Retired);
         assert_eq!(h.core.workers[&2].retired_at, Some(h.t(1_000_000)));
+    }
+
+    #[test]
+    fn the_policys_actions_table() {
+        struct Row {
+            name: &'static str,
+            action: Action,
+            /// Band 0's replacement is starting already.
+            replacing: bool,
+            done: &'static [(u64, i32, &'static str)],
+            /// Band 0 is due for a spawn afterwards.
+            scheduled: bool,
+            logs: &'static [&'static str],
+        }
+        let retire = |reason: &str| Action::RetireAndReplace {
+            pid: 1,
+            band: 0,
+            reason: reason.into(),
+        };
+        let rows = [
+            Row {
+                name: "health retirement: the replacement starts, the worker stays live",
+                action: retire("rss over the limit"),
+                replacing: false,
+                done: &[],
+                scheduled: true,
+                logs: &[
+                    "retiring worker 1 (band 0, generation 1, 0 connections, rss 0.0 MiB): rss over the limit; starting its replacement",
+                ],
+            },
+            Row {
+                name: "health retirement while a replacement starts: nothing",
+                action: retire("busy"),
+                replacing: true,
+                done: &[],
+                scheduled: false,
+                logs: &[],
+            },
+            Row {
+                name: "a live worker killed: replaced at once",
+                action: Action::Kill {
+                    pid: 1,
+                    reason: "over the high watermark".into(),
+                },
+                replacing: false,
+                done: &[(0, 1, "SIGKILL"), (0, 1, "exited (dying)")],
+                scheduled: true,
+                logs: &[
+                    "worker 1 is live: starting a replacement for band 0",
+                    "killing worker 1 (band 0, generation 1, 0 connections, rss 0.0 MiB): over the high watermark",
+                ],
+            },
+            Row {
+                name: "a live worker asked to die: replaced at once",
+                action: Action::AskToDie {
+                    pid: 1,
+                    reason: "silent".into(),
+                },
+                replacing: false,
+                done: &[(0, 1, "SIGTERM"), (0, 1, "exited (dying)")],
+                scheduled: true,
+                logs: &[
+                    "worker 1 is live: starting a replacement for band 0",
+                    "asking worker 1 (band 0, generation 1, 0 connections, rss 0.0 MiB) to die (SIGTERM): silent",
+                ],
+            },
+        ];
+        for row in rows {
+            let mut h = Host::new();
+            h.worker(1, 0, WorkerState::Live, false);
+            if row.replacing {
+                h.worker_of(2, 0, 2, WorkerState::Starting, false);
+            }
+            h.at(0, Event::Policy(row.action));
+            assert_eq!(what(&h.done), row.done, "{}", row.name);
+            assert_eq!(
+                h.logs[..row.logs.len().min(h.logs.len())],
+                *row.logs,
+                "{}",
+                row.name
+            );
+            assert_eq!(
+                h.core.schedule.pending_spawns.contains_key(&0),
+                row.scheduled,
+                "{}",
+                row.name
+            );
+        }
+        // A health retirement counts against the rate limit; the worker stays
+        // live (it retires when its replacement is promoted) with its reason.
+        let mut h = Host::new();
+        h.worker(1, 0, WorkerState::Live, false);
+        h.at(7, Event::Policy(retire("busy")));
+        assert_eq!(h.core.schedule.recent_retirements, [h.t(7)]);
+        assert_eq!(h.core.workers[&1].state, WorkerState::Live);
+        assert_eq!(h.core.workers[&1].reason.as_deref(), Some("busy"));
+        // A note is the runtime's to write.
+        h.at(
+            8,
+            Event::Policy(Action::Log {
+                message: "rate limit".into(),
+            }),
+        );
+        assert_eq!(
+            h.other.last().map(String::as_str),
+            Some("PolicyNote { message: \"rate limit\" }")
+        );
     }
 }
