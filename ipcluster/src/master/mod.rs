@@ -570,7 +570,8 @@ impl Master {
             steering.poll_kernel_log();
         }
         let now = Instant::now();
-        // The due spawn, the soft-kill deadlines, then the kill-retired queue.
+        // The due spawn, a ready worker's failed band write again, the
+        // soft-kill deadlines, then the kill-retired queue.
         let effects = self.core.handle(now, supervisor::Event::Tick);
         self.carry_out_effects(effects);
         self.check_starting();
