@@ -4,49 +4,56 @@
 //! map (the worker re-created it) is registered again.
 
 use super::process_tree::{self, ProcessTable, SocketTable};
-use super::{Master, WorkerState};
-use crate::steering::{SteeringError, WorkerListener};
+use super::{Event, Master, WorkerState};
+use crate::steering::{BackendKind, Steering, SteeringError, WorkerListener};
+
+/// Register every LISTEN socket of worker `pid` (held by its process tree
+/// `holders`) on those of `ports` not registered yet. Only sk-lookup takes
+/// listeners: for the others `unregistered_ports` is empty and nothing is
+/// read. It reads the tree's fds from /proc and writes the backend's map, so
+/// at readiness it runs on the steering writer thread.
+pub(super) fn register(
+    steering: &mut dyn Steering,
+    pid: i32,
+    holders: &[i32],
+    ports: &[u16],
+    sockets: &SocketTable,
+) -> Result<(), SteeringError> {
+    let ports = steering.unregistered_ports(ports);
+    if ports.is_empty() {
+        return Ok(());
+    }
+    let inodes = process_tree::socket_inodes(holders);
+    for port in ports {
+        let listening = sockets.listening_inodes(&inodes, port);
+        if listening.is_empty() {
+            // Not listening (yet, or any more): readiness decides.
+            continue;
+        }
+        let listener = WorkerListener {
+            pid,
+            holders: holders.to_vec(),
+            port,
+            inodes: listening,
+        };
+        steering.register_listener(&listener)?;
+    }
+    Ok(())
+}
 
 impl Master {
-    /// Register every LISTEN socket of worker `pid` on its ports.
-    pub(super) fn register_listeners(
-        &mut self,
-        pid: i32,
-        processes: &ProcessTable,
-        sockets: &SocketTable,
-    ) -> Result<(), SteeringError> {
-        let Some(w) = self.core.workers.get(&pid) else {
-            return Ok(());
-        };
-        // Only sk-lookup takes listeners, and only those not registered yet:
-        // no /proc scan otherwise.
-        let ports = self.steering().unregistered_ports(&w.ports);
-        if ports.is_empty() {
-            return Ok(());
+    /// Register again the listeners of every worker that may be steered to
+    /// (ready, live, or retired but still in the previous slot) whose
+    /// listener is missing from the backend's map (the worker re-created it).
+    /// Only sk-lookup takes listeners. The steering writer looks at the map
+    /// for every worker's ports together and, when one is missing, reads the
+    /// sockets and the tree's fds and registers them: nothing of it on the
+    /// loop. One such job at a time.
+    pub(super) fn reregister_listeners(&mut self, processes: &ProcessTable) {
+        if self.cfg.backend != BackendKind::SkLookup || self.reregistering {
+            return;
         }
-        let holders = processes.tree(pid);
-        let inodes = process_tree::socket_inodes(&holders);
-        for port in ports {
-            let listening = sockets.listening_inodes(&inodes, port);
-            if listening.is_empty() {
-                // Not listening (yet, or any more): readiness decides.
-                continue;
-            }
-            let listener = WorkerListener {
-                pid,
-                holders: holders.clone(),
-                port,
-                inodes: listening,
-            };
-            self.steering().register_listener(&listener)?;
-        }
-        Ok(())
-    }
-
-    /// Re-register the listeners of every worker that may be steered to
-    /// (ready, live, or retired but still in the previous slot).
-    pub(super) fn reregister_listeners(&mut self, processes: &ProcessTable, sockets: &SocketTable) {
-        let candidates: Vec<(i32, Vec<u16>)> = self
+        let candidates: Vec<(i32, Vec<u16>, Vec<i32>)> = self
             .core
             .workers
             .values()
@@ -54,22 +61,35 @@ impl Master {
                 !w.killed
                     && (w.ready || matches!(w.state, WorkerState::Live | WorkerState::Retired))
             })
-            .map(|w| (w.pid, w.ports.clone()))
+            .map(|w| (w.pid, w.ports.clone(), processes.tree(w.pid)))
             .collect();
-        // One look at the map for every worker's ports together.
-        let all: Vec<u16> = candidates.iter().flat_map(|(_, p)| p.clone()).collect();
-        let missing = self.steering().unregistered_ports(&all);
-        if missing.is_empty() {
+        if candidates.is_empty() {
             return;
         }
-        let pids = candidates
-            .into_iter()
-            .filter(|(_, ports)| ports.iter().any(|p| missing.contains(p)))
-            .map(|(pid, _)| pid);
-        for pid in pids {
-            if let Err(e) = self.register_listeners(pid, processes, sockets) {
-                log::warn!("{e}");
+        self.reregistering = true;
+        self.write_steering(Box::new(move |steering| {
+            let all: Vec<u16> = candidates.iter().flat_map(|(_, p, _)| p.clone()).collect();
+            let missing = steering.unregistered_ports(&all);
+            let mut errors = Vec::new();
+            if !missing.is_empty() {
+                match SocketTable::read_ports(&missing) {
+                    Ok(sockets) => {
+                        let workers = candidates
+                            .iter()
+                            .filter(|(_, ports, _)| ports.iter().any(|p| missing.contains(p)));
+                        for (pid, ports, holders) in workers {
+                            if let Err(e) = register(steering, *pid, holders, ports, &sockets) {
+                                errors.push(e.to_string());
+                            }
+                        }
+                    }
+                    Err(e) => errors.push(format!(
+                        "cannot read the sockets of ports {missing:?} to register their \
+                         listeners again: {e}"
+                    )),
+                }
             }
-        }
+            Event::Reregistered { errors }
+        }));
     }
 }

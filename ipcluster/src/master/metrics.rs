@@ -353,7 +353,7 @@ impl super::Master {
             backend: self.cfg.backend.as_str(),
             generation: self.generation,
             bands: self.cfg.bands,
-            published: self.published,
+            published: self.core.published,
             master_rss: super::own_rss(),
             workers: self
                 .core

@@ -17,8 +17,11 @@
 //! kill-retired queue, the monitor pass) or the systemd watchdog, and events
 //! (exits, control lines, signals, scrapes, steering outcomes) wake it.
 //!
+//! - `start`: start-up (lock, adopt, install the steering, the control
+//!   socket); this module is the runtime that follows: it gathers facts,
+//!   feeds them to the core as events and carries out its effects.
 //! - [`supervisor`]: the core without I/O: the one `Worker` type, the schedule
-//!   and "when is a worker retired?"; part of it takes events and returns
+//!   and "when is a worker retired?"; its transitions take events and return
 //!   effects ([`supervisor::Supervisor::handle`]).
 //! - `writer`: the steering writer thread.
 //! - [`lock`]: the cluster lock and handing over from the previous master.
@@ -58,6 +61,7 @@ pub mod registry;
 mod requests;
 pub mod sock_diag;
 pub mod spawn;
+mod start;
 pub mod state;
 pub mod status;
 pub mod supervisor;
@@ -66,7 +70,6 @@ mod writer;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,7 +80,7 @@ use tokio::sync::mpsc;
 
 use crate::cli::RunArgs;
 use crate::paths;
-use crate::policy::{self, Action, ClusterSnapshot, PolicySettings, WorkerState};
+use crate::policy::{self, ClusterSnapshot, PolicySettings, WorkerState};
 use crate::protocol::MasterMessage;
 use crate::steering::{self, BackendKind, Steering, SteeringConfig, SteeringTable};
 
@@ -86,12 +89,10 @@ use lock::ClusterLock;
 use process_tree::{ProcessTable, SocketTable};
 use spawn::{PortAllocator, RunAs, WorkerCommand, WorkerSpec};
 use state::ClusterState;
-use supervisor::{Effect, Supervisor, Worker, state_name};
+use supervisor::{Effect, Supervisor};
 
 /// A policy note of the same shape is written at most this often.
 const POLICY_LOG_REPEAT: Duration = Duration::from_secs(10);
-/// How long a new master waits for the previous one to hand over.
-const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Why a master exits when a new master (a reload) asks it to.
 const HANDED_OVER: &str = "a new master took over";
 
@@ -253,6 +254,33 @@ enum Event {
     },
     /// A steering write panicked: whatever it was for may be asked again.
     WriteLost,
+    /// A retired worker's tree was reniced (off the loop).
+    Reniced(Retired),
+    /// The steering writer registered again the listeners missing from the
+    /// backend's map (the errors, if any).
+    Reregistered {
+        errors: Vec<String>,
+    },
+    /// The steering writer handed a listening starting worker's sockets to
+    /// the backend (sk-lookup), or failed to (`Err`: why).
+    Registered {
+        pid: i32,
+        ready: supervisor::Readiness,
+        result: Result<(), String>,
+    },
+}
+
+/// A retirement, and how many threads of the worker's tree were reniced by
+/// `increment`.
+struct Retired {
+    pid: i32,
+    band: u32,
+    generation: u64,
+    reason: String,
+    /// It was told on its control connection.
+    told: bool,
+    increment: i32,
+    threads: usize,
 }
 
 /// Who the backend's counters are read for.
@@ -348,6 +376,11 @@ struct Master {
     publishing: bool,
     /// The ready workers whose band is being pointed at them.
     promoting: HashSet<i32>,
+    /// The listening starting workers whose sockets the steering writer is
+    /// handing to the backend (sk-lookup).
+    registering: HashSet<i32>,
+    /// The steering writer is registering missing listeners again.
+    reregistering: bool,
     /// The bands (service, band) a stand-in is being steered to.
     covering: HashSet<(usize, u32)>,
     /// `stop` is being carried out by the steering writer: nothing else happens.
@@ -356,8 +389,6 @@ struct Master {
     table: Option<SteeringTable>,
     /// The table found at install, if it fits this generation's shape.
     previous_table: Option<SteeringTable>,
-    /// This generation's table has been published.
-    published: bool,
     next_publish_try: Instant,
     ports: PortAllocator,
     /// The policy's last `Log` (its shape, digits left out) and when it was
@@ -381,254 +412,6 @@ struct Master {
 }
 
 impl Master {
-    /// Lifecycle steps 1-3: lock (stopping the previous master), adopt,
-    /// install the steering, open the control socket.
-    async fn start(args: RunArgs) -> Result<Master> {
-        let cfg = Config::from_args(&args)?;
-        let name = cfg.name.clone();
-        let euid = rustix::process::geteuid().as_raw();
-        match &cfg.run_as {
-            None if euid == 0 => {
-                log::warn!("workers will run as root; use --user USER to run them unprivileged")
-            }
-            Some(r) if r.uid == 0 => {
-                log::warn!("--user {} is root: workers will run as root", r.name)
-            }
-            _ => {}
-        }
-
-        let root = PathBuf::from(paths::STATE_ROOT);
-        if let Some(parent) = root.parent() {
-            std::fs::create_dir_all(parent)
-                .with_context(|| format!("creating {}", parent.display()))?;
-        }
-        // Only root may write where the registry and the control socket live.
-        files::ensure_dir(&root)?;
-        let dir = paths::state_dir(&name);
-        let created_dir = files::ensure_dir(&dir)?;
-        let result = Master::start_in_dir(cfg, created_dir).await;
-        if result.is_err() && created_dir {
-            let _ = std::fs::remove_dir_all(&dir);
-        }
-        result
-    }
-
-    async fn start_in_dir(cfg: Config, created_dir: bool) -> Result<Master> {
-        let name = cfg.name.clone();
-        let state_path = paths::state_file(&name);
-        let previous_state = ClusterState::load(&state_path)?;
-        if let Some(prev) = &previous_state
-            && prev.backend != cfg.backend
-        {
-            bail!(
-                "cluster {name:?} runs with the {} backend; a reload cannot switch to {} \
-                 (run `ipcluster stop --name {name}` first)",
-                prev.backend,
-                cfg.backend
-            );
-        }
-        // A reload: tell systemd who the main process is before the old one exits.
-        let notifier = notify::Notifier::from_env(&paths::state_dir(&name));
-        if let Some(prev) = previous_state
-            .as_ref()
-            .filter(|s| kill::is_running(s.master_pid))
-        {
-            notifier.reloading(prev.master_pid);
-        }
-        let takeover_started = std::time::Instant::now();
-        let (lock, replaced_master) = ClusterLock::take_over(
-            &name,
-            previous_state.as_ref().map(|s| s.master_pid),
-            TAKEOVER_TIMEOUT,
-        )?;
-        log::info!(
-            "cluster {name:?}: lock {} taken after {:?}",
-            lock.path().display(),
-            takeover_started.elapsed()
-        );
-        notifier.remember_watchdog(&paths::state_dir(&name));
-        let (events_tx, events_rx) = mpsc::unbounded_channel();
-        if let Some(addr) = cfg.metrics_listen {
-            let scrapes = events_tx.clone();
-            metrics::serve(metrics::bind(addr)?, move |request| {
-                scrapes.send(Event::Scrape(request)).is_ok()
-            })?;
-        }
-
-        // Step 2: the workers the previous master left.
-        let processes = ProcessTable::read()?;
-        let registry = identity::load_registry(&name);
-        let newest = identity::newest_generation(
-            previous_state.as_ref().map(|s| s.generation),
-            registry.as_ref(),
-        );
-        let found = adopt::discover(
-            &adopt::Expect {
-                cluster: &name,
-                registry: registry.as_ref(),
-                worker_uid: identity::worker_uid(cfg.run_as.as_ref()),
-                newest_generation: newest,
-            },
-            &processes,
-            &[],
-        );
-        let generation = identity::next_generation(&found, newest)?;
-        if !found.is_empty() || replaced_master {
-            log::info!(
-                "reload of cluster {name:?}: found {} workers of earlier generations: {:?}",
-                found.len(),
-                found
-                    .iter()
-                    .map(|a| (a.worker.pid, a.worker.band, a.worker.generation))
-                    .collect::<Vec<_>>()
-            );
-        }
-
-        // Step 3: the steering state, and the table in force.
-        steering::ebpf::set_kernel_log(cfg.ebpf_log);
-        let mut steering = steering::backend(cfg.backend, cfg.steering_config())
-            .with_context(|| format!("creating the {} steering backend", cfg.backend))?;
-        let fresh = previous_state.is_none() && found.is_empty() && !replaced_master;
-        let install_started = std::time::Instant::now();
-        let installed = {
-            // Loading the programs is CPU-bound and on the reload's critical path.
-            let _boost = boost::Boost::raise();
-            steering.install()
-        };
-        let install_time = install_started.elapsed();
-        let previous_table = match installed {
-            Ok(table) => table,
-            Err(e) => {
-                if fresh && let Err(t) = steering.teardown() {
-                    log::warn!("removing the half-installed steering failed: {t}");
-                }
-                return Err(e).with_context(|| {
-                    format!(
-                        "installing the {} steering of cluster {name:?}",
-                        cfg.backend
-                    )
-                });
-            }
-        };
-        match &previous_table {
-            Some(t) => log::info!(
-                "steering ({}) re-opened in {install_time:?}; table in force: {}",
-                cfg.backend,
-                describe_table(t)
-            ),
-            None => log::info!(
-                "steering ({}) installed in {install_time:?}; no table yet",
-                cfg.backend
-            ),
-        }
-        let fresh = fresh && previous_table.is_none();
-
-        let owner = cfg.run_as.as_ref().map(|r| (r.uid, r.gid));
-        let listener = match control::bind(&paths::control_socket(&name), owner) {
-            Ok(l) => l,
-            Err(e) => {
-                if fresh {
-                    let _ = steering.teardown();
-                }
-                return Err(e.into());
-            }
-        };
-        let control_events = events_tx.clone();
-        tokio::spawn(async move {
-            let (tx, mut rx) = mpsc::unbounded_channel();
-            tokio::spawn(control::serve(listener, tx));
-            while let Some(ev) = rx.recv().await {
-                if control_events.send(Event::Control(ev)).is_err() {
-                    return;
-                }
-            }
-        });
-
-        let state = ClusterState {
-            name: name.clone(),
-            backend: cfg.backend,
-            listens: cfg.listens.clone(),
-            bands: cfg.bands,
-            band_shift: cfg.band_shift,
-            interfaces: cfg.interfaces.clone(),
-            flow_entries: cfg.flow_entries,
-            generation,
-            master_pid: i32::try_from(std::process::id()).unwrap_or(0),
-            soft_kill_timeout_ms: u64::try_from(cfg.soft_kill_timeout.as_millis())
-                .unwrap_or(u64::MAX),
-        };
-        if let Err(e) = state.save(&state_path) {
-            if fresh {
-                let _ = steering.teardown();
-            }
-            return Err(e.into());
-        }
-
-        let now = Instant::now();
-        // A previous table helps a band that fails only if it has our shape.
-        let shape = generation::Shape {
-            listens: &cfg.listens,
-            band_shift: cfg.band_shift,
-            bands: cfg.bands,
-        };
-        let usable_previous = previous_table.clone().filter(|t| shape.fits(t));
-        let core = Supervisor::new(now, cfg.spawn_delay, cfg.soft_kill_timeout);
-        let steering: SharedSteering = Arc::new(std::sync::Mutex::new(steering));
-        let mut master = Master {
-            ports: PortAllocator::new(
-                cfg.port_range.clone(),
-                u32::try_from(generation % 64).unwrap_or(0) * cfg.bands * 2,
-            ),
-            cfg,
-            generation,
-            core,
-            pidfds: HashMap::new(),
-            writer: writer::SteeringWriter::start(Arc::clone(&steering), events_tx.clone())
-                .context("starting the steering writer thread")?,
-            steering,
-            publishing: false,
-            promoting: HashSet::new(),
-            covering: HashSet::new(),
-            stopping: false,
-            table: previous_table.clone(),
-            previous_table: usable_previous,
-            published: false,
-            next_publish_try: now,
-            last_policy_log: None,
-            peers: HashMap::new(),
-            events_tx,
-            events_rx,
-            fresh,
-            created_dir,
-            census: census::Census::default(),
-            processes: process_tree::ProcessCache::default(),
-            exit: None,
-            notifier,
-            metrics: metrics::Metrics::default(),
-            _lock: lock,
-        };
-        master.adopt(found, &processes, previous_table.as_ref());
-        master.save_registry();
-        master.cover_unserved_bands();
-        for band in 0..master.cfg.bands {
-            master.core.schedule_spawn(band, now);
-        }
-        log::info!(
-            "cluster {name:?}: generation {generation}: {} workers of `{}` on {}, backend {}",
-            master.cfg.bands,
-            master.command_line(),
-            master
-                .cfg
-                .listens
-                .iter()
-                .map(|l| l.to_string())
-                .collect::<Vec<_>>()
-                .join(" "),
-            master.cfg.backend
-        );
-        Ok(master)
-    }
-
     /// The steering backend, for what the loop does itself (sk-lookup
     /// listeners, the teardown after a failed start-up). A call waits for at
     /// most the write the steering writer is making.
@@ -641,51 +424,6 @@ impl Master {
             .chain(self.cfg.command.args.iter().cloned())
             .collect::<Vec<_>>()
             .join(" ")
-    }
-
-    /// Take over the previous generations: live if the table in force points at them.
-    fn adopt(
-        &mut self,
-        found: Vec<adopt::Adopted>,
-        processes: &ProcessTable,
-        table: Option<&SteeringTable>,
-    ) {
-        let now = Instant::now();
-        for adopted in found {
-            let w = &adopted.worker;
-            let ports: Vec<u16> = self.cfg.publics.iter().map(|&p| w.port_for(p)).collect();
-            let in_table = table.is_some_and(|t| {
-                t.services.iter().any(|s| {
-                    s.worker_ports.get(w.band as usize) == Some(&w.port_for(s.listen.port()))
-                })
-            });
-            let age = process_tree::age_secs(w.pid).unwrap_or(0.0);
-            let started_at = now.checked_sub(Duration::from_secs_f64(age)).unwrap_or(now);
-            let state = if in_table {
-                WorkerState::Live
-            } else {
-                WorkerState::Retired
-            };
-            log::info!(
-                "adopted worker {} (band {}, generation {}, port {}) as {}",
-                w.pid,
-                w.band,
-                w.generation,
-                w.port,
-                state_name(state)
-            );
-            let worker = Worker {
-                start_time: adopted.start_time,
-                uid: adopted.uid,
-                ready: true,
-                retired_at: (!in_table).then_some(now),
-                nice: processes.get(w.pid).map_or(0, |p| p.nice),
-                ..Worker::new(w.pid, w.band, w.generation, state, ports, started_at)
-            };
-            self.core.workers.insert(w.pid, worker);
-            self.pidfds.insert(w.pid, Arc::new(adopted.pidfd));
-            self.watch(w.pid);
-        }
     }
 
     /// Report when `pid` exits (pidfd).
@@ -735,7 +473,9 @@ impl Master {
         // The writes asked for are made before the master exits.
         self.writer.finish();
         match self.exit.take() {
-            Some(Exit::Handover(why)) if self.fresh && !self.published && why == HANDED_OVER => {
+            Some(Exit::Handover(why))
+                if self.fresh && !self.core.published && why == HANDED_OVER =>
+            {
                 // A second `run` while this one was still starting: the state
                 // directory (its lock, its registry) and the steering are the
                 // new master's now. Only the workers that never served go.
@@ -746,7 +486,7 @@ impl Master {
                 self.stop_own_workers();
                 Ok(())
             }
-            Some(Exit::Handover(why)) if self.fresh && !self.published => {
+            Some(Exit::Handover(why)) if self.fresh && !self.core.published => {
                 log::info!(
                     "master exits ({why}) before the cluster ever served: removing what it created"
                 );
@@ -776,8 +516,18 @@ impl Master {
             Event::Published(publication) => self.on_published(publication),
             Event::BandSet(write) => self.on_band_set(write),
             Event::Stopped { conn, result } => self.on_stopped(conn, result),
+            Event::Reniced(retired) => self.on_reniced(retired),
+            Event::Registered { pid, ready, result } => self.on_registered(pid, ready, result),
+            Event::Reregistered { errors } => {
+                self.reregistering = false;
+                for e in errors {
+                    log::warn!("{e}");
+                }
+            }
             Event::WriteLost => {
                 self.publishing = false;
+                self.registering.clear();
+                self.reregistering = false;
                 self.promoting.clear();
                 self.covering.clear();
             }
@@ -823,12 +573,12 @@ impl Master {
             steering.poll_kernel_log();
         }
         let now = Instant::now();
-        self.spawn_due(now);
-        self.check_starting(now);
-        self.try_publish(now);
-        // The soft-kill deadlines, then the kill-retired queue.
+        // The due spawn, a ready worker's failed band write again, the
+        // soft-kill deadlines, then the kill-retired queue.
         let effects = self.core.handle(now, supervisor::Event::Tick);
         self.carry_out_effects(effects);
+        self.check_starting();
+        self.try_publish(now);
         if now >= self.core.schedule.next_monitor {
             self.core.schedule.next_monitor = now + self.cfg.monitor_interval;
             self.monitor(now);
@@ -843,49 +593,27 @@ impl Master {
         let kernel_log = self.cfg.ebpf_log.then_some(now + supervisor::STARTING_POLL);
         self.core.next_deadline(
             now,
-            self.published,
             [self.notifier.next_deadline(), kernel_log]
                 .into_iter()
                 .flatten(),
         )
     }
 
-    fn spawn_due(&mut self, now: Instant) {
-        let Some(band) = self.core.due_spawn(now) else {
-            return;
+    /// Spawn a worker for `band` ([`Effect::Spawn`]) and tell the core how it went.
+    fn spawn(&mut self, band: u32) {
+        let event = match self.spawn_worker(band) {
+            Ok(spawned) => spawned,
+            Err(e) => supervisor::Event::SpawnFailed {
+                band,
+                error: format!("{e:#}"),
+                may_give_up: self.may_give_up(),
+            },
         };
-        // An old worker of a band this generation no longer has (a reload that
-        // lowered --workers) crashed or was retired: nothing to replace.
-        if band >= self.cfg.bands {
-            log::info!(
-                "band {band} is not part of generation {} ({} bands): not replaced",
-                self.generation,
-                self.cfg.bands
-            );
-            return;
-        }
-        match self.spawn(band) {
-            Ok(pid) => log::info!(
-                "spawned worker {pid} for band {band} (generation {}, port {})",
-                self.generation,
-                self.core.workers.get(&pid).map_or(0, |w| w.ports[0])
-            ),
-            Err(e) => {
-                let effects = self.core.handle(
-                    now,
-                    supervisor::Event::SpawnFailed {
-                        band,
-                        error: format!("{e:#}"),
-                        may_give_up: self.may_give_up(),
-                    },
-                );
-                self.carry_out_effects(effects);
-            }
-        }
-        self.core.spawned_at(now);
+        let effects = self.core.handle(Instant::now(), event);
+        self.carry_out_effects(effects);
     }
 
-    fn spawn(&mut self, band: u32) -> Result<i32> {
+    fn spawn_worker(&mut self, band: u32) -> Result<supervisor::Event> {
         let mut taken: HashSet<u16> = self
             .core
             .workers
@@ -922,46 +650,23 @@ impl Master {
         };
         let spawned = spawn::spawn_worker(&self.cfg.command, &spec, self.cfg.run_as.as_ref())?;
         let pid = spawned.pid;
-        let worker = Worker {
-            start_time: spawned.start_time,
-            uid: identity::worker_uid(self.cfg.run_as.as_ref()),
-            own_child: true,
-            ..Worker::new(
-                pid,
-                band,
-                self.generation,
-                WorkerState::Starting,
-                ports,
-                Instant::now(),
-            )
-        };
-        self.core.workers.insert(pid, worker);
         self.pidfds.insert(pid, Arc::new(spawned.pidfd));
         self.watch(pid);
-        self.save_registry();
-        Ok(pid)
+        Ok(supervisor::Event::Spawned {
+            band,
+            pid,
+            ports,
+            start_time: spawned.start_time,
+            uid: identity::worker_uid(self.cfg.run_as.as_ref()),
+        })
     }
 
     /// Readiness (a LISTEN socket on every port of the worker, owned by its
-    /// process tree) and the connect timeout of starting workers.
-    fn check_starting(&mut self, now: Instant) {
-        let waiting: Vec<i32> = self
-            .core
-            .workers
-            .values()
-            .filter(|w| w.state == WorkerState::Starting && !w.ready && !w.killed)
-            .map(|w| w.pid)
-            .collect();
-        let promotable: Vec<i32> = self
-            .core
-            .workers
-            .values()
-            .filter(|w| w.state == WorkerState::Starting && w.ready && self.published)
-            .map(|w| w.pid)
-            .collect();
-        for pid in promotable {
-            self.promote(pid);
-        }
+    /// process tree, handed to the steering backend) of the starting workers:
+    /// what is seen goes to the core, which decides (ready, the connect
+    /// timeout).
+    fn check_starting(&mut self) {
+        let waiting = self.core.awaiting_readiness();
         if waiting.is_empty() {
             return;
         }
@@ -980,80 +685,78 @@ impl Master {
                 continue;
             };
             let m = process_tree::measure(&processes, &sockets, pid, &w.ports, &self.cfg.publics);
-            let started_at = w.started_at;
-            if m.listening
-                && let Err(e) = self.register_listeners(pid, &processes, &sockets)
-            {
-                // Not ready for steering yet; the connect timeout still applies.
-                // The cause is kept (and logged once) for status and the timeout.
-                let cause = e.to_string();
-                if let Some(w) = self.core.workers.get_mut(&pid)
-                    && w.reason.as_deref() != Some(cause.as_str())
-                {
-                    log::error!("{cause}");
-                    w.reason = Some(cause);
-                }
-            } else if m.listening {
-                if let Some(w) = self.core.workers.get_mut(&pid) {
-                    (w.rss, w.connections, w.nice) = (m.rss, m.connections, m.nice);
-                    w.reason = None;
-                }
-                self.mark_ready(pid, "listening");
-            } else if now.duration_since(started_at) > self.cfg.connect_timeout {
-                let Some(w) = self.core.workers.get(&pid) else {
-                    continue;
-                };
-                // A worker in another network namespace listens where the
-                // master can neither see nor steer to: say so.
-                let why = match process_tree::foreign_netns(&processes.tree(pid)) {
-                    Some(ns) => format!(
-                        "it runs in another network namespace (net:[{ns}]); \
-                         start workers in the master's network namespace"
-                    ),
-                    None => w
-                        .reason
-                        .clone()
-                        .unwrap_or_else(|| "not ready in time".to_owned()),
-                };
-                let effects = self.core.handle(
-                    now,
-                    supervisor::Event::NotReadyInTime {
-                        pid,
-                        timeout: self.cfg.connect_timeout,
-                        why,
-                        may_give_up: self.may_give_up(),
+            let listening = supervisor::Readiness::Listening {
+                rss: m.rss,
+                connections: m.connections,
+                nice: m.nice,
+            };
+            let event = if !m.listening {
+                supervisor::Event::NotReady {
+                    pid,
+                    seen: supervisor::NotReady::NotListening {
+                        foreign_netns: process_tree::foreign_netns(&processes.tree(pid)),
                     },
-                );
-                self.carry_out_effects(effects);
-            }
+                    may_give_up: self.may_give_up(),
+                }
+            } else if self.cfg.backend == BackendKind::SkLookup {
+                // Ready for steering once its sockets are the backend's: the
+                // steering writer registers them (/proc reads, map writes)
+                // and reports back ([`Master::on_registered`]).
+                if self.registering.insert(pid) {
+                    let (holders, ports) = (processes.tree(pid), w.ports.clone());
+                    let sockets = sockets.clone();
+                    self.write_steering(Box::new(move |steering| Event::Registered {
+                        pid,
+                        result: listeners::register(steering, pid, &holders, &ports, &sockets)
+                            .map_err(|e| e.to_string()),
+                        ready: listening,
+                    }));
+                }
+                continue;
+            } else {
+                supervisor::Event::Ready {
+                    pid,
+                    how: listening,
+                }
+            };
+            let effects = self.core.handle(Instant::now(), event);
+            self.carry_out_effects(effects);
         }
     }
 
-    fn mark_ready(&mut self, pid: i32, how: &str) {
-        let Some(w) = self.core.workers.get_mut(&pid) else {
-            return;
+    /// A listening starting worker's sockets were handed to the backend (it
+    /// is ready), or not (not ready for steering yet; the cause is kept).
+    fn on_registered(
+        &mut self,
+        pid: i32,
+        ready: supervisor::Readiness,
+        result: Result<(), String>,
+    ) {
+        self.registering.remove(&pid);
+        let event = match result {
+            Ok(()) => supervisor::Event::Ready { pid, how: ready },
+            Err(cause) => supervisor::Event::NotReady {
+                pid,
+                seen: supervisor::NotReady::NotSteerable { cause },
+                may_give_up: self.may_give_up(),
+            },
         };
-        if w.ready || w.state != WorkerState::Starting {
-            return;
-        }
-        w.ready = true;
-        let band = w.band;
-        log::info!(
-            "worker {pid} (band {band}, generation {}) is ready ({how} on port {}) after {:?}",
-            w.generation,
-            w.ports[0],
-            w.started_at.elapsed()
-        );
-        self.core.band_ready(band);
-        if self.published {
-            self.promote(pid);
-        }
+        let effects = self.core.handle(Instant::now(), event);
+        self.carry_out_effects(effects);
+    }
+
+    /// Worker `pid` is ready (`how`).
+    fn ready(&mut self, pid: i32, how: supervisor::Readiness) {
+        let effects = self
+            .core
+            .handle(Instant::now(), supervisor::Event::Ready { pid, how });
+        self.carry_out_effects(effects);
     }
 
     /// The cluster never served (nothing published, no previous table): a
     /// band that keeps failing ends `run`.
     fn may_give_up(&self) -> bool {
-        !self.published && self.previous_table.is_none()
+        !self.core.published && self.previous_table.is_none()
     }
 
     /// A band failed too often before the cluster ever served: `run` fails.
@@ -1071,7 +774,7 @@ impl Master {
     /// previous table of the same shape) when every band is ready or has failed
     /// at least once: those keep their old worker for now.
     fn try_publish(&mut self, now: Instant) {
-        if self.published || self.publishing || now < self.next_publish_try {
+        if self.core.published || self.publishing || now < self.next_publish_try {
             return;
         }
         let ready: BTreeMap<u32, i32> = self
@@ -1201,24 +904,26 @@ impl Master {
                 format!(" (bands {kept:?} keep their previous worker for now)")
             }
         );
+        let steered = table
+            .services
+            .iter()
+            .flat_map(|s| s.worker_ports.iter().copied())
+            .collect();
         self.table = Some(table);
-        self.published = true;
-        // Measure the new generation at once (status shows it).
-        self.core.schedule.next_monitor = now;
-        for &pid in ready.values() {
-            if let Some(w) = self.core.workers.get_mut(&pid)
-                && w.state == WorkerState::Starting
-            {
-                w.state = WorkerState::Live;
-            }
-        }
-        self.retire_unsteered("a new generation took over");
         if let Err(e) = self.save_state() {
             log::warn!("{e:#}");
         }
-        // A worker of the table that exited while it was written leaves a
-        // band without a worker: a stand-in serves it at once.
-        self.cover_unserved_bands();
+        // The new generation goes live, the workers the table no longer
+        // points at retire, and a worker of the table that exited while it
+        // was written leaves a band to a stand-in.
+        let effects = self.core.handle(
+            now,
+            supervisor::Event::Published {
+                ready: ready.into_values().collect(),
+                steered,
+            },
+        );
+        self.carry_out_effects(effects);
     }
 
     /// A ready worker replaces its band's live worker (crash, health retirement,
@@ -1312,28 +1017,6 @@ impl Master {
         self.carry_out_effects(effects);
     }
 
-    /// Retire every live worker that the table in force no longer points at.
-    fn retire_unsteered(&mut self, reason: &str) {
-        let Some(table) = &self.table else { return };
-        let steered: HashSet<u16> = table
-            .services
-            .iter()
-            .flat_map(|s| s.worker_ports.iter().copied())
-            .collect();
-        let unsteered: Vec<i32> = self
-            .core
-            .workers
-            .values()
-            .filter(|w| {
-                w.state == WorkerState::Live && !w.ports.iter().any(|p| steered.contains(p))
-            })
-            .map(|w| w.pid)
-            .collect();
-        for pid in unsteered {
-            self.retire(pid, reason);
-        }
-    }
-
     /// Out of the table already: tell the worker, and renice its tree.
     fn retire(&mut self, pid: i32, reason: &str) {
         let Some(w) = self.core.retire(pid, Instant::now(), reason) else {
@@ -1341,9 +1024,6 @@ impl Master {
         };
         self.metrics.retired(reason);
         let (band, generation, conn) = (w.band, w.generation, w.conn);
-        let reniced = ProcessTable::read()
-            .map(|t| process_tree::renice(&t, &t.tree(pid), self.cfg.retire_renice))
-            .unwrap_or(0);
         if let Some(conn) = conn {
             self.send(
                 conn,
@@ -1352,15 +1032,38 @@ impl Master {
                 },
             );
         }
+        // Reading /proc and renicing every thread of the tree is blocking
+        // work: off the event loop; the outcome comes back as an event.
+        let retired = Retired {
+            pid,
+            band,
+            generation,
+            reason: reason.to_owned(),
+            told: conn.is_some(),
+            increment: self.cfg.retire_renice,
+            threads: 0,
+        };
+        let events = self.events_tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let threads = ProcessTable::read()
+                .map(|t| process_tree::renice(&t, &t.tree(pid), retired.increment))
+                .unwrap_or(0);
+            // The loop is gone when the master exits: nobody to tell.
+            let _ = events.send(Event::Reniced(Retired { threads, ..retired }));
+        });
+    }
+
+    /// A retired worker's tree was reniced (`threads` threads).
+    fn on_reniced(&self, r: Retired) {
         log::info!(
-            "retired worker {pid} (band {band}, generation {generation}): {reason}; \
-             reniced +{} ({reniced} threads){}",
-            self.cfg.retire_renice,
-            if conn.is_some() {
-                "; told it to retire"
-            } else {
-                ""
-            }
+            "retired worker {} (band {}, generation {}): {}; reniced +{} ({} threads){}",
+            r.pid,
+            r.band,
+            r.generation,
+            r.reason,
+            r.increment,
+            r.threads,
+            if r.told { "; told it to retire" } else { "" }
         );
     }
 
@@ -1393,23 +1096,12 @@ impl Master {
         self.carry_out_effects(effects);
     }
 
-    /// SIGTERM (or `die` to a worker that speaks the protocol); SIGKILL follows
-    /// after the soft-kill timeout.
-    fn ask_to_die(&mut self, pid: i32, reason: &str) {
-        let effects = self.core.handle(
-            Instant::now(),
-            supervisor::Event::AskToDie {
-                pid,
-                reason: reason.to_owned(),
-            },
-        );
-        self.carry_out_effects(effects);
-    }
-
     /// What the core asks for, in order.
     fn carry_out_effects(&mut self, effects: Vec<Effect>) {
         for effect in effects {
             match effect {
+                Effect::Spawn { band } => self.spawn(band),
+                Effect::Promote { pid } => self.promote(pid),
                 Effect::Signal { pid, signal, .. } => self.signal(pid, signal),
                 Effect::Send { pid, message } => {
                     if let Some(conn) = self.core.workers.get(&pid).and_then(|w| w.conn) {
@@ -1418,6 +1110,7 @@ impl Master {
                 }
                 Effect::CountKill { reason, how } => self.metrics.killed(&reason, how),
                 Effect::Log { level, text } => log::log!(level, "{text}"),
+                Effect::PolicyNote { message } => self.policy_log(message, Instant::now()),
                 Effect::CountCrash => self.metrics.crashed(),
                 Effect::SaveRegistry => self.save_registry(),
                 Effect::CoverUnservedBands => self.cover_unserved_bands(),
@@ -1488,7 +1181,7 @@ impl Master {
                 w.idle_since = None;
             }
         }
-        self.reregister_listeners(&processes, &sockets);
+        self.reregister_listeners(&processes);
         // A pidfd that could not be opened never fires: /proc has the last word.
         for pid in gone {
             if self.has_exited(pid) {
@@ -1504,53 +1197,8 @@ impl Master {
             recent_retirements: self.core.schedule.recent_retirements.clone(),
         };
         for action in policy::decide(&snapshot, &self.cfg.policy) {
-            self.carry_out(action, now);
-        }
-    }
-
-    fn carry_out(&mut self, action: Action, now: Instant) {
-        match action {
-            Action::RetireAndReplace { pid, band, reason } => {
-                // A replacement already starting, or waiting to (a spawn delay, the
-                // backoff of a failing band), is not a new retirement: it would count
-                // twice against the rate limit and reset the backoff.
-                let replacing = self.core.starting_for(band).is_some()
-                    || self.core.schedule.pending_spawns.contains_key(&band);
-                let Some(w) = self.core.workers.get_mut(&pid) else {
-                    return;
-                };
-                if w.state != WorkerState::Live || replacing {
-                    return;
-                }
-                log::info!(
-                    "retiring worker {pid} ({}): {reason}; starting its replacement",
-                    w.describe()
-                );
-                w.reason = Some(reason);
-                self.core.schedule.recent_retirements.push(now);
-                self.core.schedule.pending_spawns.insert(band, now);
-            }
-            Action::AskToDie { pid, reason } => {
-                self.replace_if_live(pid, now);
-                self.ask_to_die(pid, &reason);
-            }
-            Action::Kill { pid, reason } => {
-                self.replace_if_live(pid, now);
-                let Some(w) = self.core.workers.get_mut(&pid) else {
-                    return;
-                };
-                if w.killed {
-                    return;
-                }
-                log::warn!("killing worker {pid} ({}): {reason}", w.describe());
-                self.metrics.killed(&reason, "SIGKILL");
-                w.killed = true;
-                w.state = WorkerState::Dying;
-                w.dying_since.get_or_insert(now);
-                w.reason = Some(reason);
-                self.signal(pid, Signal::SIGKILL);
-            }
-            Action::Log { message } => self.policy_log(message, now),
+            let effects = self.core.handle(now, supervisor::Event::Policy(action));
+            self.carry_out_effects(effects);
         }
     }
 
@@ -1577,21 +1225,6 @@ impl Master {
         };
         log::warn!("policy: {message}{left_out}");
         self.last_policy_log = Some((shape, now, 0));
-    }
-
-    /// A live worker that is made to exit leaves its band to a replacement.
-    fn replace_if_live(&mut self, pid: i32, now: Instant) {
-        let Some(w) = self.core.workers.get(&pid) else {
-            return;
-        };
-        if w.state == WorkerState::Live && self.core.starting_for(w.band).is_none() {
-            log::warn!(
-                "worker {pid} is live: starting a replacement for band {}",
-                w.band
-            );
-            self.core.schedule.crashed_at.insert(w.band, now);
-            self.core.schedule.pending_spawns.insert(w.band, now);
-        }
     }
 
     fn save_state(&self) -> Result<()> {

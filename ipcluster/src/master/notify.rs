@@ -215,7 +215,7 @@ impl super::Master {
             count(crate::policy::WorkerState::Retired),
         );
         self.notifier
-            .update(self.generation, self.published, live, retired);
+            .update(self.generation, self.core.published, live, retired);
         self.notifier.tick(now);
     }
 }

@@ -139,7 +139,7 @@ impl Master {
                     },
                 );
                 match state {
-                    WorkerState::Starting => self.mark_ready(pid, "hello"),
+                    WorkerState::Starting => self.ready(pid, super::supervisor::Readiness::Hello),
                     WorkerState::Retired => self.send(
                         conn,
                         &MasterMessage::Retire {

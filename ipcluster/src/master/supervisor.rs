@@ -1,32 +1,47 @@
 //! The supervisor core, without I/O: every worker the master knows, as the one
 //! [`Worker`] type (the policy decides over it, `status` reports it, the
-//! registry record is computed from it), the transitions of a worker's life
-//! (spawned and adopted workers are added by the runtime; [`Supervisor::promoted`],
-//! [`Supervisor::retire`], [`Supervisor::ask_to_die`], [`Supervisor::exited`]
-//! with a crash replaced at once, [`Supervisor::band_failed`] with its
-//! back-off), and the [`Schedule`] of what is due when (spawns, the
-//! kill-retired queue, soft-kill deadlines, the monitor pass), with
-//! [`Supervisor::next_deadline`] telling the event loop when to wake. Time is
-//! always passed in (`now`), so the unit tests drive it with a fake clock.
+//! registry record is computed from it), the transitions of a worker's life,
+//! and the [`Schedule`] of what is due when (spawns, the kill-retired queue,
+//! soft-kill deadlines, the monitor pass), with [`Supervisor::next_deadline`]
+//! telling the event loop when to wake. Time is always passed in (`now`), so
+//! the unit tests drive it with a fake clock.
 //!
-//! Part of the core already takes events and returns effects:
-//! [`Supervisor::handle`] takes an [`Event`] (a tick: the soft-kill deadlines
-//! and the kill-retired queue; a worker to ask to die; a worker's exit, with
-//! the crash of a live worker replaced at once and a starting worker's exit
-//! counted as a failed attempt of its band; a starting worker that missed its
-//! connect timeout, killed with its band's back-off; a spawn that failed; a
-//! starting worker steered to, promoted with its band's old live worker
-//! retired) and returns the [`Effect`]s (signals, `die` messages, log lines,
-//! kill and crash counts, the registry save, the stand-in for a band left
-//! without a worker, a worker to retire, giving up on a fresh start) for the
-//! runtime to carry out; the `host_tests` run it against an in-memory world of
-//! processes. Still methods the runtime calls directly and whose results it
-//! acts on: spawning (the core says which band is due,
-//! [`Supervisor::due_spawn`]), readiness, the retirements of a publish
-//! ([`Supervisor::retire`]) and adoption. The master's runtime
-//! (`master/mod.rs`) reads /proc, signals through pidfds, has the steering
-//! writer publish tables, and writes files; it asks this module what is due
-//! and records here what happened.
+//! [`Supervisor::handle`] takes an [`Event`] and returns the [`Effect`]s
+//! (spawn, steer a band to a ready worker, retire, signals, `die` messages,
+//! log lines, kill and crash counts, the registry save, the stand-in for a
+//! band left without a worker, giving up on a fresh start) for the runtime to
+//! carry out, in order:
+//!
+//! - a tick: the due band is spawned ([`Effect::Spawn`], one per
+//!   `--spawn-delay`; a band the generation lacks is not replaced), a ready
+//!   worker whose band write failed is steered to again, then the soft-kill
+//!   deadlines and the kill-retired queue;
+//! - `Spawned`: the worker is starting; `SpawnFailed`: its band backs off;
+//! - `Adopted`: a reload's worker of an earlier generation, live if the table
+//!   in force points at it, retired if not;
+//! - `Ready` (listening, or said hello) and `NotReady` (what the readiness
+//!   poll saw): ready once, and steered to ([`Effect::Promote`]) once the
+//!   generation is published; not listening past `--connect-timeout`, killed
+//!   with its band's back-off (or `run` gives up on a fresh start);
+//! - `Published`: the generation's table is in force: its workers live, the
+//!   live workers it no longer points at retired ([`Effect::Retire`]);
+//! - `Promoted`: a band steered to its ready worker: live, and the band's old
+//!   live worker retired;
+//! - `AskToDie`, `Exited`: `die` or SIGTERM, SIGKILL after the soft-kill
+//!   timeout; an exit forgotten, a live worker's crash replaced at once, a
+//!   starting worker's exit a failed attempt of its band;
+//! - `Policy`: what [`crate::policy::decide`] decided at a monitor pass (a
+//!   health retirement starts the replacement; a live worker asked to die or
+//!   killed is replaced at once; its notes go to the runtime's log).
+//!
+//! The `host_tests` run it against an in-memory world of processes that
+//! carries out the effects and feeds the outcomes back. Still done by the
+//! runtime (`master/mod.rs`) on the core's workers directly, not as events:
+//! the monitor pass's measurements (RSS, connections, idle since), and the
+//! bookkeeping of what a worker says on the control socket (pings, `busy`,
+//! `request_retire`; its hello's readiness is an event). The runtime reads
+//! /proc, signals through pidfds, has the steering writer publish tables and
+//! bands, and writes files.
 //!
 //! # When is a worker retired?
 //!
@@ -58,7 +73,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 
-use crate::policy::WorkerState;
+use crate::policy::{Action, WorkerState};
 use crate::protocol::MasterMessage;
 
 /// A band whose first workers keep failing before any table was ever
@@ -66,6 +81,8 @@ use crate::protocol::MasterMessage;
 pub const FRESH_START_ATTEMPTS: u32 = 3;
 /// Longest pause between two attempts of a failing band.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// Why the live workers a new generation's table no longer points at are retired.
+pub const NEW_GENERATION: &str = "a new generation took over";
 /// How often /proc is polled for the readiness of starting workers (and, before
 /// the first publish, the start-up steps are retried). An idle cluster has no
 /// poll: the loop sleeps until [`Supervisor::next_deadline`].
@@ -255,6 +272,15 @@ pub struct Supervisor {
     pub spawn_delay: Duration,
     /// `--soft-kill-timeout`: from `die`/SIGTERM to SIGKILL.
     pub soft_kill_timeout: Duration,
+    /// The generation this master spawns, and its number of bands (a band
+    /// of an older generation at or above it is not replaced).
+    pub generation: u64,
+    pub bands: u32,
+    /// `--connect-timeout`: a starting worker not listening by then is killed.
+    pub connect_timeout: Duration,
+    /// This generation's table has been published: a ready worker is steered
+    /// to at once ([`Effect::Promote`]).
+    pub published: bool,
 }
 
 impl Supervisor {
@@ -273,7 +299,34 @@ impl Supervisor {
             },
             spawn_delay,
             soft_kill_timeout,
+            generation: 0,
+            bands: u32::MAX,
+            connect_timeout: Duration::MAX,
+            published: false,
         }
+    }
+
+    /// A starting worker not listening after `timeout` is killed.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Supervisor {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// The starting workers whose readiness the runtime is to look at (not
+    /// ready yet, not killed for their connect timeout): it reports each as
+    /// [`Event::Ready`] or [`Event::NotReady`].
+    pub fn awaiting_readiness(&self) -> Vec<i32> {
+        self.workers
+            .values()
+            .filter(|w| w.state == WorkerState::Starting && !w.ready && !w.killed)
+            .map(|w| w.pid)
+            .collect()
+    }
+
+    /// This master spawns `generation`, of `bands` bands.
+    pub fn for_generation(mut self, generation: u64, bands: u32) -> Supervisor {
+        (self.generation, self.bands) = (generation, bands);
+        self
     }
 
     /// The worker of this generation starting for `band`, if any.
@@ -304,7 +357,7 @@ impl Supervisor {
     /// `None` also when the due band already has a worker starting (it is
     /// dropped from the schedule). A band whose starting worker was killed (its
     /// connect timeout) waits for that worker's exit instead: it stays
-    /// scheduled. The caller spawns, then calls [`Supervisor::spawned_at`].
+    /// scheduled. [`Event::Tick`] spawns it ([`Effect::Spawn`]).
     pub fn due_spawn(&mut self, now: Instant) -> Option<u32> {
         if now < self.schedule.next_spawn_at {
             return None;
@@ -482,17 +535,12 @@ impl Supervisor {
 
     /// When something is due next: the earliest of the monitor pass, the
     /// readiness poll while a worker is starting (and every step before the
-    /// first publish: `published` false), the due spawn, the soft-kill
+    /// first publish), the due spawn, the soft-kill
     /// deadline of a dying worker and the next kill of the queue. `extra` adds
     /// the runtime's own deadlines (the systemd watchdog). The event loop
     /// sleeps until then, or until an event (an exit, a control line, a
     /// signal) wakes it earlier.
-    pub fn next_deadline(
-        &self,
-        now: Instant,
-        published: bool,
-        extra: impl IntoIterator<Item = Instant>,
-    ) -> Instant {
+    pub fn next_deadline(&self, now: Instant, extra: impl IntoIterator<Item = Instant>) -> Instant {
         let s = &self.schedule;
         let poll = now + STARTING_POLL;
         let starting = self.workers.values().any(Worker::needs_poll);
@@ -511,7 +559,7 @@ impl Supervisor {
         let kill = (!s.kill_queue.is_empty()).then_some(s.next_kill_at);
         [
             Some(s.next_monitor),
-            (starting || !published).then_some(poll),
+            (starting || !self.published).then_some(poll),
             spawn,
             soft_kill,
             kill,
@@ -537,6 +585,16 @@ pub fn state_name(state: WorkerState) -> &'static str {
 /// What the runtime does on the core's behalf ([`Supervisor::handle`]).
 #[derive(Clone, Debug, PartialEq)]
 pub enum Effect {
+    /// Spawn a worker of this generation for `band` now, and report it as
+    /// [`Event::Spawned`] (or [`Event::SpawnFailed`]).
+    Spawn {
+        band: u32,
+    },
+    /// Steer the band of ready worker `pid` to it (unless that write is under
+    /// way), and report it as [`Event::Promoted`].
+    Promote {
+        pid: i32,
+    },
     /// Send `signal` to the worker (through its pidfd), for `reason`.
     Signal {
         pid: i32,
@@ -576,6 +634,10 @@ pub enum Effect {
         pid: i32,
         reason: String,
     },
+    /// A note of the policy for the operator (the runtime leaves out repeats).
+    PolicyNote {
+        message: String,
+    },
     /// `band` failed `attempts` times before the cluster ever served: `run`
     /// gives up (the command is broken, not unlucky).
     GiveUp {
@@ -585,11 +647,57 @@ pub enum Effect {
     },
 }
 
+/// How a starting worker showed it is ready ([`Event::Ready`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// It said hello on the control socket.
+    Hello,
+    /// A LISTEN socket on each of its ports, owned by its process tree (and
+    /// handed to the steering backend), with what its tree measured.
+    Listening {
+        rss: u64,
+        connections: u32,
+        nice: i64,
+    },
+}
+
+impl Readiness {
+    fn how(&self) -> &'static str {
+        match self {
+            Readiness::Hello => "hello",
+            Readiness::Listening { .. } => "listening",
+        }
+    }
+}
+
+/// What a readiness poll saw of a starting worker that is not ready
+/// ([`Event::NotReady`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NotReady {
+    /// Listening, but its listeners could not be handed to the steering
+    /// backend (`cause`): not ready for steering yet.
+    NotSteerable { cause: String },
+    /// Not listening on its ports (yet). `foreign_netns`: the inode of a
+    /// network namespace of its tree other than the master's, where it
+    /// would listen unseen.
+    NotListening { foreign_netns: Option<u64> },
+}
+
 /// What happens to the core ([`Supervisor::handle`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Event {
-    /// Time passed: the soft-kill deadlines, then the kill-retired queue.
+    /// Time passed: the due spawn (one per tick, the spawn delay apart), the
+    /// soft-kill deadlines, then the kill-retired queue.
     Tick,
+    /// The worker asked for by [`Effect::Spawn`] runs: `pid`, one port per
+    /// public port, its /proc `starttime` and its real uid. It is starting.
+    Spawned {
+        band: u32,
+        pid: i32,
+        ports: Vec<u16>,
+        start_time: u64,
+        uid: u32,
+    },
     /// Worker `pid` is to exit: `die` if it speaks the protocol, SIGTERM
     /// otherwise; SIGKILL after the soft-kill timeout.
     AskToDie { pid: i32, reason: String },
@@ -601,18 +709,43 @@ pub enum Event {
         status: String,
         may_give_up: bool,
     },
-    /// Starting worker `pid` is not listening on its ports after the connect
-    /// timeout (`timeout`), because of `why`: SIGKILL, and its band backs off
-    /// (or, see `Exited`, `run` gives up). Its exit comes as `Exited` later.
-    NotReadyInTime {
+    /// Starting worker `pid` is ready (`how`): its band's failures are
+    /// forgotten, and once the table is published it is steered to.
+    Ready { pid: i32, how: Readiness },
+    /// The readiness poll found starting worker `pid` not ready (`seen`).
+    /// Not listening past the connect timeout: SIGKILL, and its band backs
+    /// off (or, see `Exited`, `run` gives up); its exit comes as `Exited`.
+    NotReady {
         pid: i32,
-        timeout: Duration,
-        why: String,
+        seen: NotReady,
         may_give_up: bool,
     },
+    /// A worker of an earlier generation found at start-up (a reload), held
+    /// by a pidfd: `port` is its `$PORT`, `ports` one per public port of
+    /// this generation, `age` how long it has run. It is adopted live if the
+    /// table in force points at it for its band (`in_table`), retired if not.
+    Adopted {
+        pid: i32,
+        band: u32,
+        generation: u64,
+        port: u16,
+        ports: Vec<u16>,
+        start_time: u64,
+        uid: u32,
+        nice: i64,
+        age: Duration,
+        in_table: bool,
+    },
+    /// This generation's table is in force (the steering writer wrote it):
+    /// `ready`, the starting workers it points at, go live; every live
+    /// worker none of whose ports is among `steered` (the worker ports of
+    /// the table) is retired ([`NEW_GENERATION`]).
+    Published { ready: Vec<i32>, steered: Vec<u16> },
     /// Starting worker `pid` is steered to for its band now (on `port`): it
     /// is live, and the band's previous live worker is retired.
     Promoted { pid: i32, port: u16 },
+    /// The policy decided `action` ([`crate::policy::decide`]) at a monitor pass.
+    Policy(Action),
     /// A worker for `band` could not be spawned (`error`): its band backs off.
     SpawnFailed {
         band: u32,
@@ -627,6 +760,17 @@ impl Supervisor {
         let mut effects = Vec::new();
         match event {
             Event::Tick => {
+                self.spawn_due_effects(now, &mut effects);
+                // A ready worker whose band's write failed (or was lost) is
+                // steered to again.
+                if self.published {
+                    effects.extend(
+                        self.workers
+                            .values()
+                            .filter(|w| w.state == WorkerState::Starting && w.ready)
+                            .map(|w| Effect::Promote { pid: w.pid }),
+                    );
+                }
                 self.enforce_soft_kill(now, &mut effects);
                 if let Some((pid, why)) = self.next_kill(now) {
                     self.ask_to_die_effects(pid, now, why, &mut effects);
@@ -635,17 +779,87 @@ impl Supervisor {
             Event::AskToDie { pid, reason } => {
                 self.ask_to_die_effects(pid, now, &reason, &mut effects);
             }
+            Event::Spawned {
+                band,
+                pid,
+                ports,
+                start_time,
+                uid,
+            } => {
+                let port = ports.first().copied().unwrap_or(0);
+                let worker = Worker {
+                    start_time,
+                    uid,
+                    own_child: true,
+                    ..Worker::new(
+                        pid,
+                        band,
+                        self.generation,
+                        WorkerState::Starting,
+                        ports,
+                        now,
+                    )
+                };
+                self.workers.insert(pid, worker);
+                effects.push(Effect::SaveRegistry);
+                effects.push(Effect::Log {
+                    level: log::Level::Info,
+                    text: format!(
+                        "spawned worker {pid} for band {band} (generation {}, port {port})",
+                        self.generation
+                    ),
+                });
+            }
             Event::Exited {
                 pid,
                 status,
                 may_give_up,
             } => self.exited_effects(pid, now, &status, may_give_up, &mut effects),
-            Event::NotReadyInTime {
+            Event::Ready { pid, how } => self.ready_effects(pid, now, &how, &mut effects),
+            Event::Policy(action) => self.policy_effects(action, now, &mut effects),
+            Event::Adopted {
                 pid,
-                timeout,
-                why,
+                band,
+                generation,
+                port,
+                ports,
+                start_time,
+                uid,
+                nice,
+                age,
+                in_table,
+            } => {
+                let state = if in_table {
+                    WorkerState::Live
+                } else {
+                    WorkerState::Retired
+                };
+                effects.push(Effect::Log {
+                    level: log::Level::Info,
+                    text: format!(
+                        "adopted worker {pid} (band {band}, generation {generation}, port {port}) as {}",
+                        state_name(state)
+                    ),
+                });
+                let started_at = now.checked_sub(age).unwrap_or(now);
+                let worker = Worker {
+                    start_time,
+                    uid,
+                    ready: true,
+                    retired_at: (!in_table).then_some(now),
+                    nice,
+                    ..Worker::new(pid, band, generation, state, ports, started_at)
+                };
+                self.workers.insert(pid, worker);
+            }
+            Event::Published { ready, steered } => {
+                self.published_effects(now, &ready, &steered, &mut effects);
+            }
+            Event::NotReady {
+                pid,
+                seen,
                 may_give_up,
-            } => self.not_ready_effects(pid, now, timeout, &why, may_give_up, &mut effects),
+            } => self.not_ready_effects(pid, now, seen, may_give_up, &mut effects),
             Event::Promoted { pid, port } => self.promoted_effects(pid, now, port, &mut effects),
             Event::SpawnFailed {
                 band,
@@ -660,6 +874,27 @@ impl Supervisor {
             }
         }
         effects
+    }
+
+    /// The band due now, if any, is spawned (the next spawn waits for the
+    /// spawn delay); a band this generation does not have (a reload that
+    /// lowered `--workers`, an old worker of it gone) is not replaced.
+    fn spawn_due_effects(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        let Some(band) = self.due_spawn(now) else {
+            return;
+        };
+        if band >= self.bands {
+            out.push(Effect::Log {
+                level: log::Level::Info,
+                text: format!(
+                    "band {band} is not part of generation {} ({} bands): not replaced",
+                    self.generation, self.bands
+                ),
+            });
+            return;
+        }
+        self.spawned_at(now);
+        out.push(Effect::Spawn { band });
     }
 
     /// A promotion: logged (with how long the band went without its own
@@ -694,23 +929,201 @@ impl Supervisor {
         );
     }
 
-    /// A starting worker missed its connect timeout: killed once, and its
-    /// band's failure counted now (not again at its exit).
+    /// What the policy decided: a health retirement starts the replacement
+    /// (its old worker retires when the replacement is promoted); a live
+    /// worker asked to die or killed leaves its band to a replacement.
+    fn policy_effects(&mut self, action: Action, now: Instant, out: &mut Vec<Effect>) {
+        match action {
+            Action::RetireAndReplace { pid, band, reason } => {
+                // A replacement already starting, or waiting to (a spawn delay,
+                // the back-off of a failing band), is not a new retirement: it
+                // would count twice against the rate limit and reset the back-off.
+                let replacing = self.starting_for(band).is_some()
+                    || self.schedule.pending_spawns.contains_key(&band);
+                let Some(w) = self.workers.get_mut(&pid) else {
+                    return;
+                };
+                if w.state != WorkerState::Live || replacing {
+                    return;
+                }
+                out.push(Effect::Log {
+                    level: log::Level::Info,
+                    text: format!(
+                        "retiring worker {pid} ({}): {reason}; starting its replacement",
+                        w.describe()
+                    ),
+                });
+                w.reason = Some(reason);
+                self.schedule.recent_retirements.push(now);
+                self.schedule.pending_spawns.insert(band, now);
+            }
+            Action::AskToDie { pid, reason } => {
+                self.replace_if_live(pid, now, out);
+                self.ask_to_die_effects(pid, now, &reason, out);
+            }
+            Action::Kill { pid, reason } => {
+                self.replace_if_live(pid, now, out);
+                let Some(w) = self.workers.get_mut(&pid) else {
+                    return;
+                };
+                if w.killed {
+                    return;
+                }
+                out.push(Effect::Log {
+                    level: log::Level::Warn,
+                    text: format!("killing worker {pid} ({}): {reason}", w.describe()),
+                });
+                out.push(Effect::CountKill {
+                    reason: reason.clone(),
+                    how: "SIGKILL",
+                });
+                w.killed = true;
+                w.state = WorkerState::Dying;
+                w.dying_since.get_or_insert(now);
+                w.reason = Some(reason.clone());
+                out.push(Effect::Signal {
+                    pid,
+                    signal: Signal::SIGKILL,
+                    reason,
+                });
+            }
+            Action::Log { message } => out.push(Effect::PolicyNote { message }),
+        }
+    }
+
+    /// A live worker that is made to exit leaves its band to a replacement.
+    fn replace_if_live(&mut self, pid: i32, now: Instant, out: &mut Vec<Effect>) {
+        let Some(w) = self.workers.get(&pid) else {
+            return;
+        };
+        if w.state == WorkerState::Live && self.starting_for(w.band).is_none() {
+            let band = w.band;
+            out.push(Effect::Log {
+                level: log::Level::Warn,
+                text: format!("worker {pid} is live: starting a replacement for band {band}"),
+            });
+            self.schedule.crashed_at.insert(band, now);
+            self.schedule.pending_spawns.insert(band, now);
+        }
+    }
+
+    /// A generation's table is in force: its workers live, the live workers
+    /// it no longer points at retired, and a band whose worker exited while
+    /// the table was written covered by a stand-in.
+    fn published_effects(
+        &mut self,
+        now: Instant,
+        ready: &[i32],
+        steered: &[u16],
+        out: &mut Vec<Effect>,
+    ) {
+        self.published = true;
+        // Measure the new generation at once (status shows it).
+        self.schedule.next_monitor = now;
+        for pid in ready {
+            if let Some(w) = self.workers.get_mut(pid)
+                && w.state == WorkerState::Starting
+            {
+                w.state = WorkerState::Live;
+            }
+        }
+        out.extend(
+            self.workers
+                .values()
+                .filter(|w| {
+                    w.state == WorkerState::Live && !w.ports.iter().any(|p| steered.contains(p))
+                })
+                .map(|w| Effect::Retire {
+                    pid: w.pid,
+                    reason: NEW_GENERATION.to_owned(),
+                }),
+        );
+        out.push(Effect::CoverUnservedBands);
+    }
+
+    /// A starting worker is ready: logged, its band's failures forgotten, and
+    /// steered to once the table is published. Once only.
+    fn ready_effects(&mut self, pid: i32, now: Instant, how: &Readiness, out: &mut Vec<Effect>) {
+        let Some(w) = self.workers.get_mut(&pid) else {
+            return;
+        };
+        if w.ready || w.killed || w.state != WorkerState::Starting {
+            return;
+        }
+        if let &Readiness::Listening {
+            rss,
+            connections,
+            nice,
+        } = how
+        {
+            (w.rss, w.connections, w.nice) = (rss, connections, nice);
+            w.reason = None;
+        }
+        w.ready = true;
+        let band = w.band;
+        out.push(Effect::Log {
+            level: log::Level::Info,
+            text: format!(
+                "worker {pid} (band {band}, generation {}) is ready ({} on port {}) after {:?}",
+                w.generation,
+                how.how(),
+                w.ports.first().copied().unwrap_or(0),
+                now.saturating_duration_since(w.started_at)
+            ),
+        });
+        self.band_ready(band);
+        if self.published {
+            out.push(Effect::Promote { pid });
+        }
+    }
+
+    /// A starting worker not ready at a readiness poll: a listener the
+    /// steering backend refused is its reason (logged once); not listening
+    /// past the connect timeout, it is killed once, and its band's failure
+    /// counted now (not again at its exit).
     fn not_ready_effects(
         &mut self,
         pid: i32,
         now: Instant,
-        timeout: Duration,
-        why: &str,
+        seen: NotReady,
         may_give_up: bool,
         out: &mut Vec<Effect>,
     ) {
+        let timeout = self.connect_timeout;
         let Some(w) = self.workers.get_mut(&pid) else {
             return;
         };
         if w.state != WorkerState::Starting || w.ready || w.killed {
             return;
         }
+        let why = match seen {
+            NotReady::NotSteerable { cause } => {
+                // The connect timeout does not apply while it listens.
+                if w.reason.as_deref() != Some(cause.as_str()) {
+                    out.push(Effect::Log {
+                        level: log::Level::Error,
+                        text: cause.clone(),
+                    });
+                    w.reason = Some(cause);
+                }
+                return;
+            }
+            _ if now.saturating_duration_since(w.started_at) <= timeout => return,
+            // A worker in another network namespace listens where the
+            // master can neither see nor steer to: say so.
+            NotReady::NotListening {
+                foreign_netns: Some(ns),
+            } => format!(
+                "it runs in another network namespace (net:[{ns}]); \
+                 start workers in the master's network namespace"
+            ),
+            NotReady::NotListening {
+                foreign_netns: None,
+            } => w
+                .reason
+                .clone()
+                .unwrap_or_else(|| "not ready in time".to_owned()),
+        };
         let band = w.band;
         out.push(Effect::Log {
             level: log::Level::Warn,
@@ -727,9 +1140,9 @@ impl Supervisor {
         out.push(Effect::Signal {
             pid,
             signal: Signal::SIGKILL,
-            reason: why.to_owned(),
+            reason: why.clone(),
         });
-        self.band_failed_effects(band, now, why, may_give_up, out);
+        self.band_failed_effects(band, now, &why, may_give_up, out);
     }
 
     /// A worker's exit: forgotten, the registry saved, its band covered by a
@@ -896,6 +1309,7 @@ mod tests {
     fn supervisor(t: &impl Fn(u64) -> Instant) -> Supervisor {
         let mut s = Supervisor::new(t(0), SPAWN_DELAY, SOFT_KILL);
         s.schedule.next_monitor = t(0) + MONITOR;
+        s.published = true;
         s
     }
 
@@ -914,11 +1328,12 @@ mod tests {
         }
         add(&mut s, 9, 0, WorkerState::Retired, t(0));
         s.schedule.next_monitor = t(1000);
-        assert_eq!(s.next_deadline(t(10), true, []), t(1000));
+        assert_eq!(s.next_deadline(t(10), []), t(1000));
         // The watchdog (or any deadline of the runtime) comes first when earlier.
-        assert_eq!(s.next_deadline(t(10), true, [t(400)]), t(400));
+        assert_eq!(s.next_deadline(t(10), [t(400)]), t(400));
         // Before the first publish, the start-up steps are polled.
-        assert_eq!(s.next_deadline(t(10), false, []), t(10) + STARTING_POLL);
+        s.published = false;
+        assert_eq!(s.next_deadline(t(10), []), t(10) + STARTING_POLL);
     }
 
     #[test]
@@ -955,7 +1370,7 @@ mod tests {
             let mut s = supervisor(&t);
             (row.setup)(&mut s, &t);
             assert_eq!(
-                s.next_deadline(t(row.now), true, []),
+                s.next_deadline(t(row.now), []),
                 t(row.expect),
                 "{}",
                 row.name
@@ -973,7 +1388,7 @@ mod tests {
         let mut spawned = Vec::new();
         let mut now = t(0);
         while spawned.len() < 3 {
-            now = s.next_deadline(now, false, []).max(now);
+            now = s.next_deadline(now, []).max(now);
             if let Some(band) = s.due_spawn(now) {
                 add(&mut s, 100 + band as i32, band, WorkerState::Starting, now);
                 s.spawned_at(now);
@@ -1062,10 +1477,10 @@ mod tests {
         // nor dropped, and the loop does not spin on a past deadline.
         assert_eq!(s.due_spawn(t(1300)), None);
         assert_eq!(s.schedule.pending_spawns.get(&0), Some(&t(1200)));
-        assert_eq!(s.next_deadline(t(1300), true, []), t(60_000));
+        assert_eq!(s.next_deadline(t(1300), []), t(60_000));
         // The exit comes: the band is due.
         s.workers.remove(&7);
-        assert_eq!(s.next_deadline(t(1400), true, []), t(1200));
+        assert_eq!(s.next_deadline(t(1400), []), t(1200));
         assert_eq!(s.due_spawn(t(1400)), Some(0));
     }
 
@@ -1142,6 +1557,23 @@ mod tests {
     }
 
     #[test]
+    fn a_starting_worker_killed_for_its_connect_timeout_never_becomes_ready() {
+        let t = clock();
+        let mut s = supervisor(&t);
+        add(&mut s, 1, 0, WorkerState::Starting, t(0));
+        s.workers.get_mut(&1).unwrap().killed = true;
+        // Its listeners were being registered when it was killed.
+        let how = Readiness::Listening {
+            rss: 1,
+            connections: 0,
+            nice: 0,
+        };
+        assert!(s.handle(t(10), Event::Ready { pid: 1, how }).is_empty());
+        assert!(!s.workers[&1].ready);
+        assert!(s.awaiting_readiness().is_empty());
+    }
+
+    #[test]
     fn a_worker_is_asked_to_die_once() {
         let t = clock();
         let mut s = supervisor(&t);
@@ -1162,7 +1594,7 @@ mod tests {
         s.spawned_at(t(1000));
         s.workers.remove(&10);
         s.replace_at_once(0, t(1010));
-        assert_eq!(s.next_deadline(t(1010), true, []), t(1010));
+        assert_eq!(s.next_deadline(t(1010), []), t(1010));
         assert_eq!(s.due_spawn(t(1010)), Some(0));
         assert_eq!(s.schedule.crashed_at.get(&0), Some(&t(1010)));
         // Not when its replacement is starting already.
@@ -1188,7 +1620,7 @@ mod tests {
         let mut ended = Vec::new();
         let mut now = t(0);
         for _ in 0..10 {
-            now = s.next_deadline(now, true, []).max(now);
+            now = s.next_deadline(now, []).max(now);
             if let Some((pid, why)) = s.next_kill(now) {
                 assert_eq!(why, "kill-retired");
                 if let Some(w) = s.workers.get_mut(&pid) {
@@ -1215,7 +1647,7 @@ mod tests {
             s.late_dying(t(5000)).is_empty(),
             "exactly the timeout is not late"
         );
-        let deadline = s.next_deadline(t(100), true, []);
+        let deadline = s.next_deadline(t(100), []);
         assert!(deadline > t(5000) && deadline <= t(5001), "{deadline:?}");
         assert_eq!(s.late_dying(deadline), vec![(1, deadline - t(0))]);
         s.workers.get_mut(&1).unwrap().killed = true;
@@ -1249,19 +1681,22 @@ mod host_tests {
         logs: Vec<String>,
         /// Other effects carried out (`SaveRegistry`, `CountCrash` …), in order.
         other: Vec<String>,
-        /// A table was published (no giving up then).
-        published: bool,
         next_pid: i32,
-        /// The runtime's readiness check: starting workers (which never listen
-        /// here) are reported not ready after this long.
-        connect_timeout: Option<Duration>,
+        /// The latest time an event was fed at (ms): `run_until` goes on from there.
+        now_ms: u64,
+        /// Workers that listen on their ports (the others never do).
+        listening: BTreeSet<i32>,
+        /// Workers that listen but whose listeners the backend refuses.
+        unsteerable: BTreeSet<i32>,
     }
 
     impl Host {
         fn new() -> Host {
             let zero = Instant::now();
-            let mut core = Supervisor::new(zero, SPAWN_DELAY, SOFT_KILL);
+            let mut core = Supervisor::new(zero, SPAWN_DELAY, SOFT_KILL).for_generation(2, 4);
             core.schedule.next_monitor = zero + Duration::from_secs(3600);
+            // A table was published (no giving up then).
+            core.published = true;
             Host {
                 core,
                 zero,
@@ -1271,9 +1706,10 @@ mod host_tests {
                 kills_counted: Vec::new(),
                 logs: Vec::new(),
                 other: Vec::new(),
-                published: true,
                 next_pid: 100,
-                connect_timeout: None,
+                now_ms: 0,
+                listening: BTreeSet::new(),
+                unsteerable: BTreeSet::new(),
             }
         }
 
@@ -1309,10 +1745,13 @@ mod host_tests {
 
         /// Feed `event` at `ms`, carry out the effects, feed the exits back.
         fn at(&mut self, ms: u64, event: Event) {
+            self.now_ms = self.now_ms.max(ms);
             let now = self.t(ms);
             // Processes end after the effects are carried out, as on a real
             // host, where the exit is an event of its own.
             let mut exits = Vec::new();
+            let mut spawns = Vec::new();
+            let mut promotes = Vec::new();
             for effect in self.core.handle(now, event) {
                 match effect {
                     Effect::Signal { pid, signal, .. } => {
@@ -1335,12 +1774,42 @@ mod host_tests {
                         self.core.retire(pid, now, &reason);
                         self.done.push((ms, pid, format!("retired: {reason}")));
                     }
+                    Effect::Spawn { band } => spawns.push(band),
+                    Effect::Promote { pid } => promotes.push(pid),
                     other => self.other.push(format!("{other:?}")),
                 }
+            }
+            for band in spawns {
+                self.spawn(ms, band);
+            }
+            // The band's write succeeds at once.
+            for pid in promotes {
+                let port = self.core.workers.get(&pid).map_or(0, |w| w.ports[0]);
+                self.done.push((ms, pid, "steered to".to_owned()));
+                self.at(ms, Event::Promoted { pid, port });
             }
             for pid in exits {
                 self.exit(ms, pid);
             }
+        }
+
+        /// The runtime's spawn: a process runs, and the core hears of it.
+        fn spawn(&mut self, ms: u64, band: u32) {
+            let pid = self.next_pid;
+            self.next_pid += 1;
+            self.alive.insert(pid);
+            self.done
+                .push((ms, pid, format!("spawned for band {band}")));
+            self.at(
+                ms,
+                Event::Spawned {
+                    band,
+                    pid,
+                    ports: vec![21000 + band as u16],
+                    start_time: 0,
+                    uid: 0,
+                },
+            );
         }
 
         /// Worker `pid` exits (as it was: live, retired …).
@@ -1354,67 +1823,52 @@ mod host_tests {
                     Event::Exited {
                         pid,
                         status: "exited".into(),
-                        may_give_up: !self.published,
+                        may_give_up: !self.core.published,
                     },
                 );
             }
         }
 
-        /// The runtime's readiness check, for workers that never listen.
+        /// The runtime's readiness poll: what it sees of each starting worker.
         fn check_starting(&mut self, ms: u64) {
-            let Some(timeout) = self.connect_timeout else {
-                return;
-            };
-            let now = self.t(ms);
-            let late: Vec<i32> = self
-                .core
-                .workers
-                .values()
-                .filter(|w| w.state == WorkerState::Starting && !w.ready && !w.killed)
-                .filter(|w| now.duration_since(w.started_at) > timeout)
-                .map(|w| w.pid)
-                .collect();
-            for pid in late {
-                self.at(
-                    ms,
-                    Event::NotReadyInTime {
+            for pid in self.core.awaiting_readiness() {
+                let event = if self.unsteerable.contains(&pid) {
+                    Event::NotReady {
                         pid,
-                        timeout,
-                        why: "not ready in time".into(),
-                        may_give_up: !self.published,
-                    },
-                );
+                        seen: NotReady::NotSteerable {
+                            cause: format!("worker {pid}: the backend refuses its listener"),
+                        },
+                        may_give_up: !self.core.published,
+                    }
+                } else if self.listening.contains(&pid) {
+                    Event::Ready {
+                        pid,
+                        how: Readiness::Listening {
+                            rss: 1 << 20,
+                            connections: 0,
+                            nice: 0,
+                        },
+                    }
+                } else {
+                    Event::NotReady {
+                        pid,
+                        seen: NotReady::NotListening {
+                            foreign_netns: None,
+                        },
+                        may_give_up: !self.core.published,
+                    }
+                };
+                self.at(ms, event);
             }
         }
 
-        /// The runtime's spawn step: a due band gets a starting worker.
-        fn spawn_due(&mut self, ms: u64) {
-            let now = self.t(ms);
-            if let Some(band) = self.core.due_spawn(now) {
-                let pid = self.next_pid;
-                self.next_pid += 1;
-                let w = Worker::new(
-                    pid,
-                    band,
-                    2,
-                    WorkerState::Starting,
-                    vec![21000 + band as u16],
-                    now,
-                );
-                self.core.workers.insert(pid, w);
-                self.alive.insert(pid);
-                self.core.spawned_at(now);
-                self.done
-                    .push((ms, pid, format!("spawned for band {band}")));
-            }
-        }
-
-        /// Tick at every deadline the core names, up to `until` ms.
+        /// Tick at every deadline the core names, from the latest event on
+        /// up to `until` ms (overdue ones at once).
         fn run_until(&mut self, until: u64) {
-            let mut now = self.t(0);
+            let mut now = self.t(self.now_ms);
             let mut last: Option<Instant> = None;
             loop {
-                let mut next = self.core.next_deadline(now, true, []);
+                let mut next = self.core.next_deadline(now, []).max(now);
                 // Something due that a tick does not take (a spawn): move on.
                 if let Some(last) = last
                     && next <= last
@@ -1425,9 +1879,8 @@ mod host_tests {
                     return;
                 }
                 let ms = u64::try_from(next.duration_since(self.zero).as_millis()).unwrap_or(0);
-                self.spawn_due(ms);
-                self.check_starting(ms);
                 self.at(ms, Event::Tick);
+                self.check_starting(ms);
                 (now, last) = (next, Some(next));
             }
         }
@@ -1541,7 +1994,7 @@ mod host_tests {
         h.worker_of(2, 1, 1, WorkerState::Retired, true);
         h.worker_of(11, 0, 2, WorkerState::Live, true);
         h.worker_of(12, 1, 2, WorkerState::Live, false);
-        h.spawn_due(0);
+        h.at(0, Event::Tick);
         h.exit(500, 11);
         assert_eq!(
             h.logs,
@@ -1588,8 +2041,8 @@ mod host_tests {
     #[test]
     fn a_worker_never_ready_is_killed_backs_off_longer_each_time_and_a_fresh_start_gives_up() {
         let mut h = Host::new();
-        h.published = false;
-        h.connect_timeout = Some(Duration::from_millis(1000));
+        h.core.published = false;
+        h.core.connect_timeout = Duration::from_millis(1000);
         h.core.schedule_spawn(0, h.t(0));
         h.run_until(60_000);
         // Killed strictly after the connect timeout (at the next readiness
@@ -1613,12 +2066,15 @@ mod host_tests {
         assert_eq!(
             h.logs,
             [
+                "spawned worker 100 for band 0 (generation 2, port 21000)",
                 "worker 100 (band 0) is not listening on port 21000 after 1s (not ready in time): killing it",
                 "band 0: attempt 1 failed (not ready in time); next attempt in 200ms",
                 "starting worker 100 (band 0) exited before it was ready",
+                "spawned worker 101 for band 0 (generation 2, port 21000)",
                 "worker 101 (band 0) is not listening on port 21000 after 1s (not ready in time): killing it",
                 "band 0: attempt 2 failed (not ready in time); next attempt in 400ms",
                 "starting worker 101 (band 0) exited before it was ready",
+                "spawned worker 102 for band 0 (generation 2, port 21000)",
                 "worker 102 (band 0) is not listening on port 21000 after 1s (not ready in time): killing it",
                 "starting worker 102 (band 0) exited before it was ready",
             ]
@@ -1639,7 +2095,7 @@ mod host_tests {
     #[test]
     fn once_the_cluster_served_a_band_never_ready_backs_off_up_to_the_maximum() {
         let mut h = Host::new();
-        h.connect_timeout = Some(Duration::from_millis(100));
+        h.core.connect_timeout = Duration::from_millis(100);
         h.core.schedule_spawn(1, h.t(0));
         h.run_until(120_000);
         let backoffs: Vec<&str> = h
@@ -1670,7 +2126,7 @@ mod host_tests {
         // Band 0's live worker crashes; its replacement is ready and steered
         // to 300 ms later.
         h.exit(100, 11);
-        h.spawn_due(100);
+        h.at(100, Event::Tick);
         h.at(
             400,
             Event::Promoted {
@@ -1709,6 +2165,7 @@ mod host_tests {
             h.logs,
             [
                 "live worker 11 (band 0, generation 2) exited: replacing it",
+                "spawned worker 100 for band 0 (generation 2, port 21000)",
                 "band 0 now served by worker 100 on port 21000 (300ms after the crash)",
                 "band 1 now served by worker 13 on port 20001",
             ]
@@ -1739,6 +2196,405 @@ mod host_tests {
         assert_eq!(
             h.core.workers[&1].retired_at, None,
             "the old generation is untouched"
+        );
+    }
+
+    #[test]
+    fn spawns_are_effects_one_spawn_delay_apart_and_a_band_the_generation_lacks_is_not_replaced() {
+        let mut h = Host::new();
+        // A reload lowered --workers to 4: an old live worker of band 5 crashes.
+        h.worker_of(1, 5, 1, WorkerState::Live, false);
+        for band in 0..3 {
+            h.core.schedule_spawn(band, h.t(0));
+        }
+        h.exit(0, 1);
+        h.run_until(1_000);
+        assert_eq!(
+            what(&h.done),
+            [
+                (0, 1, "exited (live)"),
+                (0, 100, "spawned for band 0"),
+                (50, 101, "spawned for band 1"),
+                (100, 102, "spawned for band 2"),
+            ]
+        );
+        assert!(
+            h.logs
+                .contains(&"band 5 is not part of generation 2 (4 bands): not replaced".to_owned()),
+            "{:?}",
+            h.logs
+        );
+        assert!(
+            h.logs
+                .contains(&"spawned worker 101 for band 1 (generation 2, port 21001)".to_owned()),
+            "{:?}",
+            h.logs
+        );
+        // Each spawned worker is known as a starting worker of this
+        // generation, the master's own child, and the registry is saved.
+        let w = &h.core.workers[&102];
+        assert_eq!(
+            (w.band, w.generation, w.state, w.own_child, w.ports.clone()),
+            (2, 2, WorkerState::Starting, true, vec![21002])
+        );
+        assert_eq!(
+            h.other.iter().filter(|o| *o == "SaveRegistry").count(),
+            1 + 3,
+            "{:?}",
+            h.other
+        );
+    }
+
+    #[test]
+    fn a_replacement_is_steered_to_when_it_listens_and_before_the_publish_it_waits() {
+        let mut h = Host::new();
+        h.worker_of(11, 0, 2, WorkerState::Live, false);
+        // Band 0's worker crashes; its replacement (pid 100) listens 300 ms
+        // after the poll at 300 ms, and is steered to at the next one.
+        h.exit(100, 11);
+        h.run_until(300);
+        h.listening.insert(100);
+        h.run_until(1_000);
+        assert_eq!(
+            what(&h.done),
+            [
+                (100, 11, "exited (live)"),
+                (100, 100, "spawned for band 0"),
+                (320, 100, "steered to"),
+            ]
+        );
+        assert_eq!(
+            h.logs[1..],
+            [
+                "spawned worker 100 for band 0 (generation 2, port 21000)",
+                "worker 100 (band 0, generation 2) is ready (listening on port 21000) after 220ms",
+                "band 0 now served by worker 100 on port 21000 (220ms after the crash)",
+            ]
+        );
+        let w = &h.core.workers[&100];
+        assert_eq!(
+            (w.state, w.ready, w.rss),
+            (WorkerState::Live, true, 1 << 20)
+        );
+        // A hello later changes nothing: ready once.
+        assert!(
+            h.core
+                .handle(
+                    h.t(1_000),
+                    Event::Ready {
+                        pid: 100,
+                        how: Readiness::Hello
+                    }
+                )
+                .is_empty()
+        );
+
+        // Before the first publish a ready worker waits for the table (the
+        // runtime publishes it): no band write, not live.
+        let mut h = Host::new();
+        h.core.published = false;
+        h.core.schedule_spawn(0, h.t(0));
+        h.at(0, Event::Tick);
+        h.at(
+            40,
+            Event::Ready {
+                pid: 100,
+                how: Readiness::Hello,
+            },
+        );
+        h.run_until(1_000);
+        assert_eq!(what(&h.done), [(0, 100, "spawned for band 0")]);
+        assert_eq!(
+            h.logs[1],
+            "worker 100 (band 0, generation 2) is ready (hello on port 21000) after 40ms"
+        );
+        assert_eq!(h.core.workers[&100].state, WorkerState::Starting);
+        // Published: the next tick steers to it.
+        h.core.published = true;
+        h.at(1_000, Event::Tick);
+        assert_eq!(h.core.workers[&100].state, WorkerState::Live);
+    }
+
+    #[test]
+    fn a_refused_listener_is_logged_once_and_a_worker_in_another_netns_is_killed_saying_so() {
+        let mut h = Host::new();
+        h.core.connect_timeout = Duration::from_millis(500);
+        h.core.schedule_spawn(0, h.t(0));
+        h.core.schedule_spawn(1, h.t(0));
+        h.unsteerable.insert(100);
+        h.run_until(2_000);
+        // Worker 100 listens but cannot be steered to: one error line, its
+        // reason kept, never killed for the connect timeout.
+        assert_eq!(
+            h.logs
+                .iter()
+                .filter(|l| *l == "worker 100: the backend refuses its listener")
+                .count(),
+            1,
+            "{:?}",
+            h.logs
+        );
+        assert!(h.alive.contains(&100));
+        assert_eq!(
+            h.core.workers[&100].reason.as_deref(),
+            Some("worker 100: the backend refuses its listener")
+        );
+        // Worker 101 (spawned at 50 ms) never listened: killed at the first
+        // poll strictly after 500 ms.
+        assert!(
+            what(&h.done).contains(&(570, 101, "SIGKILL")),
+            "{:?}",
+            h.done
+        );
+        // Seen in another network namespace, the kill says why.
+        let mut h = Host::new();
+        h.core.connect_timeout = Duration::from_millis(500);
+        h.core.schedule_spawn(0, h.t(0));
+        h.at(0, Event::Tick);
+        h.at(
+            400,
+            Event::NotReady {
+                pid: 100,
+                seen: NotReady::NotListening {
+                    foreign_netns: Some(4026532999),
+                },
+                may_give_up: false,
+            },
+        );
+        assert!(h.alive.contains(&100), "not before the timeout");
+        h.at(
+            501,
+            Event::NotReady {
+                pid: 100,
+                seen: NotReady::NotListening {
+                    foreign_netns: Some(4026532999),
+                },
+                may_give_up: false,
+            },
+        );
+        assert_eq!(
+            h.logs[1],
+            "worker 100 (band 0) is not listening on port 21000 after 500ms (it runs in another \
+             network namespace (net:[4026532999]); start workers in the master's network namespace): \
+             killing it"
+        );
+        assert!(!h.alive.contains(&100));
+    }
+
+    #[test]
+    fn a_published_table_makes_its_workers_live_and_retires_the_old_generation_it_no_longer_steers_to()
+     {
+        let mut h = Host::new();
+        h.core.published = false;
+        // Generation 1: bands 0-2 live on ports 20000-20002.
+        for band in 0..3 {
+            h.worker_of(1 + band as i32, band, 1, WorkerState::Live, false);
+        }
+        // Generation 2: bands 0 and 1 ready; band 2 failed, so the table
+        // keeps generation 1's worker for it.
+        for band in 0..2 {
+            h.core.schedule_spawn(band, h.t(0));
+        }
+        h.listening.extend([100, 101]);
+        h.run_until(100);
+        assert_eq!(h.core.workers[&100].state, WorkerState::Starting);
+        h.at(
+            200,
+            Event::Published {
+                ready: vec![100, 101],
+                steered: vec![21000, 21001, 20002],
+            },
+        );
+        let state = |h: &Host, pid: i32| h.core.workers[&pid].state;
+        assert_eq!(
+            [1, 2, 3, 100, 101].map(|pid| state(&h, pid)),
+            [
+                WorkerState::Retired,
+                WorkerState::Retired,
+                WorkerState::Live,
+                WorkerState::Live,
+                WorkerState::Live
+            ]
+        );
+        assert_eq!(
+            what(&h.done)[2..],
+            [
+                (200, 1, "retired: a new generation took over"),
+                (200, 2, "retired: a new generation took over"),
+            ]
+        );
+        assert!(h.core.published);
+        assert_eq!(h.core.schedule.next_monitor, h.t(200), "measured at once");
+        assert_eq!(
+            h.other.last().map(String::as_str),
+            Some("CoverUnservedBands")
+        );
+        // Band 2's late worker is promoted later: then the old one retires.
+        h.listening.insert(102);
+        h.worker_of(102, 2, 2, WorkerState::Starting, false);
+        h.core.workers.get_mut(&102).expect("worker 102").ready = false;
+        h.run_until(400);
+        assert_eq!(state(&h, 3), WorkerState::Retired);
+        assert_eq!(
+            h.core.workers[&3].reason.as_deref(),
+            Some("replaced by worker 102")
+        );
+    }
+
+    #[test]
+    fn a_reloads_workers_are_adopted_live_if_the_table_points_at_them_and_retired_if_not() {
+        let mut h = Host::new();
+        h.core.published = false;
+        let adopted = |pid: i32, band: u32, generation: u64, in_table: bool| Event::Adopted {
+            pid,
+            band,
+            generation,
+            port: 20000 + pid as u16,
+            ports: vec![20000 + pid as u16],
+            start_time: 77,
+            uid: 1000,
+            nice: 5,
+            age: Duration::from_secs(30),
+            in_table,
+        };
+        h.at(1_000_000, adopted(1, 0, 1, true));
+        h.at(1_000_000, adopted(2, 0, 0, false));
+        assert_eq!(
+            h.logs,
+            [
+                "adopted worker 1 (band 0, generation 1, port 20001) as live",
+                "adopted worker 2 (band 0, generation 0, port 20002) as retired",
+            ]
+        );
+        let (live, retired) = (&h.core.workers[&1], &h.core.workers[&2]);
+        assert_eq!(
+            (live.state, live.ready, live.retired_at, live.own_child),
+            (WorkerState::Live, true, None, false)
+        );
+        assert_eq!(
+            (retired.state, retired.retired_at),
+            (WorkerState::Retired, Some(h.t(1_000_000)))
+        );
+        assert_eq!(
+            (live.start_time, live.uid, live.nice, live.started_at),
+            (77, 1000, 5, h.t(1_000_000 - 30_000))
+        );
+        // The new generation's table takes over: the adopted live worker retires.
+        h.at(
+            1_000_100,
+            Event::Published {
+                ready: vec![],
+                steered: vec![21000],
+            },
+        );
+        assert_eq!(h.core.workers[&1].state, WorkerState::Retired);
+        assert_eq!(h.core.workers[&2].retired_at, Some(h.t(1_000_000)));
+    }
+
+    #[test]
+    fn the_policys_actions_table() {
+        struct Row {
+            name: &'static str,
+            action: Action,
+            /// Band 0's replacement is starting already.
+            replacing: bool,
+            done: &'static [(u64, i32, &'static str)],
+            /// Band 0 is due for a spawn afterwards.
+            scheduled: bool,
+            logs: &'static [&'static str],
+        }
+        let retire = |reason: &str| Action::RetireAndReplace {
+            pid: 1,
+            band: 0,
+            reason: reason.into(),
+        };
+        let rows = [
+            Row {
+                name: "health retirement: the replacement starts, the worker stays live",
+                action: retire("rss over the limit"),
+                replacing: false,
+                done: &[],
+                scheduled: true,
+                logs: &[
+                    "retiring worker 1 (band 0, generation 1, 0 connections, rss 0.0 MiB): rss over the limit; starting its replacement",
+                ],
+            },
+            Row {
+                name: "health retirement while a replacement starts: nothing",
+                action: retire("busy"),
+                replacing: true,
+                done: &[],
+                scheduled: false,
+                logs: &[],
+            },
+            Row {
+                name: "a live worker killed: replaced at once",
+                action: Action::Kill {
+                    pid: 1,
+                    reason: "over the high watermark".into(),
+                },
+                replacing: false,
+                done: &[(0, 1, "SIGKILL"), (0, 1, "exited (dying)")],
+                scheduled: true,
+                logs: &[
+                    "worker 1 is live: starting a replacement for band 0",
+                    "killing worker 1 (band 0, generation 1, 0 connections, rss 0.0 MiB): over the high watermark",
+                ],
+            },
+            Row {
+                name: "a live worker asked to die: replaced at once",
+                action: Action::AskToDie {
+                    pid: 1,
+                    reason: "silent".into(),
+                },
+                replacing: false,
+                done: &[(0, 1, "SIGTERM"), (0, 1, "exited (dying)")],
+                scheduled: true,
+                logs: &[
+                    "worker 1 is live: starting a replacement for band 0",
+                    "asking worker 1 (band 0, generation 1, 0 connections, rss 0.0 MiB) to die (SIGTERM): silent",
+                ],
+            },
+        ];
+        for row in rows {
+            let mut h = Host::new();
+            h.worker(1, 0, WorkerState::Live, false);
+            if row.replacing {
+                h.worker_of(2, 0, 2, WorkerState::Starting, false);
+            }
+            h.at(0, Event::Policy(row.action));
+            assert_eq!(what(&h.done), row.done, "{}", row.name);
+            assert_eq!(
+                h.logs[..row.logs.len().min(h.logs.len())],
+                *row.logs,
+                "{}",
+                row.name
+            );
+            assert_eq!(
+                h.core.schedule.pending_spawns.contains_key(&0),
+                row.scheduled,
+                "{}",
+                row.name
+            );
+        }
+        // A health retirement counts against the rate limit; the worker stays
+        // live (it retires when its replacement is promoted) with its reason.
+        let mut h = Host::new();
+        h.worker(1, 0, WorkerState::Live, false);
+        h.at(7, Event::Policy(retire("busy")));
+        assert_eq!(h.core.schedule.recent_retirements, [h.t(7)]);
+        assert_eq!(h.core.workers[&1].state, WorkerState::Live);
+        assert_eq!(h.core.workers[&1].reason.as_deref(), Some("busy"));
+        // A note is the runtime's to write.
+        h.at(
+            8,
+            Event::Policy(Action::Log {
+                message: "rate limit".into(),
+            }),
+        );
+        assert_eq!(
+            h.other.last().map(String::as_str),
+            Some("PolicyNote { message: \"rate limit\" }")
         );
     }
 }
