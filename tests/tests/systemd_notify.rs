@@ -151,10 +151,10 @@ fn start_notifying(
 const BEATS: usize = 12;
 
 /// From the message at index `from` on, `pid` sends `WATCHDOG=1` regularly
-/// every half of `watchdog` (its `WATCHDOG_USEC`): [`BEATS`] of them arrive within 30 s (the
-/// pings did not stop), and the median time between two is between a quarter
-/// and the whole of `watchdog` (neither a flood nor slower than systemd
-/// allows). The median, taken from the times they were read, does not move
+/// every half of `watchdog` (its `WATCHDOG_USEC`): [`BEATS`] of them arrive
+/// within 30 s (the pings did not stop), and the median time between two is
+/// between a quarter and the whole of `watchdog` (neither a flood nor slower
+/// than systemd allows). The median, taken from the times they were read, does not move
 /// when the machine holds the master or the reader back for a while.
 fn assert_watchdog_interval(systemd: &FakeSystemd, pid: i32, from: usize, watchdog: Duration) {
     let beats = poll(Duration::from_secs(30), Duration::from_millis(20), || {
