@@ -9,10 +9,16 @@
 //! - [`poll`] and [`wait_for_text`]: retry a probe until it answers or time is up.
 
 use std::ffi::OsStr;
+use std::io::Read;
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
-use crate::cluster::{ipcluster_bin, leftovers, try_wait_output};
+use crate::cluster::{ipcluster_bin, leftovers};
+
+/// How long the pipes are still read after the command exited (or was
+/// killed): a process it started and left running may hold them open.
+const PIPE_GRACE: Duration = Duration::from_secs(5);
 
 /// `ipcluster ARGS`, stdin from /dev/null, stdout and stderr piped (set
 /// another stderr, e.g. a log file, on the returned command if need be).
@@ -26,19 +32,92 @@ pub fn command<S: AsRef<OsStr>>(args: &[S]) -> Command {
 }
 
 /// Run `cmd` to completion and return its output; panic (after killing it)
-/// with its stderr when it outlives `timeout`.
+/// with its stderr when it outlives `timeout`. Its stdout and stderr are
+/// read while it runs (a chatty command never blocks on a full pipe), and at
+/// most [`PIPE_GRACE`] after it ended (what was read by then is returned).
 pub fn finish(mut cmd: Command, timeout: Duration) -> Output {
     let what = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(OsStr::to_string_lossy)
         .collect::<Vec<_>>()
         .join(" ");
-    let child = cmd
+    let mut child = cmd
         .spawn()
         .unwrap_or_else(|e| panic!("starting `{what}`: {e}"));
-    try_wait_output(child, timeout).unwrap_or_else(|stderr| {
-        panic!("`{what}` did not finish within {timeout:?}; stderr:\n{stderr}")
-    })
+    let stdout = Drain::start(child.stdout.take());
+    let stderr = Drain::start(child.stderr.take());
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        match child.try_wait() {
+            Ok(Some(status)) => break Some(status),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Ok(None) => break None,
+            Err(e) => panic!("waiting for `{what}`: {e}"),
+        }
+    };
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let until = Instant::now() + PIPE_GRACE;
+    let stdout = stdout.take(until, &what, "stdout");
+    let stderr = stderr.take(until, &what, "stderr");
+    let Some(status) = status else {
+        panic!(
+            "`{what}` did not finish within {timeout:?}; stderr:\n{}",
+            String::from_utf8_lossy(&stderr)
+        )
+    };
+    Output {
+        status,
+        stdout,
+        stderr,
+    }
+}
+
+/// A thread reading a child's pipe as it is written, into a buffer that can
+/// be taken at any time.
+struct Drain {
+    read: Arc<Mutex<Vec<u8>>>,
+    ended: mpsc::Receiver<()>,
+}
+
+impl Drain {
+    fn start(pipe: Option<impl Read + Send + 'static>) -> Drain {
+        let read = Arc::new(Mutex::new(Vec::new()));
+        let (tx, ended) = mpsc::channel();
+        let sink = Arc::clone(&read);
+        std::thread::spawn(move || {
+            if let Some(mut pipe) = pipe {
+                let mut chunk = [0u8; 8192];
+                while let Ok(n @ 1..) = pipe.read(&mut chunk) {
+                    sink.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .extend_from_slice(&chunk[..n]);
+                }
+            }
+            let _ = tx.send(());
+        });
+        Drain { read, ended }
+    }
+
+    /// What was read, once the pipe ended or at `until` (saying so on the
+    /// test's stderr when the pipe is still open then).
+    fn take(self, until: Instant, what: &str, pipe: &str) -> Vec<u8> {
+        let wait = until.saturating_duration_since(Instant::now());
+        if self.ended.recv_timeout(wait).is_err() {
+            eprintln!(
+                "`{what}`: its {pipe} is still open {PIPE_GRACE:?} after it ended \
+                 (a process it started holds it); using what was read"
+            );
+        }
+        std::mem::take(
+            &mut *self
+                .read
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
 }
 
 /// `run --name NAME --backend BACKEND --listen LISTEN`, then `more` (further
@@ -110,6 +189,54 @@ pub fn wait_for_text(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn sh(script: &str) -> Command {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    #[test]
+    fn finish_reads_more_than_a_pipe_holds_while_waiting() {
+        // 1 MiB on each pipe (a pipe holds 64 KiB): the command blocks
+        // unless both are read while it runs.
+        let out = finish(
+            sh("head -c 1048576 /dev/zero; head -c 1048576 /dev/zero >&2"),
+            Duration::from_secs(30),
+        );
+        assert!(out.status.success());
+        assert_eq!(out.stdout.len(), 1 << 20);
+        assert_eq!(out.stderr.len(), 1 << 20);
+    }
+
+    #[test]
+    fn finish_returns_when_a_leftover_process_holds_the_pipes() {
+        let started = Instant::now();
+        let out = finish(
+            sh("echo said; sleep 10 & echo done >&2"),
+            Duration::from_secs(20),
+        );
+        assert!(out.status.success());
+        assert_eq!(out.stdout, b"said\n");
+        assert_eq!(out.stderr, b"done\n");
+        assert!(
+            started.elapsed() < Duration::from_secs(9),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    #[test]
+    #[should_panic(expected = "did not finish within 200ms; stderr:\nstarted")]
+    fn finish_kills_a_command_that_takes_too_long() {
+        finish(
+            sh("echo started >&2; exec sleep 30"),
+            Duration::from_millis(200),
+        );
+    }
 
     #[test]
     fn run_words_put_the_cluster_flags_first() {

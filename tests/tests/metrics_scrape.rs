@@ -59,6 +59,14 @@ fn samples(text: &str) -> HashMap<String, f64> {
         .collect()
 }
 
+/// The sum of the connection gauges of all workers.
+fn connections(s: &HashMap<String, f64>) -> f64 {
+    s.iter()
+        .filter(|(k, _)| k.starts_with("ipcluster_worker_connections{"))
+        .map(|(_, v)| v)
+        .sum()
+}
+
 fn value(s: &HashMap<String, f64>, key: &str, text: &str) -> f64 {
     *s.get(key)
         .unwrap_or_else(|| panic!("no sample {key} in\n{text}"))
@@ -106,9 +114,10 @@ fn scrape_through_a_reload() {
     let held = ipcluster_tests::cluster::DemoStream::open(loopback_client(2), listen)
         .expect("a long request");
     let status = cluster.status();
+    // Scrape until the held connection is counted (the gauge follows the
+    // workers' reports), or give up after 20 s with the last scrape.
     let mut text = String::new();
-    let mut s = HashMap::new();
-    for _ in 0..50 {
+    poll(Duration::from_secs(20), Duration::from_millis(100), || {
         let (code, content_type, body) = scrape(metrics, "").expect("scrape");
         assert_eq!(code, 200, "{body}");
         assert!(
@@ -116,17 +125,9 @@ fn scrape_through_a_reload() {
             "{content_type}"
         );
         text = body;
-        s = samples(&text);
-        let conns: f64 = s
-            .iter()
-            .filter(|(k, _)| k.starts_with("ipcluster_worker_connections{"))
-            .map(|(_, v)| v)
-            .sum();
-        if conns >= 1.0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (connections(&samples(&text)) >= 1.0).then_some(())
+    });
+    let s = samples(&text);
     assert_eq!(value(&s, "ipcluster_generation", &text), 1.0);
     assert_eq!(
         value(
@@ -143,12 +144,10 @@ fn scrape_through_a_reload() {
         );
         assert!(value(&s, &key, &text) > 0.0, "{key}\n{text}");
     }
-    let conns: f64 = s
-        .iter()
-        .filter(|(k, _)| k.starts_with("ipcluster_worker_connections{"))
-        .map(|(_, v)| v)
-        .sum();
-    assert!(conns >= 1.0, "the held connection is not counted:\n{text}");
+    assert!(
+        connections(&s) >= 1.0,
+        "the held connection is not counted within 20 s:\n{text}"
+    );
     assert!(
         value(
             &s,
@@ -211,10 +210,21 @@ fn scrape_through_a_reload() {
     );
     cluster.start_master();
     cluster.wait_generation_live(2, Duration::from_secs(30));
-    std::thread::sleep(Duration::from_millis(300));
+    // Keep scraping until a scrape answered with generation 2 (the new master
+    // serves the metrics port once it took it over).
+    let answered = poll(Duration::from_secs(20), Duration::from_millis(20), || {
+        let seen = seen.lock().expect("scrapes");
+        seen.iter()
+            .any(|r| r.as_ref().ok() == Some(&2.0))
+            .then_some(())
+    });
     stop.store(true, Ordering::Relaxed);
     scraper.join().expect("scraper thread");
     let seen = seen.lock().expect("scrapes").clone();
+    assert!(
+        answered.is_some(),
+        "no scrape answered with generation 2 within 20 s of it being live: {seen:?}"
+    );
     let generations: Vec<f64> = seen
         .iter()
         .filter_map(|r| r.as_ref().ok().copied())
@@ -267,15 +277,30 @@ fn scrape_through_a_reload() {
 
     // kill-retired: two retired workers asked to die, counted by reason.
     let out = ipcluster(&["kill-retired", "--name", &name], Duration::from_secs(10));
-    assert!(out.status.success());
-    std::thread::sleep(Duration::from_millis(500));
-    let (_, _, text) = scrape(metrics, "").expect("scrape after kill-retired");
-    let asked: f64 = samples(&text)
-        .iter()
-        .filter(|(k, _)| k.starts_with("ipcluster_kills_total{reason=\"kill_retired\""))
-        .map(|(_, v)| v)
-        .sum();
-    assert_eq!(asked, 2.0, "{text}");
+    assert!(
+        out.status.success(),
+        "kill-retired failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The kills are spaced by --spawn-delay: scrape until both are counted
+    // (then still exactly 2), at most 20 s.
+    let mut text = String::new();
+    let mut asked = 0.0;
+    poll(Duration::from_secs(20), Duration::from_millis(100), || {
+        let (code, _, body) = scrape(metrics, "").expect("scrape after kill-retired");
+        assert_eq!(code, 200, "{body}");
+        text = body;
+        asked = samples(&text)
+            .iter()
+            .filter(|(k, _)| k.starts_with("ipcluster_kills_total{reason=\"kill_retired\""))
+            .map(|(_, v)| v)
+            .sum();
+        (asked >= 2.0).then_some(())
+    });
+    assert_eq!(
+        asked, 2.0,
+        "kills counted for kill-retired (within 20 s):\n{text}"
+    );
 
     // A scraper that asks for OpenMetrics gets it as prometheus-client writes it.
     let (code, content_type, body) = scrape(

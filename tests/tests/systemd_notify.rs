@@ -21,11 +21,12 @@ use ipcluster_tests::invoke::{self, assert_failed_cleanly, poll, run_words};
 use ipcluster_tests::unique::{Ports, cluster_name};
 use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg, setsockopt, sockopt};
 
-/// One datagram: who sent it and its lines.
+/// One datagram: who sent it, its lines and when it was read.
 #[derive(Clone, Debug)]
 struct Notification {
     pid: i32,
     lines: Vec<String>,
+    at: Instant,
 }
 
 impl Notification {
@@ -86,9 +87,11 @@ impl FakeSystemd {
                 }
                 let text = String::from_utf8_lossy(&buf[..len]).into_owned();
                 let lines = text.lines().map(str::to_owned).collect();
-                sink.lock()
-                    .expect("notification list")
-                    .push(Notification { pid, lines });
+                sink.lock().expect("notification list").push(Notification {
+                    pid,
+                    lines,
+                    at: Instant::now(),
+                });
             }
         });
         FakeSystemd { path, received }
@@ -144,10 +147,43 @@ fn start_notifying(
     (cluster, first, ports)
 }
 
-fn watchdogs_from(n: &[Notification], pid: i32) -> usize {
-    n.iter()
-        .filter(|m| m.pid == pid && m.has("WATCHDOG=1"))
-        .count()
+/// How many `WATCHDOG=1` in a row [`assert_watchdog_interval`] waits for.
+const BEATS: usize = 12;
+
+/// From the message at index `from` on, `pid` sends `WATCHDOG=1` regularly
+/// every half of `watchdog` (its `WATCHDOG_USEC`): [`BEATS`] of them arrive
+/// within 30 s (the pings did not stop), and the median time between two is
+/// between a quarter and the whole of `watchdog` (neither a flood nor slower
+/// than systemd allows). The median, taken from the times they were read, does not move
+/// when the machine holds the master or the reader back for a while.
+fn assert_watchdog_interval(systemd: &FakeSystemd, pid: i32, from: usize, watchdog: Duration) {
+    let beats = poll(Duration::from_secs(30), Duration::from_millis(20), || {
+        let beats: Vec<Instant> = systemd.all()[from..]
+            .iter()
+            .filter(|m| m.pid == pid && m.has("WATCHDOG=1"))
+            .map(|m| m.at)
+            .collect();
+        (beats.len() >= BEATS).then_some(beats)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "fewer than {BEATS} WATCHDOG=1 from pid {pid} within 30 s (one every {:?} expected):\n{}",
+            watchdog / 2,
+            systemd.describe()
+        )
+    });
+    let mut gaps: Vec<Duration> = beats
+        .windows(2)
+        .map(|w| w[1].saturating_duration_since(w[0]))
+        .collect();
+    gaps.sort();
+    let median = gaps[gaps.len() / 2];
+    assert!(
+        (watchdog / 4..=watchdog).contains(&median),
+        "WATCHDOG=1 from pid {pid} every {median:?} (median of {gaps:?}), expected about {:?}:\n{}",
+        watchdog / 2,
+        systemd.describe()
+    );
 }
 
 #[test]
@@ -156,6 +192,7 @@ fn start_reload_stop() {
     let name = cluster_name("notify");
     let systemd = FakeSystemd::bind(&name);
     // 400 ms: a WATCHDOG=1 every 200 ms.
+    let watchdog = Duration::from_millis(400);
     let (mut cluster, first, _ports) =
         start_notifying(&name, &systemd, &[("WATCHDOG_USEC", "400000")]);
 
@@ -178,13 +215,7 @@ fn start_reload_stop() {
         "messages before READY=1:\n{}",
         systemd.describe()
     );
-    std::thread::sleep(Duration::from_millis(1100));
-    let beats = watchdogs_from(&systemd.all(), first);
-    assert!(
-        (3..=9).contains(&beats),
-        "{beats} WATCHDOG=1 in about 1.1 s at a 400 ms interval:\n{}",
-        systemd.describe()
-    );
+    assert_watchdog_interval(&systemd, first, 0, watchdog);
 
     // Reload as ExecReload does: `run --detach`, NOTIFY_SOCKET but no watchdog.
     let log = std::fs::File::create(cluster.log_file("master-detached.log")).expect("log file");
@@ -224,9 +255,10 @@ fn start_reload_stop() {
         "the first master still runs after the reload"
     );
 
+    let reloading = systemd.wait_for(second, "RELOADING=1", Duration::from_secs(10));
+    let ready2 = systemd.wait_for(second, "READY=1", Duration::from_secs(10));
+    // Taken after the waits, so that the positions they returned are in it.
     let all = systemd.all();
-    let reloading = systemd.wait_for(second, "RELOADING=1", Duration::from_secs(1));
-    let ready2 = systemd.wait_for(second, "READY=1", Duration::from_secs(1));
     assert_eq!(
         all[reloading].value("MAINPID"),
         Some(second.to_string().as_str()),
@@ -269,14 +301,7 @@ fn start_reload_stop() {
         systemd.describe()
     );
     // The watchdog goes on from the new master, at the inherited interval.
-    let before = watchdogs_from(&systemd.all(), second);
-    std::thread::sleep(Duration::from_millis(1100));
-    let beats = watchdogs_from(&systemd.all(), second) - before;
-    assert!(
-        (3..=9).contains(&beats),
-        "{beats} WATCHDOG=1 from the new master in 1.1 s:\n{}",
-        systemd.describe()
-    );
+    assert_watchdog_interval(&systemd, second, ready2, watchdog);
     eprintln!("run --detach returned after {detach_took:?}");
 
     // Stop: STOPPING=1 from the master in charge, after its READY=1.
