@@ -42,7 +42,8 @@ pub struct Notifier {
     next_watchdog: Instant,
     ready_pipe: Option<File>,
     ready_sent: bool,
-    last_status: String,
+    /// What the last `STATUS=` said, as (generation, published, live, retired).
+    last_status: Option<(u64, bool, usize, usize)>,
 }
 
 impl Notifier {
@@ -64,7 +65,7 @@ impl Notifier {
             next_watchdog: Instant::now(),
             ready_pipe: ready_pipe_from_env(),
             ready_sent: false,
-            last_status: String::new(),
+            last_status: None,
         }
     }
 
@@ -140,15 +141,16 @@ impl Notifier {
     /// A table was published (the first one makes us ready) or the workers
     /// changed: `READY=1` once, `STATUS=` when it changed.
     pub fn update(&mut self, generation: u64, published: bool, live: usize, retired: usize) {
+        let counts = (generation, published, live, retired);
+        let ready_now = published && !self.ready_sent;
+        if !ready_now && self.last_status == Some(counts) {
+            return;
+        }
         let status = if published {
             format!("generation {generation}: {live} live workers, {retired} retired")
         } else {
             format!("generation {generation} starting: {live} live workers, {retired} retired")
         };
-        let ready_now = published && !self.ready_sent;
-        if !ready_now && status == self.last_status {
-            return;
-        }
         if ready_now {
             self.ready_sent = true;
             self.send(&[
@@ -163,7 +165,13 @@ impl Notifier {
         } else {
             self.send(&[NotifyState::Status(&status)]);
         }
-        self.last_status = status;
+        self.last_status = Some(counts);
+    }
+
+    /// Whether anyone listens to [`Notifier::update`]: systemd or a
+    /// `--detach` command waiting for the first publish.
+    pub fn wants_updates(&self) -> bool {
+        self.socket.is_some() || self.ready_pipe.is_some()
     }
 
     /// The cluster is being stopped (`ipcluster stop`, SIGTERM).
@@ -202,20 +210,20 @@ impl Notifier {
 
 impl super::Master {
     /// systemd: `READY=1` after the first publish, `STATUS=` on change, the watchdog.
+    /// It runs after every event, so without a listener it only ticks.
     pub(super) fn notify(&mut self, now: Instant) {
-        let count = |state| {
-            self.core
-                .workers
-                .values()
-                .filter(|w| w.state == state)
-                .count()
-        };
-        let (live, retired) = (
-            count(crate::policy::WorkerState::Live),
-            count(crate::policy::WorkerState::Retired),
-        );
-        self.notifier
-            .update(self.generation, self.core.published, live, retired);
+        if self.notifier.wants_updates() {
+            let (mut live, mut retired) = (0, 0);
+            for w in self.core.workers.values() {
+                match w.state {
+                    crate::policy::WorkerState::Live => live += 1,
+                    crate::policy::WorkerState::Retired => retired += 1,
+                    _ => {}
+                }
+            }
+            self.notifier
+                .update(self.generation, self.core.published, live, retired);
+        }
         self.notifier.tick(now);
     }
 }

@@ -969,23 +969,9 @@ impl Supervisor {
                 if w.killed {
                     return;
                 }
-                out.push(Effect::Log {
-                    level: log::Level::Warn,
-                    text: format!("killing worker {pid} ({}): {reason}", w.describe()),
-                });
-                out.push(Effect::CountKill {
-                    reason: reason.clone(),
-                    how: "SIGKILL",
-                });
-                w.killed = true;
                 w.state = WorkerState::Dying;
                 w.dying_since.get_or_insert(now);
-                w.reason = Some(reason.clone());
-                out.push(Effect::Signal {
-                    pid,
-                    signal: Signal::SIGKILL,
-                    reason,
-                });
+                kill_effects(w, pid, reason, out);
             }
             Action::Log { message } => out.push(Effect::PolicyNote { message }),
         }
@@ -1268,23 +1254,29 @@ impl Supervisor {
             let reason = format!(
                 "still running {dying_for:?} after it was asked to die (soft-kill timeout {timeout:?})"
             );
-            out.push(Effect::Log {
-                level: log::Level::Warn,
-                text: format!("killing worker {pid} ({}): {reason}", w.describe()),
-            });
-            out.push(Effect::CountKill {
-                reason: reason.clone(),
-                how: "SIGKILL",
-            });
-            w.killed = true;
-            w.reason = Some(reason.clone());
-            out.push(Effect::Signal {
-                pid,
-                signal: Signal::SIGKILL,
-                reason,
-            });
+            kill_effects(w, pid, reason, out);
         }
     }
+}
+
+/// SIGKILL to a worker (the policy's kill, the soft-kill timeout): logged and
+/// counted under `reason`, which the worker keeps.
+fn kill_effects(w: &mut Worker, pid: i32, reason: String, out: &mut Vec<Effect>) {
+    out.push(Effect::Log {
+        level: log::Level::Warn,
+        text: format!("killing worker {pid} ({}): {reason}", w.describe()),
+    });
+    out.push(Effect::CountKill {
+        reason: reason.clone(),
+        how: "SIGKILL",
+    });
+    w.killed = true;
+    w.reason = Some(reason.clone());
+    out.push(Effect::Signal {
+        pid,
+        signal: Signal::SIGKILL,
+        reason,
+    });
 }
 
 #[cfg(test)]
