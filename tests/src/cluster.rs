@@ -57,61 +57,6 @@ pub fn ipcluster(args: &[&str], timeout: Duration) -> Output {
     crate::invoke::finish(crate::invoke::command(args), timeout)
 }
 
-fn wait_output(child: Child, timeout: Duration, what: &str) -> Output {
-    match try_wait_output(child, timeout) {
-        Ok(out) => out,
-        Err(stderr) => panic!("`{what}` did not finish within {timeout:?}; stderr:\n{stderr}"),
-    }
-}
-
-/// The output of `child`, or (after killing it) its stderr when it outlives `timeout`.
-/// Pipes are drained by threads, so a chatty child cannot block on a full pipe.
-pub(crate) fn try_wait_output(mut child: Child, timeout: Duration) -> Result<Output, String> {
-    let drain = |pipe: Option<Box<dyn std::io::Read + Send>>| {
-        std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            if let Some(mut pipe) = pipe {
-                let _ = pipe.read_to_end(&mut buf);
-            }
-            buf
-        })
-    };
-    let stdout = drain(
-        child
-            .stdout
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-    );
-    let stderr = drain(
-        child
-            .stderr
-            .take()
-            .map(|p| Box::new(p) as Box<dyn std::io::Read + Send>),
-    );
-    let deadline = Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                break None;
-            }
-        }
-    };
-    let stdout = stdout.join().unwrap_or_default();
-    let stderr = stderr.join().unwrap_or_default();
-    match status {
-        Some(status) => Ok(Output {
-            status,
-            stdout,
-            stderr,
-        }),
-        None => Err(String::from_utf8_lossy(&stderr).into_owned()),
-    }
-}
-
 static NEXT_RANGE: AtomicU32 = AtomicU32::new(0);
 
 /// A slice of the worker port range 20000-29999 for one cluster, different per
@@ -278,15 +223,12 @@ impl Cluster {
 
     /// Run `ipcluster ARGS` in this cluster's network namespace, to completion.
     pub fn ipcluster(&self, args: &[&str], timeout: Duration) -> Output {
-        let child = self
-            .command()
-            .args(args)
+        let mut cmd = self.command();
+        cmd.args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start ipcluster");
-        wait_output(child, timeout, &format!("ipcluster {}", args.join(" ")))
+            .stderr(Stdio::piped());
+        crate::invoke::finish(cmd, timeout)
     }
 
     /// A log file for a master started by the test itself (`run --detach`).
@@ -491,15 +433,12 @@ impl Drop for Cluster {
         let mut failure = None;
         if !self.stopped {
             self.remember_kernel_objects();
-            let out = self
-                .command()
-                .args(["stop", "--name", &self.name])
+            let mut stop = self.command();
+            stop.args(["stop", "--name", &self.name])
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .map_err(|e| e.to_string())
-                .and_then(|c| try_wait_output(c, Duration::from_secs(60)));
+                .stderr(Stdio::piped());
+            let out = crate::invoke::try_finish(stop, Duration::from_secs(60));
             for master in &mut self.masters {
                 let _ = wait_child(master, Duration::from_secs(2));
             }

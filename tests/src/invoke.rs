@@ -32,46 +32,51 @@ pub fn command<S: AsRef<OsStr>>(args: &[S]) -> Command {
 }
 
 /// Run `cmd` to completion and return its output; panic (after killing it)
-/// with its stderr when it outlives `timeout`. Its stdout and stderr are
-/// read while it runs (a chatty command never blocks on a full pipe), and at
-/// most [`PIPE_GRACE`] after it ended (what was read by then is returned).
-pub fn finish(mut cmd: Command, timeout: Duration) -> Output {
+/// with its stderr when it outlives `timeout`. See [`try_finish`].
+pub fn finish(cmd: Command, timeout: Duration) -> Output {
+    try_finish(cmd, timeout).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Run `cmd` to completion and return its output, or why not (it could not
+/// start, or it outlived `timeout` and was killed: its stderr is in the
+/// error). Its stdout and stderr are read while it runs (a chatty command
+/// never blocks on a full pipe), and at most [`PIPE_GRACE`] after it ended
+/// (what was read by then is returned).
+pub fn try_finish(mut cmd: Command, timeout: Duration) -> Result<Output, String> {
     let what = std::iter::once(cmd.get_program())
         .chain(cmd.get_args())
         .map(OsStr::to_string_lossy)
         .collect::<Vec<_>>()
         .join(" ");
-    let mut child = cmd
-        .spawn()
-        .unwrap_or_else(|e| panic!("starting `{what}`: {e}"));
+    let mut child = cmd.spawn().map_err(|e| format!("starting `{what}`: {e}"))?;
     let stdout = Drain::start(child.stdout.take());
     let stderr = Drain::start(child.stderr.take());
     let deadline = Instant::now() + timeout;
     let status = loop {
         match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
+            Ok(Some(status)) => break Ok(status),
             Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
-            Ok(None) => break None,
-            Err(e) => panic!("waiting for `{what}`: {e}"),
+            Ok(None) => break Err(format!("did not finish within {timeout:?}")),
+            Err(e) => break Err(format!("could not be waited for ({e})")),
         }
     };
-    if status.is_none() {
+    if status.is_err() {
         let _ = child.kill();
         let _ = child.wait();
     }
     let until = Instant::now() + PIPE_GRACE;
     let stdout = stdout.take(until, &what, "stdout");
     let stderr = stderr.take(until, &what, "stderr");
-    let Some(status) = status else {
-        panic!(
-            "`{what}` did not finish within {timeout:?}; stderr:\n{}",
+    match status {
+        Ok(status) => Ok(Output {
+            status,
+            stdout,
+            stderr,
+        }),
+        Err(why) => Err(format!(
+            "`{what}` {why}; stderr:\n{}",
             String::from_utf8_lossy(&stderr)
-        )
-    };
-    Output {
-        status,
-        stdout,
-        stderr,
+        )),
     }
 }
 
